@@ -1,0 +1,108 @@
+"""Atomic saving and safe loading of amas files (training state and dense model checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from amas.errors import AmasError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(AmasError):
+    """A file that is not a usable amas checkpoint."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file beside path, then rename over it."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load an amas file of the given kind with weights_only=True, or raise one clear CheckpointError."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint '{p}' does not exist; check the path")
+    try:
+        obj = torch.load(p, map_location=map_location, weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        msg = str(e).lower()
+        if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip" in msg or "eof" in msg or "central directory" in msg:
+            raise CheckpointError(f"checkpoint '{p}' is truncated or corrupt; re-create it or restore a good copy") from None
+        raise CheckpointError(f"'{p}' is not an amas checkpoint (it holds pickled objects); pass a file amas wrote") from None
+    except Exception:
+        raise CheckpointError(f"'{p}' is not an amas checkpoint; pass a file amas wrote") from None
+    if not isinstance(obj, dict) or "amas_format" not in obj:
+        raise CheckpointError(f"'{p}' is not an amas checkpoint; pass a file amas wrote")
+    if obj["amas_format"] != kind:
+        raise CheckpointError(f"'{p}' is an amas '{obj['amas_format']}' file, but a '{kind}' file is needed here")
+    if int(obj.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{p}' has format version {obj['format_version']}, newer than this amas reads ({FORMAT_VERSION}); upgrade amas"
+        )
+    return obj
+
+
+def model_record(model_name: str, num_classes: int, in_channels: int, info: Any) -> dict:
+    """The recipe that rebuilds a dense zoo model, plus its data description."""
+    from dataclasses import asdict
+
+    return {
+        "name": model_name,
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info).items()},
+    }
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, record: dict, metrics: dict | None = None) -> None:
+    """Save a dense model (state_dict + rebuild recipe + metrics) as an amas 'model' file."""
+    from amas import __version__
+
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    atomic_save(
+        {
+            "amas_format": "model",
+            "format_version": FORMAT_VERSION,
+            "amas_version": __version__,
+            "model": record,
+            "metrics": dict(metrics or {}),
+            "state_dict": state,
+        },
+        path,
+    )
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a dense model saved by save_model; returns (model in eval mode, the file's record)."""
+    from amas.models import create_model
+
+    obj = load_file(path, "model")
+    rec = obj["model"]
+    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError:
+        raise CheckpointError(f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it") from None
+    return model.to(device).eval(), obj
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

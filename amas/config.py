@@ -1,0 +1,254 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from amas.errors import AmasError
+
+
+class ConfigError(AmasError):
+    """A config key, type or value that cannot be used."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    name: str = "resnet20"
+
+
+@dataclass
+class DataConfig:
+    """Dataset, split and augmentation."""
+
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"] = "fashion_mnist"
+    root: str = ""
+    download: bool = True
+    train_subset: int = field(default=0, metadata=_range(0))
+    val_size: int = field(default=5000, metadata=_range(0))
+    test_subset: int = field(default=0, metadata=_range(0))
+    split_seed: int = 0
+    augment: bool = True
+    pad: int = field(default=4, metadata=_range(0))
+    flip: bool = True
+    image_size: int = field(default=224, metadata=_range(8))
+    num_workers: int = field(default=2, metadata=_range(0))
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and the engine's runtime switches."""
+
+    epochs: int = field(default=15, metadata=_range(0))
+    batch_size: int = field(default=128, metadata=_range(1))
+    eval_batch_size: int = field(default=512, metadata=_range(1))
+    lr: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0, 1))
+    nesterov: bool = True
+    weight_decay: float = field(default=5e-4, metadata=_range(0))
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "onecycle"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
+    warmup_epochs: float = field(default=0.0, metadata=_range(0))
+    label_smoothing: float = field(default=0.0, metadata=_range(0, 1))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    log_every: int = field(default=50, metadata=_range(1))
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run: model, data and training settings plus the seed."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Coerce value to the annotated type or raise a one-line ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config {path}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _check_type(path, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"config {path}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config {path} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config {path} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config {path} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config {path} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config {path} must be a string, got {value!r}")
+    return value
+
+
+def _check_range(path: str, value: Any, meta: typing.Mapping) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"config {path}={value} is out of range; it must be {op} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"config {path}={value} is out of range; it must be <= {hi}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass cls from a nested dict, checking keys, types and ranges."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or 'root'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        where = f"{prefix}.{key}" if prefix else key
+        raise ConfigError(f"unknown config key '{where}'{_suggest(str(key), list(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], path)
+        else:
+            value = _check_type(path, data[name], tp)
+            if f.metadata and value is not None:
+                _check_range(path, value, f.metadata)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value (e.g. train.epochs=5)")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{item}' has no key; write key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted key=value overrides into a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is a value, not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping or raise a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist; pass an existing YAML file with --config (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Load a config from YAML (optional) plus dotted overrides into the dataclass cls."""
+    data = read_yaml(path) if path else {}
+    apply_overrides(data, list(overrides or []))
+    return _build(cls, data, "")
+
+
+def from_dict(data: dict, cls: type = Config) -> Any:
+    """Build and validate a config dataclass from a nested dict."""
+    return _build(cls, data, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path through a temp file and rename, so a crash never leaves half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Save the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,357 @@
+"""Datasets, held-out validation split, and on-device batched loading with augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amas.config import DataConfig
+from amas.errors import AmasError
+
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+DEFAULT_ROOT = os.path.expanduser("~/.cache/amas/data")
+
+
+class DataError(AmasError):
+    """Data that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and an exported checkpoint need to know about the data."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one normalised input image."""
+        return (self.in_channels, self.image_size, self.image_size)
+
+
+INFOS = {
+    "fashion_mnist": DatasetInfo("fashion_mnist", 10, 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "synthetic": DatasetInfo("synthetic", 4, 1, 16, (0.5,), (0.25,)),
+}
+
+
+class Batches(Protocol):
+    """What the engine iterates: normalised float images and int64 labels on the device."""
+
+    num_samples: int
+
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+# ---------------------------------------------------------------- raw tensors
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"'{path}' is not an IDX file of unsigned bytes; delete it and fetch the dataset again")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"'{path}' is truncated ({data.size} of {int(np.prod(dims))} bytes); fetch the dataset again")
+    return data.reshape(dims)
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (f"{stem}.gz", stem):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _fashion_mnist(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = "train" if train else "t10k"
+    dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", Path(FASHION_MNIST_SYSTEM_DIR)]
+    img, lbl = _find_idx(dirs, f"{prefix}-images-idx3-ubyte"), _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if (img is None or lbl is None) and download:
+        try:
+            import torchvision
+
+            torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+        except Exception:
+            pass
+        img, lbl = _find_idx(dirs, f"{prefix}-images-idx3-ubyte"), _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lbl is None:
+        looked = ", ".join(str(d) for d in dirs)
+        raise DataError(
+            f"Fashion-MNIST not found (looked in {looked}); install it with "
+            "'apt-get install dataset-fashion-mnist' or set data.root to a folder with the IDX files"
+        )
+    x = torch.from_numpy(_read_idx(img).copy()).unsqueeze(1)
+    y = torch.from_numpy(_read_idx(lbl).astype(np.int64))
+    return x, y
+
+
+def _torchvision_tensors(name: str, root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    try:
+        if name == "svhn":
+            ds = torchvision.datasets.SVHN(str(root), split="train" if train else "test", download=download)
+            return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(str(root), train=train, download=download)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError
+        raise DataError(
+            f"{name} not found under '{root}' and could not be downloaded ({type(e).__name__}); "
+            f"set data.root to a folder holding torchvision's {name} files"
+        ) from None
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def _synthetic(train: bool, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small learnable 4-class problem for tests: class k is a bright quadrant k."""
+    info = INFOS["synthetic"]
+    n = 512 if train else 256
+    g = torch.Generator().manual_seed(seed + (0 if train else 1))
+    y = torch.randint(0, info.num_classes, (n,), generator=g)
+    s = info.image_size
+    x = torch.randint(0, 96, (n, 1, s, s), generator=g, dtype=torch.int64)
+    h = s // 2
+    for k in range(info.num_classes):
+        r, c = divmod(k, 2)
+        idx = y == k
+        x[idx, :, r * h : (r + 1) * h, c * h : (c + 1) * h] += 120
+    return x.clamp(0, 255).to(torch.uint8), y
+
+
+def load_tensors(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole train or test split as (uint8 N×C×H×W, int64 N) on the CPU."""
+    root = Path(cfg.root or DEFAULT_ROOT).expanduser()
+    if cfg.name == "fashion_mnist":
+        return _fashion_mnist(root, train, cfg.download)
+    if cfg.name in ("cifar10", "cifar100", "svhn"):
+        return _torchvision_tensors(cfg.name, root, train, cfg.download)
+    if cfg.name == "synthetic":
+        return _synthetic(train)
+    raise DataError(f"dataset '{cfg.name}' has no tensor loader")
+
+
+# ---------------------------------------------------------------- on-device loader
+
+
+class TensorBatches:
+    """Mini-batches from a uint8 tensor held on the device, augmented there in batch."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: bool = True,
+        pad: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.augment = augment and train
+        self.pad, self.flip = pad, flip
+        self.seed = seed
+        self.epoch = 0
+        self.channels_last = channels_last
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world_size = rank, world_size
+        shape = (1, info.in_channels, 1, 1)
+        self.mean = torch.tensor(info.mean, device=self.device).view(shape) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(info.std, device=self.device).view(shape) * 255.0)
+        self.num_samples = int(images.shape[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle and augmentation to draw."""
+        self.epoch = epoch
+
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def __len__(self) -> int:
+        gb = self._global_batch()
+        if self.drop_last and self.num_samples >= gb:
+            return self.num_samples // gb
+        return -(-self.num_samples // gb)
+
+    def _generator(self) -> torch.Generator:
+        # one stream per (seed, epoch): resuming at an epoch boundary replays the same batches
+        return torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def augment_batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random pad-and-crop and horizontal flip of a uint8 batch, drawn from g."""
+        n, c, h, w = x.shape
+        if self.pad > 0:
+            p = self.pad
+            xp = F.pad(x, (p, p, p, p))
+            off = torch.randint(0, 2 * p + 1, (2, n), generator=g).to(x.device)
+            rows = (off[0].view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+            cols = (off[1].view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+            bidx = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+            cidx = torch.arange(c, device=x.device).view(1, c, 1, 1)
+            x = xp[bidx, cidx, rows, cols]
+        if self.flip:
+            flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 batch to normalised float32."""
+        x = (x.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = self._generator()
+        n = self.num_samples
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        gb = self._global_batch()
+        for b in range(len(self)):
+            idx = order[b * gb : (b + 1) * gb]
+            idx = idx[self.rank :: self.world_size] if self.world_size > 1 else idx
+            idx = idx.to(self.device)
+            x = self.images.index_select(0, idx)
+            if self.augment:
+                x = self.augment_batch(x, g)
+            yield self.normalize(x), self.labels.index_select(0, idx)
+
+
+class FolderBatches:
+    """ImageFolder data through torchvision transforms and a DataLoader (too large to hold in memory)."""
+
+    def __init__(self, root: Path, info: DatasetInfo, batch_size: int, *, train: bool, cfg: DataConfig,
+                 device: torch.device | str, seed: int, channels_last: bool, rank: int = 0, world_size: int = 1) -> None:
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        norm = T.Normalize(info.mean, info.std)
+        if train and cfg.augment:
+            tf = T.Compose([T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        else:
+            tf = T.Compose([T.Resize(int(info.image_size * 8 / 7)), T.CenterCrop(info.image_size), T.ToTensor(), norm])
+        self.dataset = ImageFolder(str(root), transform=tf)
+        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.num_workers = cfg.num_workers
+        self.rank, self.world_size = rank, world_size
+        self.indices: list[int] = list(range(len(self.dataset)))
+        self.num_samples = len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle to draw."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        gb = self.batch_size * self.world_size
+        return self.num_samples // gb if self.train else -(-self.num_samples // gb)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from torch.utils.data import DataLoader, Subset
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = [self.indices[i] for i in (torch.randperm(self.num_samples, generator=g).tolist() if self.train else range(self.num_samples))]
+        gb = self.batch_size * self.world_size
+        order = order[: len(self) * gb]
+        if self.world_size > 1:
+            order = [i for b in range(len(self)) for i in order[b * gb : (b + 1) * gb][self.rank :: self.world_size]]
+        loader = DataLoader(Subset(self.dataset, order), batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+@dataclass
+class DataBundle:
+    """Train, validation and test batches plus the dataset's description."""
+
+    train: Batches
+    val: Batches | None
+    test: Batches
+    info: DatasetInfo
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) index split of n training images."""
+    if val_size >= n:
+        raise DataError(f"data.val_size={val_size} leaves no training images out of {n}; lower data.val_size")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_007 + seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """Classes, channels, size and normalisation of the configured dataset."""
+    if cfg.name == "imagefolder":
+        root = Path(cfg.root).expanduser()
+        train_dir = root / "train"
+        if not train_dir.is_dir():
+            raise DataError(f"ImageFolder data needs '{train_dir}' with one folder per class; set data.root to its parent")
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        return DatasetInfo("imagefolder", len(classes), 3, cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return INFOS[cfg.name]
+
+
+def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, device: torch.device | str = "cpu",
+               seed: int = 0, channels_last: bool = False, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Load the configured dataset and wrap its train / held-out validation / test splits as batches."""
+    info = dataset_info(cfg)
+    common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
+    if cfg.name == "imagefolder":
+        root = Path(cfg.root).expanduser()
+        val_dir = root / "val"
+        if not val_dir.is_dir():
+            raise DataError(f"ImageFolder data needs '{val_dir}' (held-out images per class); create it next to train/")
+        tr = FolderBatches(root / "train", info, batch_size, train=True, cfg=cfg, seed=seed, **common)
+        va = FolderBatches(val_dir, info, eval_batch_size, train=False, cfg=cfg, seed=seed, **common)
+        te_dir = root / "test" if (root / "test").is_dir() else val_dir
+        te = FolderBatches(te_dir, info, eval_batch_size, train=False, cfg=cfg, seed=seed, **common)
+        return DataBundle(tr, va, te, info)
+
+    x, y = load_tensors(cfg, train=True)
+    xt, yt = load_tensors(cfg, train=False)
+    val = None
+    if cfg.val_size > 0:
+        tr_idx, va_idx = split_indices(len(y), cfg.val_size, cfg.split_seed)
+        val = TensorBatches(x[va_idx], y[va_idx], info, eval_batch_size, train=False, **common)
+        x, y = x[tr_idx], y[tr_idx]
+    if cfg.train_subset:
+        x, y = x[: cfg.train_subset], y[: cfg.train_subset]
+    if cfg.test_subset:
+        xt, yt = xt[: cfg.test_subset], yt[: cfg.test_subset]
+    train = TensorBatches(x, y, info, batch_size, train=True, augment=cfg.augment, pad=cfg.pad, flip=cfg.flip,
+                          seed=seed, **common)
+    test = TensorBatches(xt, yt, info, eval_batch_size, train=False, **common)
+    return DataBundle(train, val, test, info)

@@ -1,0 +1,359 @@
+"""The one train/eval loop: every stage differs only by its Objective (loss, parameter groups, extra steps)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from amas.checkpoint import FORMAT_VERSION, atomic_save, load_file
+from amas.config import TrainConfig
+from amas.data import Batches
+from amas.errors import AmasError
+
+
+class TrainingError(AmasError):
+    """Training cannot go on (non-finite loss, incompatible resume state)."""
+
+
+@dataclass
+class StepOutput:
+    """What an objective returns for one batch: the loss to minimise, logits, and loss terms to log."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Plain supervised training: label cross-entropy on the model's logits. Stages subclass it."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        """Called once before training with the model already on its device."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Parameter groups for the engine's SGD optimiser."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """Forward one batch and return the loss."""
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return StepOutput(loss, logits, {"ce": loss.detach()})
+
+    def after_step(self, model: nn.Module, lr: float, step: int) -> None:
+        """Runs after each optimiser step (e.g. a proximal step on masks)."""
+
+    def scalars(self) -> dict[str, float]:
+        """Extra scalars to log at each logging step."""
+        return {}
+
+    def end_epoch(self, model: nn.Module, epoch: int, writer: Any) -> None:
+        """Runs after each epoch's evaluation (e.g. histograms)."""
+
+    def state_dict(self) -> dict:
+        """State to checkpoint beside the model (extra modules, optimisers, controllers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AmasError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule named by cfg.schedule."""
+    total = max(1, total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total + 1, pct_start=0.25,
+            cycle_momentum=False,
+        )
+    warm = int(cfg.warmup_epochs / max(cfg.epochs, 1) * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Stopped(AmasError):
+    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint."""
+
+
+def evaluate(model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
+    was_training = model.training
+    model.eval()
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    with torch.inference_mode(), _autocast(device, amp):
+        for x, y in batches:
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            metric.update(logits, y)
+            n += y.numel()
+    model.train(was_training)
+    if n == 0:
+        return {"acc": float("nan"), "loss": float("nan")}
+    return {"acc": 100.0 * float(metric.compute()), "loss": float(loss_sum) / n}
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Trains model on batches with an objective; checkpoints every epoch and resumes exactly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Batches,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        num_classes: int,
+        val: Batches | None = None,
+        objective: Objective | None = None,
+        stage: str = "train",
+        device: torch.device | None = None,
+        writer: Any = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_batches, self.val_batches = train, val
+        self.num_classes = num_classes
+        self.objective = objective or Objective(cfg.label_smoothing)
+        self.stage = stage
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / f"{stage}_state.pt"
+        self.on_epoch_end = on_epoch_end
+        self.objective.setup(self.model, self.device)
+        groups = self.objective.param_groups(self.model)
+        for g in groups:
+            g.setdefault("lr", cfg.lr)
+            g.setdefault("weight_decay", cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                         weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(train)
+        self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self._writer = writer
+        self._own_writer = writer is None
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly."""
+        return {
+            "amas_format": "train_state",
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_state(self) -> None:
+        """Write the training state atomically."""
+        atomic_save(self.state_dict(), self.ckpt_path)
+
+    def load_state(self, path: str | Path | None = None) -> None:
+        """Restore a training state written by save_state."""
+        state = load_file(path or self.ckpt_path, "train_state")
+        if state["stage"] != self.stage:
+            raise TrainingError(f"'{path or self.ckpt_path}' belongs to stage '{state['stage']}', not '{self.stage}'")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            raise TrainingError(
+                f"cannot resume from '{self.ckpt_path}': it was made with another model or config; "
+                "start a new run directory or drop --resume"
+            ) from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"])
+
+    @property
+    def writer(self) -> Any:
+        """TensorBoard writer for this stage (created lazily)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb" / self.stage))
+        return self._writer
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to cfg.epochs (continuing from the saved state when resume) and return per-epoch history."""
+        if resume and self.ckpt_path.is_file():
+            self.load_state()
+        try:
+            with _StopRequest() as stop:
+                while self.epoch < self.cfg.epochs:
+                    self._train_epoch(stop)
+                    if stop.signum is not None:
+                        self.save_state()
+                        raise Stopped(
+                            f"{self.stage}: stopped by signal {stop.signum} at epoch {self.epoch + 1} step "
+                            f"{self.step_in_epoch}; state saved to {self.ckpt_path}, continue with --resume"
+                        )
+                    record = {"epoch": self.epoch + 1}
+                    record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
+                    if self.val_batches is not None:
+                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp)
+                        record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
+                        self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
+                        self.writer.add_scalar(f"{self.stage}/val_loss", val["loss"], self.global_step)
+                    self.objective.end_epoch(self.model, self.epoch, self.writer)
+                    self.history.append(record)
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self.save_state()
+                    if self.on_epoch_end is not None:
+                        self.on_epoch_end(self.epoch, record)
+                    self.writer.flush()
+        finally:
+            if self._own_writer and self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        return self.history
+
+    def _check_finite(self, out: StepOutput) -> None:
+        if bool(torch.isfinite(out.loss.detach())):
+            return
+        bad = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
+        term = f" (term '{bad[0]}')" if bad else ""
+        last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file() else "no checkpoint was written yet"
+        raise TrainingError(
+            f"{self.stage}: loss became {float(out.loss):.4g}{term} at epoch {self.epoch + 1} step {self.step_in_epoch}; "
+            f"{last}; lower train.lr or the loss weights"
+        )
+
+    def _train_epoch(self, stop: _StopRequest) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        self.train_batches.set_epoch(self.epoch)
+        skip = self.step_in_epoch
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen, n_steps = 0, 0
+        t0, seen_since = time.perf_counter(), 0
+        bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+                   desc=f"{self.stage} {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        for i, (x, y) in enumerate(self.train_batches):
+            if i < skip:  # replay the epoch's random stream up to where the saved state stopped
+                continue
+            with _autocast(self.device, cfg.amp):
+                out = self.objective.compute(self.model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self._check_finite(out)
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.objective.after_step(self.model, lr, self.global_step)
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch = i + 1
+            n_steps += 1
+            loss_sum += out.loss.detach().float()
+            correct += (out.logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            seen_since += y.numel()
+            bar.update(1)
+            if self.global_step % cfg.log_every == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                w = self.writer
+                w.add_scalar(f"{self.stage}/loss", float(out.loss), self.global_step)
+                for k, v in out.terms.items():
+                    w.add_scalar(f"{self.stage}/{k}", float(v), self.global_step)
+                for k, v in self.objective.scalars().items():
+                    w.add_scalar(f"{self.stage}/{k}", v, self.global_step)
+                w.add_scalar(f"{self.stage}/lr", lr, self.global_step)
+                w.add_scalar(f"{self.stage}/images_per_s", seen_since / max(dt, 1e-9), self.global_step)
+                bar.set_postfix(loss=f"{float(out.loss):.3f}")
+                t0, seen_since = time.perf_counter(), 0
+            if stop.signum is not None:
+                break
+        bar.close()
+        self._epoch_stats = {
+            "loss": float(loss_sum) / max(n_steps, 1),
+            "acc": 100.0 * float(correct) / max(seen, 1),
+        }

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from amas.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 3\nmodel:\n  name: resnet56\n")
+    cfg = load_config(f, ["train.lr=0.2", "data.train_subset=100", "train.milestones=[0.3, 0.6]"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.epochs == 3 and cfg.model.name == "resnet56"
+    assert cfg.train.lr == 0.2 and cfg.data.train_subset == 100
+    assert cfg.train.milestones == [0.3, 0.6]
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.epoch=3", "did you mean 'epochs'"),
+        ("trian.epochs=3", "did you mean 'train'"),
+        ("train.epochs=abc", "must be an integer"),
+        ("train.lr=-1", "out of range"),
+        ("train.momentum=2", "out of range"),
+        ("train.device=tpu", "choose one of"),
+        ("train.amp=maybe", "true or false"),
+        ("noequals", "key.path=value"),
+    ],
+)
+def test_bad_values_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_config_error_exit_status(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochz: 3\n")
+    p = subprocess.run([sys.executable, "-m", "amas.cli", "train", "--config", str(f), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown config key 'train.epochz'" in lines[0] and "epochs" in lines[0]
+    assert not (tmp_path / "r").exists()
