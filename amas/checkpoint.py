@@ -106,3 +106,37 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def save_masked(path: str | os.PathLike, model: nn.Module, record: dict, masks: dict[str, torch.Tensor],
+                metrics: dict | None = None) -> None:
+    """Save a searched student: dense weights (no mask modules) plus one mask vector per channel group."""
+    from amas import __version__
+
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    atomic_save(
+        {
+            "amas_format": "masked",
+            "format_version": FORMAT_VERSION,
+            "amas_version": __version__,
+            "model": record,
+            "metrics": dict(metrics or {}),
+            "state_dict": state,
+            "masks": {k: v.detach().cpu().float() for k, v in masks.items()},
+        },
+        path,
+    )
+
+
+def load_masked(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+    """Rebuild a searched student saved by save_masked; returns (model, masks by group name, the file's record)."""
+    from amas.models import create_model
+
+    obj = load_file(path, "masked")
+    rec = obj["model"]
+    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError:
+        raise CheckpointError(f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it") from None
+    return model.to(device).eval(), dict(obj["masks"]), obj

@@ -73,14 +73,40 @@ class TrainConfig:
     progress: bool = True
 
 
+def _search_train() -> "TrainConfig":
+    return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine")
+
+
+@dataclass
+class SearchConfig:
+    """AMAS search: student with soft channel masks, distillation, adversarial alignment, sparsity."""
+
+    train: TrainConfig = field(default_factory=_search_train)
+
+
+def _finetune_train() -> "TrainConfig":
+    return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine")
+
+
+@dataclass
+class PruneConfig:
+    """Turning per-channel scores into kept channels at a MACs target."""
+
+    target_macs: float = field(default=0.5, metadata=_range(0, 1))
+    round_to: int = field(default=1, metadata=_range(1))
+    min_channels: int = field(default=1, metadata=_range(1))
+
+
 @dataclass
 class Config:
-    """A whole run: model, data and training settings plus the seed."""
+    """A whole run: model, data and training settings plus the seed, and each later stage's section."""
 
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
 
 # ---------------------------------------------------------------- loading
