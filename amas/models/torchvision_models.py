@@ -1,0 +1,63 @@
+"""Any torchvision classifier by name, with the first conv adapted to the input channels."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torchvision
+from torch import nn
+
+from amas.errors import AmasError
+
+# Families whose constructors take aux heads that break single-output training and tracing.
+_AUX_FAMILIES = ("googlenet", "inception_v3")
+
+
+@lru_cache(maxsize=1)
+def torchvision_classifiers() -> list[str]:
+    """Return the names of torchvision's classification models."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    """Return (parent, attribute, conv) of the first Conv2d registered in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            return parent, attr, module
+    raise AmasError(f"{type(model).__name__} has no Conv2d to adapt to the input channels; use in_channels=3")
+
+
+def _replace_input_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap the model's input conv for one with `in_channels` inputs and the same other settings."""
+    parent, attr, conv = _first_conv(model)
+    if conv.groups != 1:
+        raise AmasError(f"cannot adapt {type(model).__name__}: its first conv is grouped; use in_channels=3")
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    setattr(parent, attr, new)
+
+
+def create_torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build torchvision model `name` without pretrained weights for `num_classes` and `in_channels`."""
+    if name in _AUX_FAMILIES:
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+        if in_channels != 3:
+            kwargs.setdefault("transform_input", False)
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise AmasError(f"torchvision model {name!r} rejected its options: {exc}; fix the model options") from None
+    if in_channels != 3:
+        _replace_input_conv(model, in_channels)
+    return model
