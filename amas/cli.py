@@ -43,6 +43,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
+@command("search", "search channel masks for a copy of a trained teacher (AMAS: KD + adversarial + sparsity)")
+def _search_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--teacher", required=True, help="dense model.pt of the trained teacher (from `amas train`)")
+    p.add_argument("--resume", action="store_true", help="continue the search saved in the run directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The amas argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="amas", description="structured channel pruning with adversarial alignment")
@@ -97,6 +104,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters)
     print_table([(k, v) for k, v in result.items()], title=f"eval: {args.checkpoint}")
     print(json.dumps(result))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    """Search soft channel masks for a student copy of the teacher and save search.pt in the run directory."""
+    from amas.adversarial import search
+    from amas.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_dir_for(args)
+    result = search(cfg, run_dir, args.teacher, resume=args.resume)
+    print_table(
+        [("teacher", args.teacher), ("dataset", cfg.data.name),
+         ("student val acc %", result.get("val_acc", float("nan"))),
+         ("teacher val acc %", result.get("teacher_val_acc", float("nan"))),
+         ("effective MACs", f"{result['effective_macs'] / 1e6:.2f}M of {result['total_macs'] / 1e6:.2f}M"),
+         ("MACs reduction %", 100.0 * result["macs_reduction"]),
+         ("target reduction %", 100.0 * result["target_reduction"]),
+         ("kept channels", f"{result['kept_channels']} of {result['total_channels']}"),
+         ("lambda", result["lambda"]), ("wall time s", result["wall_s"]),
+         ("checkpoint", str(run_dir / "search.pt"))],
+        title="search: done",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,32 @@ class SearchConfig:
     """AMAS search: student with soft channel masks, distillation, adversarial alignment, sparsity."""
 
     train: TrainConfig = field(default_factory=_search_train)
+    # student loss: ce_weight·CE + mu·KD + adv_weight·BCE(D(student), real) + lam·Σ cost·|mask|
+    ce_weight: float = field(default=1.0, metadata=_range(0))
+    mu: float = field(default=1.0, metadata=_range(0))
+    kd: Literal["mse", "kl"] = "mse"
+    temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
+    adv_weight: float = field(default=0.1, metadata=_range(0))
+    lam: float = field(default=1.0, metadata=_range(0))
+    # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
+    mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    fista: bool = True
+    fista_restart: bool = True
+    mask_threshold: float = field(default=0.0, metadata=_range(0))
+    # discriminator: MLP on the logits or on the globally pooled features before the classifier
+    d_input: Literal["logits", "features"] = "logits"
+    d_hidden: int = field(default=128, metadata=_range(1))
+    d_optimizer: Literal["adam", "sgd"] = "adam"
+    d_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
+    d_weight_decay: float = field(default=0.0, metadata=_range(0))
+    d_steps: int = field(default=1, metadata=_range(0))
+    # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
+    target_reduction: float = field(default=0.0, metadata=_range(0, 1))
+    controller_every: int = field(default=10, metadata=_range(1))
+    controller_ki: float = field(default=0.5, metadata=_range(0))
+    controller_kp: float = field(default=2.0, metadata=_range(0))
+    lam_min: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    lam_max: float = field(default=1e3, metadata=_range(0, lo_open=True))
 
 
 def _finetune_train() -> "TrainConfig":
