@@ -202,6 +202,11 @@ class Trainer:
         self.history: list[dict] = []
         self._writer = writer
         self._own_writer = writer is None
+        self.stop = _StopRequest()
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the run to stop after the current step, as SIGTERM would."""
+        self.stop.signum = signum
 
     # ------------------------------------------------------------ state
 
@@ -262,7 +267,7 @@ class Trainer:
         if resume and self.ckpt_path.is_file():
             self.load_state()
         try:
-            with _StopRequest() as stop:
+            with self.stop as stop:
                 while self.epoch < self.cfg.epochs:
                     self._train_epoch(stop)
                     if stop.signum is not None:
@@ -299,7 +304,7 @@ class Trainer:
         term = f" (term '{bad[0]}')" if bad else ""
         last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file() else "no checkpoint was written yet"
         raise TrainingError(
-            f"{self.stage}: loss became {float(out.loss):.4g}{term} at epoch {self.epoch + 1} step {self.step_in_epoch}; "
+            f"{self.stage}: loss became {float(out.loss.detach()):.4g}{term} at epoch {self.epoch + 1} step {self.step_in_epoch}; "
             f"{last}; lower train.lr or the loss weights"
         )
 
@@ -341,14 +346,14 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 w = self.writer
-                w.add_scalar(f"{self.stage}/loss", float(out.loss), self.global_step)
+                w.add_scalar(f"{self.stage}/loss", float(out.loss.detach()), self.global_step)
                 for k, v in out.terms.items():
                     w.add_scalar(f"{self.stage}/{k}", float(v), self.global_step)
                 for k, v in self.objective.scalars().items():
                     w.add_scalar(f"{self.stage}/{k}", v, self.global_step)
                 w.add_scalar(f"{self.stage}/lr", lr, self.global_step)
                 w.add_scalar(f"{self.stage}/images_per_s", seen_since / max(dt, 1e-9), self.global_step)
-                bar.set_postfix(loss=f"{float(out.loss):.3f}")
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
                 t0, seen_since = time.perf_counter(), 0
             if stop.signum is not None:
                 break

@@ -19,6 +19,7 @@ def tiny_overrides(**extra: str) -> list[str]:
     base = {
         "data.name": "synthetic",
         "data.val_size": "64",
+        "data.train_subset": "192",
         "model.name": "resnet20",
         "train.epochs": "2",
         "train.batch_size": "32",
