@@ -4,4 +4,13 @@ __version__ = "0.1.0"
 
 from amas.errors import AmasError  # noqa: E402
 
-__all__ = ["AmasError", "__version__"]
+__all__ = ["AmasError", "__version__", "load_pruned"]
+
+
+def __getattr__(name: str):
+    """Lazy attributes: `amas.load_pruned` imports torch and amas.export only when first used."""
+    if name == "load_pruned":
+        from amas.export import load_pruned
+
+        return load_pruned
+    raise AttributeError(f"module 'amas' has no attribute {name!r}")

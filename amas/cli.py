@@ -50,6 +50,21 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the search saved in the run directory")
 
 
+@command("export", "prune a searched student to a MACs target and export pruned.pt, pruned.pt2 (ONNX) and a report")
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="searched student (search.pt) or, with --criterion l1, a dense model.pt")
+    p.add_argument("--target-flops", type=float, help="fraction of the MACs to remove, e.g. 0.5 (default: prune.target_reduction)")
+    p.add_argument("--round-to", type=int, help="round kept channels up to a multiple of N (default: prune.round_to)")
+    p.add_argument("--min-channels", type=int, help="channels every group keeps at least (default: prune.min_channels)")
+    p.add_argument("--criterion", choices=["l1"], help="score a dense model's channels by filter L1 norm")
+    p.add_argument("--out", help="output directory (default: <checkpoint dir>/export)")
+    p.add_argument("--onnx", action="store_true", help="also write pruned.onnx, checked with onnxruntime")
+    p.add_argument("--no-eval", action="store_true", help="skip the test-set accuracy")
+    p.add_argument("--config", help="optional YAML for data and prune settings")
+    p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The amas argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="amas", description="structured channel pruning with adversarial alignment")
@@ -126,6 +141,31 @@ def cmd_search(args: argparse.Namespace) -> None:
          ("checkpoint", str(run_dir / "search.pt"))],
         title="search: done",
     )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Prune a searched student (or a dense model by L1) to the MACs target and write the exported files."""
+    from amas.config import PruneConfig, load_config
+    from amas.export import export_checkpoint, make_test_evaluator
+
+    prune = load_config(args.config, args.overrides).prune if args.config or args.overrides else PruneConfig()
+    target = prune.target_reduction if args.target_flops is None else args.target_flops
+    round_to = prune.round_to if args.round_to is None else args.round_to
+    min_channels = prune.min_channels if args.min_channels is None else args.min_channels
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
+    evaluate_on = None if args.no_eval else make_test_evaluator(args.config, args.overrides)
+    r = export_checkpoint(args.checkpoint, out, target, round_to=round_to, min_channels=min_channels,
+                          criterion=args.criterion, onnx=args.onnx, evaluate_on=evaluate_on,
+                          latency_iters=args.latency_iters)
+    rows = [("model", r["model"]), ("dataset", r["dataset"]), ("test acc %", r["test_acc"]),
+            ("MACs", f"{r['macs'] / 1e6:.3f}M of {r['dense_macs'] / 1e6:.3f}M (-{100 * r['macs_reduction']:.1f}%)"),
+            ("params", f"{r['params'] / 1e6:.4f}M of {r['dense_params'] / 1e6:.4f}M"),
+            ("latency b1 ms", r["latency_b1_ms"]), ("latency b64 ms", r["latency_b64_ms"])]
+    rows += [(k, v) for k, v in r["files"].items()]
+    if "onnx" in r:
+        rows.append(("onnx", r["onnx"]))
+    rows.append(("report", str(out / "report.md")))
+    print_table(rows, title="export: done")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,6 +94,7 @@ class SearchConfig:
     fista: bool = True
     fista_restart: bool = True
     mask_threshold: float = field(default=0.0, metadata=_range(0))
+    fast_teacher: bool = True  # run the frozen teacher as a conv+BN-folded copy (torch.fx), checked against it
     # discriminator: MLP on the logits or on the globally pooled features before the classifier
     d_input: Literal["logits", "features"] = "logits"
     d_hidden: int = field(default=128, metadata=_range(1))
@@ -118,8 +119,10 @@ def _finetune_train() -> "TrainConfig":
 class PruneConfig:
     """Turning per-channel scores into kept channels at a MACs target."""
 
-    target_macs: float = field(default=0.5, metadata=_range(0, 1))
-    round_to: int = field(default=1, metadata=_range(1))
+    # fraction of the dense MACs to remove (0.5 keeps half), as search.target_reduction
+    target_reduction: float = field(default=0.5, metadata=_range(0, 0.99))
+    # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast; see DESIGN.md)
+    round_to: int = field(default=8, metadata=_range(1))
     min_channels: int = field(default=1, metadata=_range(1))
 
 

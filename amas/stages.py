@@ -71,9 +71,11 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
 def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20) -> dict[str, Any]:
     """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model."""
     from amas.cost import count, latency
-    model, obj = load_model(path)
+    from amas.export import load_any_model
+
+    model, obj = load_any_model(path)  # dense 'model' or 'pruned' file
     rec = obj["model"]
-    cfg = load_config(config, [f"data.name={rec['data']['name']}", *overrides])
+    cfg = load_config(config, [f"data.name={rec['data']['name']}", "data.val_size=0", *overrides])
     device = resolve_device(cfg.train.device)
     model = model.to(device)
     data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed)

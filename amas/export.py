@@ -1,0 +1,409 @@
+"""Shipping a pruned model: amas `pruned.pt` checkpoints, torch.export `.pt2`, ONNX, and a JSON/Markdown report.
+
+``pruned.pt`` holds only tensors and plain containers (it loads with ``torch.load(weights_only=True)``):
+the state_dict, the recipe that rebuilds the pruned architecture (base model name and arguments plus
+the kept channel count of every pruned group, see amas.prune), and metadata (dataset, input shape,
+normalisation, class count, accuracy, MACs, params, amas and format versions). ``pruned.pt2`` is a
+``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amas.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_file
+from amas.errors import AmasError
+
+__all__ = [
+    "ExportError", "save_pruned", "load_pruned", "load_any_model", "export_pt2", "export_onnx", "onnx_available",
+    "build_report", "write_report", "export_checkpoint", "make_test_evaluator",
+]
+
+
+class ExportError(AmasError):
+    """A model or file that cannot be exported as asked."""
+
+
+# ---------------------------------------------------------------- pruned.pt
+
+
+def _plain(value: Any, where: str) -> Any:
+    """value as weights_only-loadable plain data (tuples become lists), or ExportError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value), where)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return _plain(value.item(), where)
+    raise ExportError(f"metadata {where} is a {type(value).__name__}; use numbers, strings, lists or dicts")
+
+
+def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadata: dict) -> None:
+    """Write a pruned checkpoint (state_dict + recipe + metadata) atomically as an amas 'pruned' file."""
+    from amas import __version__
+
+    meta = _plain(dict(metadata), "metadata")
+    meta.setdefault("amas_version", __version__)
+    meta.setdefault("format_version", FORMAT_VERSION)
+    record = dict(_plain(recipe["model"], "recipe.model"))
+    if "data" in meta:
+        record["data"] = meta["data"]
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(
+        {
+            "amas_format": "pruned",
+            "format_version": FORMAT_VERSION,
+            "amas_version": __version__,
+            "model": record,
+            "recipe": _plain(recipe, "recipe"),
+            "metadata": meta,
+            "state_dict": state,
+        },
+        path,
+    )
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by save_pruned (weights_only load); returns (model in eval mode, the file's contents)."""
+    from amas.prune import model_from_recipe
+
+    obj = load_file(path, "pruned")
+    try:
+        model = model_from_recipe(obj["recipe"])
+    except KeyError:
+        raise CheckpointError(f"'{path}' has no pruning recipe; re-export it with amas export") from None
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except (RuntimeError, KeyError):
+        raise CheckpointError(f"'{path}' does not match the architecture its recipe describes; re-export it") from None
+    return model.to(device).eval(), obj
+
+
+def _peek_format(path: str | os.PathLike) -> str | None:
+    """The amas_format of a file (cheap memory-mapped look), or None when it cannot be read that way."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return obj.get("amas_format") if isinstance(obj, dict) else None
+
+
+def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a dense 'model' or a 'pruned' amas file; returns (model, file contents with a 'model' record)."""
+    from amas.checkpoint import load_model
+
+    if _peek_format(path) == "pruned":
+        model, obj = load_pruned(path, device)
+        if "data" not in obj["model"]:
+            raise CheckpointError(f"'{path}' does not say which dataset it was trained on; re-export it with amas export")
+        return model, obj
+    return load_model(path, device)
+
+
+# ---------------------------------------------------------------- torch.export and ONNX
+
+
+def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return torch.randn((batch, *input_shape), device=device, dtype=dtype)
+
+
+def _tmp_beside(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
+               dynamic_batch: bool = True) -> dict:
+    """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}."""
+    was_training = model.training
+    model.eval()
+    x = _example(model, tuple(input_shape))
+    ep = None
+    dynamic = False
+    try:
+        if dynamic_batch:
+            try:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+                dynamic = True
+            except Exception:
+                ep = None
+        if ep is None:
+            try:
+                ep = torch.export.export(model, (x,))
+            except Exception as e:
+                raise ExportError(f"torch.export cannot trace this model ({type(e).__name__}); "
+                                  "ship pruned.pt (amas.load_pruned) instead") from None
+    finally:
+        model.train(was_training)
+    p = Path(path)
+    tmp = _tmp_beside(p)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"path": str(p), "dynamic_batch": dynamic}
+
+
+def onnx_available() -> bool:
+    """Whether the optional onnx extra (onnx, onnxruntime, onnxscript) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
+                check: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """Export ONNX (dynamic batch when possible) and, with check, compare onnxruntime with PyTorch outputs."""
+    if not onnx_available():
+        raise ExportError("ONNX export needs the onnx extra; install it with: pip install 'amas[onnx]'")
+    import contextlib
+    import io
+    import warnings
+
+    p0 = next(model.parameters(), None)
+    if p0 is not None and (p0.dtype != torch.float32 or p0.device.type != "cpu"):
+        model = copy.deepcopy(model).float().cpu()
+    was_training = model.training
+    model.eval()
+    x = _example(model, tuple(input_shape))
+    p = Path(path)
+    tmp = _tmp_beside(p)
+    dynamic = False
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({0: batch},), verbose=False)
+                dynamic = True
+            except Exception:
+                try:
+                    torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"], verbose=False)
+                except Exception as e:
+                    raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                                      "ship pruned.pt2 instead") from None
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    info: dict[str, Any] = {"path": str(p), "dynamic_batch": dynamic}
+    if check:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        xs = _example(model, tuple(input_shape), batch=3) if dynamic else x
+        with torch.no_grad():
+            ref = model(xs).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
+        diff = float(abs(got - ref).max())
+        info["max_abs_diff"] = diff
+        if not (abs(got - ref) <= atol + rtol * abs(ref)).all():
+            raise ExportError(f"the ONNX model's outputs differ from PyTorch's by up to {diff:.2e}; ship pruned.pt2 instead")
+    model.train(was_training)
+    return info
+
+
+# ---------------------------------------------------------------- report
+
+
+def build_report(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict | None = None,
+                 latency_iters: int = 20, device: str | torch.device | None = None) -> dict:
+    """Accuracy (from metadata), MACs, params and measured latency at batch 1 and 64 of model."""
+    from amas.cost import count, latency
+
+    meta = dict(metadata or {})
+    macs, params = count(model, input_shape)
+    lat1 = latency(model, input_shape, batch_size=1, device=device, iters=latency_iters)
+    lat64 = latency(model, input_shape, batch_size=64, device=device, iters=max(3, latency_iters // 4))
+    report = {
+        "model": meta.get("model"),
+        "dataset": meta.get("dataset"),
+        "input_shape": list(input_shape),
+        "test_acc": meta.get("test_acc"),
+        "macs": int(macs),
+        "params": int(params),
+        "dense_macs": meta.get("dense_macs"),
+        "dense_params": meta.get("dense_params"),
+        "latency_b1_ms": round(lat1["median_ms"], 4),
+        "latency_b64_ms": round(lat64["median_ms"], 4),
+        "latency_device": lat1["device"],
+    }
+    if meta.get("dense_macs"):
+        report["macs_reduction"] = round(1.0 - macs / float(meta["dense_macs"]), 4)
+    if meta.get("dense_params"):
+        report["params_reduction"] = round(1.0 - params / float(meta["dense_params"]), 4)
+    for k in ("target_reduction", "round_to", "source", "files"):
+        if k in meta:
+            report[k] = meta[k]
+    return report
+
+
+def _md_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return "–" if v is None else str(v)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike, stem: str = "report") -> tuple[Path, Path]:
+    """Write report as JSON and as a Markdown table into out_dir (atomically); returns both paths."""
+    from amas.config import atomic_write_text
+
+    out = Path(out_dir)
+    jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
+    atomic_write_text(jpath, json.dumps(report, indent=2) + "\n")
+    lines = [f"# amas export: {report.get('model') or 'pruned model'}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_md_value(v)} |" for k, v in report.items()]
+    atomic_write_text(mpath, "\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+# ---------------------------------------------------------------- the export stage
+
+
+def make_test_evaluator(config: str | None = None, overrides: list[str] | None = None) -> Any:
+    """A callable (model, record) -> test accuracy in % on the record's dataset (data settings from config/overrides)."""
+
+    def evaluate_model(model: nn.Module, record: dict) -> float:
+        from amas.config import load_config
+        from amas.data import build_data
+        from amas.engine import evaluate, resolve_device
+
+        # only the test split is used: no validation split is carved out of the training images
+        cfg = load_config(config, [f"data.name={record['data']['name']}", "data.val_size=0", *(overrides or [])])
+        device = resolve_device(cfg.train.device)
+        data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed)
+        net = copy.deepcopy(model).to(device)
+        return round(float(evaluate(net, data.test, int(record["num_classes"]), device)["acc"]), 3)
+
+    return evaluate_model
+
+
+
+def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
+    try:
+        data = record["data"]
+        return (int(data["in_channels"]), int(data["image_size"]), int(data["image_size"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"'{path}' does not record its input shape; re-create it with this amas version") from None
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, target_reduction: float,
+                      round_to: int = 1, min_channels: int = 1, criterion: str | None = None,
+                      onnx: bool = False, evaluate_on: Any = None, latency_iters: int = 20) -> dict:
+    """Prune a searched student ('masked' file, or a dense 'model' file with criterion='l1') and export it.
+
+    Writes pruned.pt, pruned.pt2 (and pruned.onnx with onnx=True) plus report.json/report.md into out_dir.
+    evaluate_on: None, or a callable (model, record) -> test accuracy in %.
+    """
+    from amas.checkpoint import load_masked, load_model
+    from amas.cost import count
+    from amas.masks import CostModel, find_groups
+    from amas.prune import kept_counts, l1_scores, make_recipe, plan_keep, prune_model
+
+    t0 = time.perf_counter()
+    fmt = _peek_format(checkpoint)
+    masks: dict[str, torch.Tensor] | None = None
+    if fmt == "pruned":
+        load_file(checkpoint, "pruned")  # a newer format version says so first
+        raise ExportError(f"'{checkpoint}' is already pruned; pass the searched student (search.pt) or a dense model.pt")
+    if fmt == "model":
+        if criterion != "l1":
+            raise ExportError(f"'{checkpoint}' is a dense model without masks; pass --criterion l1 or a searched student (search.pt)")
+        model, obj = load_model(checkpoint)
+    else:
+        model, masks, obj = load_masked(checkpoint)  # also gives the one-line errors for bad files
+    record = obj["model"]
+    shape = _record_shape(record, checkpoint)
+    model.eval()
+    groups = find_groups(model, shape)
+    if not groups:
+        raise ExportError(f"model '{record['name']}' has no prunable channel groups; nothing to export")
+    names = {g.name for g in groups}
+    if masks is not None:
+        unknown = [n for n in masks if n not in names]
+        if unknown:
+            raise ExportError(f"the masks name group {unknown[0]!r}, which {record['name']} does not have here; "
+                              "re-run the search with this amas version")
+        scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
+        source = "masks"
+    else:
+        scores = l1_scores(model, groups)
+        source = "l1"
+    cost = CostModel(model, groups, shape)
+    keep = plan_keep(scores, cost, target_reduction, min_channels=min_channels, round_to=round_to)
+    pruned = prune_model(model, groups, keep, masks=masks, input_shape=shape).eval()
+    macs, params = count(pruned, shape)
+    dense_params = sum(p.numel() for p in model.parameters())
+    planned = cost.macs(kept_counts(keep))
+    if macs != planned:
+        raise ExportError(f"pruned MACs ({macs}) differ from the plan ({planned}); please report this model")
+    accuracy = evaluate_on(pruned, record) if evaluate_on is not None else None
+    data = record.get("data", {})
+    metadata = {
+        "model": record["name"],
+        "dataset": data.get("name"),
+        "data": data,
+        "input_shape": list(shape),
+        "mean": data.get("mean"),
+        "std": data.get("std"),
+        "num_classes": int(record["num_classes"]),
+        "test_acc": accuracy,
+        "search_metrics": {k: v for k, v in obj.get("metrics", {}).items() if isinstance(v, (int, float, str))},
+        "macs": int(macs),
+        "params": int(params),
+        "dense_macs": int(cost.total_macs),
+        "dense_params": int(dense_params),
+        "target_reduction": float(target_reduction),
+        "round_to": int(round_to),
+        "min_channels": int(min_channels),
+        "source": f"{Path(checkpoint).name} ({source})",
+    }
+    recipe = make_recipe(record, shape, keep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"pruned.pt": str(out / "pruned.pt")}
+    save_pruned(out / "pruned.pt", pruned, recipe, metadata)
+    export_pt2(pruned, shape, out / "pruned.pt2")
+    files["pruned.pt2"] = str(out / "pruned.pt2")
+    onnx_note = None
+    if onnx:
+        if onnx_available():
+            export_onnx(pruned, shape, out / "pruned.onnx")
+            files["pruned.onnx"] = str(out / "pruned.onnx")
+        else:
+            onnx_note = "skipped: install the onnx extra (pip install 'amas[onnx]')"
+    report = build_report(pruned, shape, {**metadata, "files": files}, latency_iters=latency_iters)
+    if onnx_note:
+        report["onnx"] = onnx_note
+    report["wall_s"] = round(time.perf_counter() - t0, 2)
+    write_report(report, out)
+    return report

@@ -1,0 +1,169 @@
+"""pruned.pt / pruned.pt2 / ONNX export, fresh-process loading, bad files, and the export/eval CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import amas
+from amas.checkpoint import CheckpointError, model_record, save_masked
+from amas.cli import main
+from amas.data import INFOS
+from amas.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
+from amas.masks import CostModel, find_groups
+from amas.models import create_model
+from amas.prune import make_recipe, plan_keep, prune_model
+
+SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record():
+    return model_record("resnet20", 4, 1, INFOS["synthetic"])
+
+
+@pytest.fixture(scope="module")
+def pruned_file(tmp_path_factory):
+    """A pruned ResNet-20 (random weights, 50% MACs) saved as pruned.pt and pruned.pt2."""
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=4, in_channels=1).eval()
+    groups = find_groups(model, SHAPE)
+    masks = {g.name: torch.rand(g.size) for g in groups}
+    keep = plan_keep(masks, CostModel(model, groups, SHAPE), 0.5, round_to=8)
+    pruned = prune_model(model, groups, keep, masks=masks)
+    d = tmp_path_factory.mktemp("export")
+    meta = {"data": INFOS["synthetic"], "test_acc": 50.0, "dataset": "synthetic", "input_shape": SHAPE}
+    save_pruned(d / "pruned.pt", pruned, make_recipe(_record(), SHAPE, keep), meta)
+    info = export_pt2(pruned, SHAPE, d / "pruned.pt2")
+    return d, pruned, info
+
+
+def test_load_pruned_in_process(pruned_file) -> None:
+    d, pruned, _ = pruned_file
+    model, obj = amas.load_pruned(d / "pruned.pt")
+    assert obj["amas_format"] == "pruned" and obj["metadata"]["test_acc"] == 50.0
+    assert obj["metadata"]["input_shape"] == list(SHAPE) and obj["metadata"]["data"]["mean"] == [0.5]
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(model(x), pruned(x))
+
+
+def test_fresh_process_loads_pt_and_pt2(pruned_file, tmp_path) -> None:
+    d, pruned, info = pruned_file
+    assert info["dynamic_batch"]
+    x = torch.randn(5, *SHAPE)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import importlib.abc, os, sys
+        class BlockAmas(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "amas" or name.startswith("amas."):
+                    raise ImportError("amas is blocked in this process")
+        sys.meta_path.insert(0, BlockAmas())
+        sys.path = [p for p in sys.path if os.path.realpath(p or ".") != {str(REPO)!r}]
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        # 1) pruned.pt2 without amas
+        ep = torch.export.load({str(d / "pruned.pt2")!r})
+        y2 = ep.module()(x)
+        try:
+            import amas
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("amas was importable")
+        assert not any(m == "amas" or m.startswith("amas.") for m in sys.modules)
+        # 2) pruned.pt through amas (unblocked now)
+        sys.meta_path.pop(0)
+        sys.path.insert(0, {str(REPO)!r})
+        import amas
+        model, _ = amas.load_pruned({str(d / "pruned.pt")!r})
+        with torch.no_grad():
+            y1 = model(x)
+        torch.save({{"pt": y1, "pt2": y2.detach()}}, {str(tmp_path / "y.pt")!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    # -I: isolated mode, neither the current directory nor PYTHONPATH is on sys.path
+    subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, env=env, check=True, timeout=240)
+    ys = torch.load(tmp_path / "y.pt")
+    with torch.no_grad():
+        ref = pruned(x)
+    assert torch.equal(ys["pt"], ref)
+    torch.testing.assert_close(ys["pt2"], ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed (pip install 'amas[onnx]')")
+def test_onnx_matches_pytorch(pruned_file, tmp_path) -> None:
+    _, pruned, _ = pruned_file
+    info = export_onnx(pruned, SHAPE, tmp_path / "m.onnx")
+    assert info["max_abs_diff"] <= 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def _bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    not_amas = tmp / "not_amas.pt"
+    torch.save({"weights": torch.ones(2)}, not_amas)
+    text = tmp / "text.pt"
+    text.write_text("hello")
+    newer = tmp / "newer.pt"
+    obj = torch.load(good, weights_only=True)
+    obj["format_version"] = 99
+    torch.save(obj, newer)
+    truncated = tmp / "truncated.pt"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    return {
+        "not_amas": (not_amas, "is not an amas checkpoint"),
+        "text": (text, "is not an amas checkpoint"),
+        "newer": (newer, "newer than this amas reads"),
+        "truncated": (truncated, "is truncated or corrupt"),
+    }
+
+
+def test_bad_files_give_one_line(pruned_file, tmp_path, capsys) -> None:
+    d, _, _ = pruned_file
+    for case, (path, message) in _bad_files(tmp_path, d / "pruned.pt").items():
+        with pytest.raises(CheckpointError) as e:
+            load_pruned(path)
+        assert message in str(e.value) and "\n" not in str(e.value), case
+        for argv in (["eval", "--checkpoint", str(path)], ["export", "--checkpoint", str(path), "--no-eval"]):
+            assert main(argv) == 1, (case, argv)
+            err = capsys.readouterr().err
+            assert message in err and err.count("\n") == 1 and "Traceback" not in err, (case, argv, err)
+
+
+def test_export_cli_end_to_end(tmp_path, capsys) -> None:
+    torch.manual_seed(1)
+    model = create_model("resnet20", num_classes=4, in_channels=1).eval()
+    groups = find_groups(model, SHAPE)
+    masks = {g.name: torch.rand(g.size) * (torch.rand(g.size) > 0.3) for g in groups}
+    save_masked(tmp_path / "search.pt", model, _record(), masks, metrics={"val_acc": 40.0})
+    out = tmp_path / "export"
+    argv = ["export", "--checkpoint", str(tmp_path / "search.pt"), "--target-flops", "0.5", "--round-to", "8",
+            "--out", str(out), "--latency-iters", "2", "--onnx"]
+    assert main(argv) == 0
+    assert "export: done" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "synthetic" and 0.0 <= report["test_acc"] <= 100.0
+    assert 0.5 <= report["macs_reduction"] < 0.6 and report["latency_b64_ms"] > 0
+    assert (out / "report.md").read_text().startswith("# amas export: resnet20")
+    assert (out / "pruned.pt2").is_file() and (out / "pruned.onnx").is_file() == onnx_available()
+    # the exported checkpoint evaluates with the same table as a dense one
+    assert main(["eval", "--checkpoint", str(out / "pruned.pt"), "--latency-iters", "2", "data.val_size=64"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["test_acc"] == round(report["test_acc"], 3) and result["macs_M"] == round(report["macs"] / 1e6, 3)
+    # a dense model needs a criterion
+    from amas.checkpoint import save_model
+
+    save_model(tmp_path / "model.pt", model, _record())
+    assert main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--no-eval"]) == 1
+    assert "--criterion l1" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--criterion", "l1", "--no-eval",
+                 "--target-flops", "0.3", "--latency-iters", "2"]) == 0

@@ -1,0 +1,139 @@
+"""Removal equals masking on every zoo model and five torchvision classifiers; planning at a MACs target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from amas.cost import count
+from amas.masks import ChannelMasks, CostModel, find_groups
+from amas.models import create_model
+from amas.prune import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
+
+
+def randomize(model: nn.Module, gen: torch.Generator) -> None:
+    """Random BN statistics/affine parameters and biases, so removed channels are not trivially zero."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+
+
+def random_masks(groups, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Masks in [0.3, 1) with ~40% exact zeros in every group (channel 0 kept, the last one zeroed); kept indices."""
+    masks, keep = {}, {}
+    for g in groups:
+        v = torch.rand(g.size, generator=gen, dtype=torch.float64) * 0.7 + 0.3
+        zero = torch.rand(g.size, generator=gen) < 0.4
+        zero[0], zero[-1] = False, True
+        v[zero] = 0.0
+        masks[g.name], keep[g.name] = v, torch.nonzero(~zero).flatten()
+    return masks, keep
+
+
+MODELS = [
+    ("resnet20", (3, 8, 8)),
+    ("resnet32", (1, 8, 8)),
+    ("resnet56", (3, 8, 8)),
+    ("resnet110", (1, 8, 8)),
+    ("vgg16_bn", (3, 16, 16)),
+    ("googlenet", (3, 8, 8)),
+    ("mobilenetv2", (3, 8, 8)),
+    ("tv:resnet18", (3, 32, 32)),
+    ("tv:mobilenet_v2", (3, 32, 32)),
+    ("tv:googlenet", (3, 32, 32)),
+    ("tv:densenet121", (3, 32, 32)),
+    ("tv:efficientnet_b0", (3, 32, 32)),
+]
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_removal_equals_masking(name: str, shape: tuple[int, int, int]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
+    randomize(model, gen)
+    groups = find_groups(model, shape)  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
+    assert groups
+    cost = CostModel(model, groups, shape)
+    model.double()
+    masks, keep = random_masks(groups, gen)
+    hooks = ChannelMasks(groups).double()
+    hooks.load_values(masks)
+    hooks.attach(model)
+    x = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        masked = model(x)
+        pruned = prune_model(model, groups, keep, masks=masks)
+        out = pruned(x)
+    assert (masked - out).abs().max().item() <= 1e-5
+    # the pruned model is a plain module without hooks, smaller, and the caller's model is untouched
+    assert not any(m._forward_hooks for m in pruned.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert count(pruned, shape)[0] == cost.macs(kept_counts(keep)) < cost.total_macs
+    hooks.detach()
+
+
+def _resnet(shape=(1, 8, 8)):
+    model = create_model("resnet56", num_classes=4, in_channels=shape[0]).eval()
+    groups = find_groups(model, shape)
+    return model, groups, CostModel(model, groups, shape)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_plan_meets_the_target_closely(round_to: int) -> None:
+    model, groups, cost = _resnet()
+    scores = {g.name: torch.rand(g.size) for g in groups}
+    keep = plan_keep(scores, cost, 0.4, round_to=round_to)
+    counts = kept_counts(keep)
+    macs = cost.macs(counts)
+    budget = 0.6 * cost.total_macs
+    assert macs <= budget
+    assert macs >= budget - (8 if round_to > 1 else 1) * max(cost.channel_costs().values())
+    for g in groups:
+        assert counts[g.name] >= 1 and (counts[g.name] % round_to == 0 or counts[g.name] == g.size)
+        # each group keeps its highest-scoring channels
+        kept = set(keep[g.name].tolist())
+        dropped = [i for i in range(g.size) if i not in kept]
+        if dropped and kept:
+            assert max(scores[g.name][dropped]) <= min(scores[g.name][list(kept)])
+    assert count(prune_model(model, groups, keep), (1, 8, 8))[0] == macs
+
+
+def test_zero_masks_go_first_and_min_channels_hold() -> None:
+    _, groups, cost = _resnet()
+    scores = {g.name: torch.ones(g.size) for g in groups}
+    scores["layer3.4.conv1"][:40] = 0.0  # the cheapest channels, but their masks are zero
+    keep = plan_keep(scores, cost, 0.05, min_channels=4)
+    assert set(range(40)).isdisjoint(keep["layer3.4.conv1"].tolist())
+    keep = plan_keep(scores, cost, 0.45, min_channels=4)
+    assert min(kept_counts(keep).values()) >= 4
+
+
+def test_unreachable_target_is_one_line() -> None:
+    _, groups, cost = _resnet()
+    scores = {g.name: torch.rand(g.size) for g in groups}
+    with pytest.raises(PruneError) as e:
+        plan_keep(scores, cost, 0.9, round_to=8)
+    assert "out of reach" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(PruneError, match="which this model does not have"):
+        plan_keep({"fc": torch.ones(4)}, cost, 0.3)
+
+
+def test_recipe_rebuilds_the_architecture() -> None:
+    model, groups, cost = _resnet()
+    keep = plan_keep({g.name: torch.rand(g.size) for g in groups}, cost, 0.5, round_to=8)
+    pruned = prune_model(model, groups, keep)
+    recipe = make_recipe({"name": "resnet56", "num_classes": 4, "in_channels": 1}, (1, 8, 8), keep)
+    rebuilt = model_from_recipe(recipe)
+    rebuilt.load_state_dict(pruned.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), pruned.eval()(x))
