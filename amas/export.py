@@ -238,8 +238,10 @@ def build_report(model: nn.Module, input_shape: tuple[int, int, int], metadata: 
 
     meta = dict(metadata or {})
     macs, params = count(model, input_shape)
-    lat1 = latency(model, input_shape, batch_size=1, device=device, iters=latency_iters)
-    lat64 = latency(model, input_shape, batch_size=64, device=device, iters=max(3, latency_iters // 4))
+    warmup = min(5, latency_iters)
+    lat1 = latency(model, input_shape, batch_size=1, device=device, warmup=warmup, iters=latency_iters)
+    lat64 = latency(model, input_shape, batch_size=64, device=device, warmup=min(warmup, 3),
+                    iters=max(3, latency_iters // 4))
     report = {
         "model": meta.get("model"),
         "dataset": meta.get("dataset"),
