@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+
+from conftest import tiny_overrides
+
+
+def _amas(*args, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "amas.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_train_then_eval_then_refuse_overwrite(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model:\n  name: resnet20\n")
+    run = tmp_path / "run"
+    p = _amas("train", "--config", str(cfg), "--out", str(run), *tiny_overrides(**{"train.epochs": "1"}))
+    assert p.returncode == 0, p.stderr
+    assert "test acc %" in p.stdout
+    assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["result"]["macs"] > 0
+
+    e = _amas("eval", "--checkpoint", str(run / "model.pt"), "--latency-iters", "2")
+    assert e.returncode == 0, e.stderr
+    result = json.loads(e.stdout.strip().splitlines()[-1])
+    assert abs(result["test_acc"] - metrics["result"]["test_acc"]) < 1e-3
+    assert result["latency_b1_ms"] > 0 and result["macs_M"] > 0
+
+    before = (run / "model.pt").read_bytes()
+    again = _amas("train", "--config", str(cfg), "--out", str(run), *tiny_overrides())
+    assert again.returncode == 1
+    assert again.stderr.strip().count("\n") == 0 and "--resume" in again.stderr
+    assert (run / "model.pt").read_bytes() == before
+
+
+def test_missing_data_via_cli_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  name: cifar10\n  download: false\n  root: %s\n" % (tmp_path / "nodata"))
+    p = _amas("train", "--config", str(cfg), "--out", str(tmp_path / "r"), "train.device=cpu")
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar10" in lines[0] and "data.root" in lines[0]
+
+
+def test_bad_checkpoint_via_cli_is_one_line(tmp_path):
+    bogus = tmp_path / "x.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    p = _amas("eval", "--checkpoint", str(bogus))
+    assert p.returncode == 1
+    assert len(p.stderr.strip().splitlines()) == 1 and "x.pt" in p.stderr
