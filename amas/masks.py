@@ -243,6 +243,9 @@ class ChannelMasks(nn.Module):
                 pos, roots = g.index.get(prod, (list(range(g.size)), list(range(g.size))))
                 plan[prod].append((gi, pos, roots))
         self._plan = dict(plan)
+        # producers whose output channels are exactly one group's channels, in order: multiply by the mask as is
+        self._direct = {prod: entries[0][0] for prod, entries in self._plan.items()
+                        if len(entries) == 1 and entries[0][1] == entries[0][2] == list(range(self.groups[entries[0][0]].size))}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._index_cache: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -257,12 +260,10 @@ class ChannelMasks(nn.Module):
 
     def scale(self, producer: str, channels: int, like: torch.Tensor) -> torch.Tensor:
         """The per-channel multiplier of producer's output (1 where no group's channel sits)."""
+        gi = self._direct.get(producer)
+        if gi is not None and self.groups[gi].size == channels:
+            return self.masks[gi].to(like.dtype)
         entries = self._plan[producer]
-        if len(entries) == 1:
-            gi, pos, roots = entries[0]
-            mask = self.masks[gi]
-            if len(pos) == channels and pos == roots and pos == list(range(channels)):
-                return mask.to(like.dtype)
         s = torch.ones(channels, device=like.device, dtype=like.dtype)
         for k, (gi, _, _) in enumerate(entries):
             pos_t, roots_t = self._indices(producer, k, like.device)

@@ -1,0 +1,131 @@
+"""CPU latency of ResNet-56 pruned to 50% MACs against the unpruned model, measured in one run.
+
+    python benchmarks/latency.py [--checkpoint model.pt] [--shape 3x32x32] [--target 0.5] [--round-to 8]
+                                 [--batch 64] [--rounds 5] [--iters 10] [--threads N]
+
+The model is a random-init ResNet-56 (or the dense amas model file given by --checkpoint). Channels are
+ranked by filter L1 norm per unit of MAC cost (amas.prune.plan_keep), kept counts rounded to multiples of
+--round-to, removed with Torch-Pruning (amas.prune.prune_model). Latency is amas.cost.latency (eval,
+inference_mode, channels_last): dense and pruned are timed in alternating rounds so a background load on
+the machine hits both alike; the median over rounds of each round's median is reported. Pass criterion:
+speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amas.checkpoint import load_model  # noqa: E402
+from amas.config import atomic_write_text  # noqa: E402
+from amas.cost import count, latency  # noqa: E402
+from amas.masks import CostModel, find_groups  # noqa: E402
+from amas.models import create_model  # noqa: E402
+from amas.prune import kept_counts, l1_scores, plan_keep, prune_model  # noqa: E402
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, tuple[int, int, int], dict]:
+    """The dense model, its pruned copy, the input shape and the plan's numbers."""
+    shape = tuple(int(s) for s in args.shape.split("x"))
+    if args.checkpoint:
+        dense, obj = load_model(args.checkpoint)
+        data = obj["model"]["data"]
+        shape = (int(data["in_channels"]), int(data["image_size"]), int(data["image_size"]))
+        name = obj["model"]["name"]
+    else:
+        torch.manual_seed(0)
+        name = args.model
+        dense = create_model(name, num_classes=10, in_channels=shape[0])
+    dense.eval()
+    groups = find_groups(dense, shape)
+    cost = CostModel(dense, groups, shape)
+    keep = plan_keep(l1_scores(dense, groups), cost, args.target, round_to=args.round_to)
+    pruned = prune_model(dense, groups, keep, input_shape=shape).eval()
+    counts = kept_counts(keep)
+    dense_macs, dense_params = count(dense, shape)
+    macs, params = count(pruned, shape)
+    assert macs == cost.macs(counts), "pruned MACs differ from the plan"
+    plan = {
+        "model": name, "input_shape": list(shape), "target_reduction": args.target, "round_to": args.round_to,
+        "dense_macs": dense_macs, "pruned_macs": macs, "dense_params": dense_params, "pruned_params": params,
+        "macs_ratio": dense_macs / macs, "kept": counts, "group_sizes": {g.name: g.size for g in groups},
+    }
+    return dense, pruned, shape, plan
+
+
+def measure(dense: torch.nn.Module, pruned: torch.nn.Module, shape: tuple[int, int, int], batch: int,
+            rounds: int, iters: int) -> dict:
+    """Median-of-round-medians latency (ms) of dense and pruned at one batch size, timed alternately."""
+    d, p = [], []
+    for _ in range(rounds):
+        d.append(latency(dense, shape, batch_size=batch, warmup=2, iters=iters)["median_ms"])
+        p.append(latency(pruned, shape, batch_size=batch, warmup=2, iters=iters)["median_ms"])
+    dm, pm = statistics.median(d), statistics.median(p)
+    return {"batch": batch, "dense_ms": dm, "pruned_ms": pm, "speedup": dm / pm, "dense_rounds_ms": d, "pruned_rounds_ms": p}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print a table, write the JSON; returns the result."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--checkpoint", help="dense amas model.pt instead of a random-init model")
+    ap.add_argument("--shape", default="3x32x32", help="C x H x W, e.g. 3x32x32 or 1x28x28")
+    ap.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating (dense, pruned) timing rounds")
+    ap.add_argument("--iters", type=int, default=10, help="timed forward passes per round")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dense, pruned, shape, plan = build(args)
+    at_batch = measure(dense, pruned, shape, args.batch, args.rounds, args.iters)
+    at_one = measure(dense, pruned, shape, 1, args.rounds, args.iters * 4)
+    ok = at_batch["speedup"] >= 0.8 * plan["macs_ratio"]
+    result = {
+        **plan,
+        "latency": {f"batch_{args.batch}": at_batch, "batch_1": at_one},
+        "criterion": "speedup at batch >= 0.8 x MACs ratio",
+        "passed": ok,
+        "threads": torch.get_num_threads(),
+        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    rows = [
+        ("model", f"{plan['model']} {args.shape if not args.checkpoint else shape}"),
+        ("MACs dense / pruned", f"{plan['dense_macs'] / 1e6:.2f}M / {plan['pruned_macs'] / 1e6:.2f}M "
+                                f"(-{100 * (1 - 1 / plan['macs_ratio']):.1f}%, ratio {plan['macs_ratio']:.2f}x)"),
+        ("params dense / pruned", f"{plan['dense_params'] / 1e6:.3f}M / {plan['pruned_params'] / 1e6:.3f}M"),
+        (f"latency b{args.batch} dense / pruned", f"{at_batch['dense_ms']:.2f} / {at_batch['pruned_ms']:.2f} ms "
+                                                  f"(speedup {at_batch['speedup']:.2f}x)"),
+        ("latency b1 dense / pruned", f"{at_one['dense_ms']:.3f} / {at_one['pruned_ms']:.3f} ms "
+                                      f"(speedup {at_one['speedup']:.2f}x)"),
+        ("criterion", f"{at_batch['speedup']:.2f} >= 0.8 x {plan['macs_ratio']:.2f} = {0.8 * plan['macs_ratio']:.2f}: "
+                      f"{'PASS' if ok else 'FAIL'}"),
+        ("threads / load avg", f"{result['threads']} / {result['load_avg']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("latency: ResNet-56 pruned vs dense (CPU, channels_last, eval)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"  {'json':<{width}}  {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
