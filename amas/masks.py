@@ -270,8 +270,9 @@ class ChannelMasks(nn.Module):
             s = s.index_copy(0, pos_t, self.masks[gi].to(like.dtype).index_select(0, roots_t))
         return s
 
-    def _hook(self, producer: str):
+    def _hook(self, producer: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            """Multiply the producer's output channels by their masks."""
             s = self.scale(producer, output.shape[1], output)
             return output * s.view(1, -1, *([1] * (output.dim() - 2)))
 
