@@ -57,3 +57,12 @@ def test_cli_config_error_exit_status(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown config key 'train.epochz'" in lines[0] and "epochs" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
