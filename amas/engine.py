@@ -262,13 +262,14 @@ class Trainer:
 
     # ------------------------------------------------------------ loop
 
-    def fit(self, resume: bool = False) -> list[dict]:
-        """Train to cfg.epochs (continuing from the saved state when resume) and return per-epoch history."""
+    def fit(self, resume: bool = False, until_epoch: int | None = None) -> list[dict]:
+        """Train to cfg.epochs, or only up to until_epoch of that schedule (continuing from the saved state when resume); return per-epoch history."""
         if resume and self.ckpt_path.is_file():
             self.load_state()
+        end = self.cfg.epochs if until_epoch is None else min(int(until_epoch), self.cfg.epochs)
         try:
             with self.stop as stop:
-                while self.epoch < self.cfg.epochs:
+                while self.epoch < end:
                     self._train_epoch(stop)
                     if stop.signum is not None:
                         self.save_state()
