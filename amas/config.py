@@ -127,6 +127,47 @@ class PruneConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Adversarial fine-tuning of pruned models against the frozen teacher: CE + KD + adversarial, no mask penalty.
+
+    The same loss and optimiser settings serve the candidates (their epochs come from select.budget_epochs)
+    and the selected model's final fine-tune (train.epochs).
+    """
+
+    train: TrainConfig = field(default_factory=_finetune_train)
+    # student loss: ce_weight·CE + mu·KD + adv_weight·BCE(D(student), real); keys as in search.*
+    ce_weight: float = field(default=1.0, metadata=_range(0))
+    mu: float = field(default=1.0, metadata=_range(0))
+    kd: Literal["mse", "kl"] = "kl"
+    temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
+    adv_weight: float = field(default=0.1, metadata=_range(0))
+    fast_teacher: bool = True
+    d_input: Literal["logits", "features"] = "logits"
+    d_hidden: int = field(default=128, metadata=_range(1))
+    d_optimizer: Literal["adam", "sgd"] = "adam"
+    d_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
+    d_weight_decay: float = field(default=0.0, metadata=_range(0))
+    d_steps: int = field(default=1, metadata=_range(0))
+
+
+@dataclass
+class SelectConfig:
+    """Candidates cut at several MACs reductions, fine-tuned by successive halving, one chosen by a policy."""
+
+    # MACs reductions at which candidates are cut from the searched masks (or a criterion's scores)
+    levels: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7])
+    # candidate-epochs spent over all candidates by successive halving (exactly this many)
+    budget_epochs: int = field(default=10, metadata=_range(1))
+    # budget: highest val acc with MACs ≤ bound; tolerance: fewest MACs with val acc ≥ teacher val acc − tolerance
+    policy: Literal["budget", "tolerance"] = "budget"
+    min_reduction: float = field(default=0.5, metadata=_range(0, 0.99))  # budget bound: MACs ≤ (1 − this) × teacher
+    max_macs: int = field(default=0, metadata=_range(0))  # budget bound in MACs per image; overrides min_reduction when > 0
+    tolerance: float = field(default=0.5, metadata=_range(0))  # accuracy points below the teacher's val acc
+    # cost axis of the Pareto front and of the tolerance policy: MACs or kept channels
+    indicator: Literal["macs", "channels"] = "macs"
+
+
+@dataclass
 class Config:
     """A whole run: model, data and training settings plus the seed, and each later stage's section."""
 
@@ -136,6 +177,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---------------------------------------------------------------- loading
