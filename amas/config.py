@@ -167,6 +167,38 @@ class SelectConfig:
     indicator: Literal["macs", "channels"] = "macs"
 
 
+def _sparsity_train() -> "TrainConfig":
+    return TrainConfig(epochs=1, lr=0.01, weight_decay=1e-4, schedule="cosine")
+
+
+def _blend_pool() -> list[str]:
+    return ["l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz"]
+
+
+@dataclass
+class CriteriaConfig:
+    """Baseline channel criteria (amas.criteria): data use, network slimming, blended criteria (He 2021), SRR (Wang 2021)."""
+
+    batches: int = field(default=4, metadata=_range(1))  # training batches read by taylor, hrank and apoz
+    taylor_on: Literal["bn", "weight"] = "bn"  # (g·w)² summed over BN γ,β ("gate after BN") or over the conv filter
+    # network slimming: before scoring |γ|, train the model in place with lambda·Σ|γ| on the groups' BNs
+    bn_sparsity: bool = False
+    bn_sparsity_lambda: float = field(default=1e-5, metadata=_range(0))  # Liu et al.: 1e-5 ResNet, 1e-4 VGG
+    bn_sparsity_train: TrainConfig = field(default_factory=_sparsity_train)
+    # blended criteria: pool, Spearman clustering threshold, evolutionary search of the blend weights
+    blend_pool: list[str] = field(default_factory=_blend_pool)
+    blend_rho: float = field(default=0.8, metadata=_range(-1, 1))  # criteria with rank correlation >= rho share a cluster
+    blend_population: int = field(default=8, metadata=_range(2))
+    blend_generations: int = field(default=6, metadata=_range(1))
+    blend_elite: int = field(default=2, metadata=_range(1))
+    blend_mutation: float = field(default=0.25, metadata=_range(0))  # std of the Gaussian mutation of a weight
+    blend_val_batches: int = field(default=4, metadata=_range(1))  # held-out batches per fitness evaluation
+    blend_layer_scales: bool = False  # also evolve one score scale per group (moves channels between layers)
+    # structural redundancy reduction: edge when unit-normalised filters are closer than gamma; ell-hop covering
+    srr_gamma: float = field(default=1.0, metadata=_range(0, 2, lo_open=True))
+    srr_ell: int = field(default=1, metadata=_range(1, 2))
+
+
 @dataclass
 class Config:
     """A whole run: model, data and training settings plus the seed, and each later stage's section."""
@@ -177,6 +209,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    criteria: CriteriaConfig = field(default_factory=CriteriaConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
