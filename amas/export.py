@@ -128,8 +128,9 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> 
 
 
 def _tmp_beside(path: Path) -> str:
+    """A temp file beside path with the same suffix (torch.export.save wants '.pt2')."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     return tmp
 
@@ -199,11 +200,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
             try:
                 batch = torch.export.Dim("batch", min=1, max=65536)
                 torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=({0: batch},), verbose=False)
+                                  dynamic_shapes=({0: batch},), external_data=False, verbose=False)
                 dynamic = True
             except Exception:
                 try:
-                    torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"], verbose=False)
+                    torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
+                                      external_data=False, verbose=False)
                 except Exception as e:
                     raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                                       "ship pruned.pt2 instead") from None
