@@ -65,6 +65,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
+@command("prune", "the whole pipeline: teacher -> search -> candidates -> selection -> final fine-tune -> export")
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--teacher", help="trained dense model.pt (default: train one with the config's model and train settings)")
+    p.add_argument("--method", default="amas", help="amas (searched masks, default) or a criterion of amas.criteria (l1, fpgm, ...)")
+    p.add_argument("--redo", choices=["teacher", "search", "candidates", "select", "final", "export"],
+                   help="redo this stage and every stage after it (after changing their settings)")
+    p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size in the report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The amas argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="amas", description="structured channel pruning with adversarial alignment")
@@ -166,6 +176,17 @@ def cmd_export(args: argparse.Namespace) -> None:
         rows.append(("onnx", r["onnx"]))
     rows.append(("report", str(out / "report.md")))
     print_table(rows, title="export: done")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    """Run (or continue) the whole pruning pipeline in the run directory."""
+    from amas.config import load_config
+    from amas.pipeline import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_dir_for(args)
+    run_pipeline(cfg, run_dir, teacher=args.teacher, method=args.method, redo=args.redo, latency_iters=args.latency_iters)
+    print(f"prune: all stages done in {run_dir}; report: {run_dir / 'report.md'}; TensorBoard: tensorboard --logdir {run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
