@@ -167,9 +167,9 @@ class BudgetController:
         self.error = target
         self.updates = 0
 
-    def update(self, reduction: float) -> float:
-        """Feed the measured MACs reduction (0..1) and return the new lambda."""
-        e = self.target - reduction
+    def update(self, reduction: float, target: float | None = None) -> float:
+        """Feed the measured MACs reduction (0..1), optionally against a moving target, and return the new lambda."""
+        e = (self.target if target is None else target) - reduction
         self.error = e
         self.integral = min(max(self.integral + self.ki * e, self.lo), self.hi)
         self.lam = math.exp(min(max(self.integral + self.kp * e, self.lo), self.hi))
@@ -219,6 +219,34 @@ class _FeatureTap:
         self.handle.remove()
 
 
+def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
+    """A frozen eval-mode copy of model for no-grad forwards: conv+BN folded (torch.fx) and in-place ReLUs.
+
+    The copy is checked against model on a random batch; when tracing fails or the outputs differ, model
+    itself is returned. The original's weights and buffers are never touched.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    was_training = model.training
+    model.eval()
+    try:
+        fast = fuse(copy.deepcopy(model))
+        for m in fast.modules():
+            if isinstance(m, (nn.ReLU, nn.ReLU6)):
+                m.inplace = True
+        p = next(model.parameters())
+        x = torch.randn((4, *input_shape), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+        with torch.no_grad():
+            ref, out = model(x), fast(x)
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-5):
+            return model
+    except Exception:  # any model torch.fx cannot trace or fuse: use it as it is
+        return model
+    finally:
+        model.train(was_training)
+    return fast.eval().requires_grad_(False)
+
+
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", enabled=False)
@@ -229,10 +257,13 @@ class SearchObjective(Objective):
     """The search stage's loss: CE + mu·KD + adversarial + lam·Σ cost·|m|, discriminator and mask steps inside."""
 
     def __init__(self, teacher: nn.Module, groups: list, masks: Any, cost: Any, cfg: SearchConfig,
-                 input_shape: tuple[int, int, int], num_classes: int) -> None:
+                 input_shape: tuple[int, int, int], num_classes: int, total_steps: int = 0) -> None:
         super().__init__(cfg.train.label_smoothing)
         self.cfg = cfg
         self.teacher = teacher
+        teacher.eval().requires_grad_(False)
+        # what runs the teacher's forwards: the teacher, or its conv+BN-folded copy (same outputs to float rounding)
+        self.teacher_fwd = fast_inference_copy(teacher, input_shape) if cfg.fast_teacher else teacher
         self.masks = masks
         self.cost = cost
         self.names = [g.name for g in groups]
@@ -243,6 +274,8 @@ class SearchObjective(Objective):
         # MACs saved per channel as a fraction of the whole model: lam is scale-free (Σ over all masks at 1 ≈ O(1))
         self.costs = [float(ccost[n]) / total for n in self.names]
         self.lam = float(cfg.lam)
+        self.total_steps = int(total_steps)
+        self.steps_done = 0
         self.controller = None
         if cfg.target_reduction > 0:
             self.controller = BudgetController(cfg.lam, cfg.target_reduction, cfg.controller_ki, cfg.controller_kp,
@@ -260,7 +293,6 @@ class SearchObjective(Objective):
         self.discriminator = Discriminator(d_in, cfg.d_hidden)
         self.d_opt: torch.optim.Optimizer | None = None
         self._taps: list[_FeatureTap] = []
-        self._last: dict[str, float] = {}
         self.device = torch.device("cpu")
 
     @staticmethod
@@ -283,10 +315,11 @@ class SearchObjective(Objective):
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Freeze the teacher on the device, attach the masks to the student, build the discriminator optimiser."""
         self.device = device
-        self.teacher.eval().requires_grad_(False)
-        self.teacher.to(device)
-        if self.cfg.train.channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
+        for t in {id(self.teacher): self.teacher, id(self.teacher_fwd): self.teacher_fwd}.values():
+            t.eval().requires_grad_(False)
+            t.to(device)
+            if self.cfg.train.channels_last:
+                t.to(memory_format=torch.channels_last)
         self.masks.to(device)
         self.updater.reset()
         self.masks.attach(model)
@@ -298,7 +331,7 @@ class SearchObjective(Objective):
             self.d_opt = torch.optim.SGD(self.discriminator.parameters(), lr=self.cfg.d_lr, momentum=0.9,
                                          weight_decay=self.cfg.d_weight_decay)
         if self.cfg.d_input == "features":
-            self._taps = [_FeatureTap(last_global_pool(self.teacher)), _FeatureTap(last_global_pool(model))]
+            self._taps = [_FeatureTap(last_global_pool(self.teacher_fwd)), _FeatureTap(last_global_pool(model))]
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The student's weights only: masks are updated by the proximal step, not by the engine's SGD."""
@@ -314,7 +347,7 @@ class SearchObjective(Objective):
         """Teacher forward (no grad), discriminator step(s), then the student's loss."""
         cfg = self.cfg
         with torch.no_grad():
-            t_logits = self.teacher(images)
+            t_logits = self.teacher_fwd(images)
         s_logits = model(images)
         if self._taps:
             t_out, s_out = self._taps[0].take(), self._taps[1].take()
@@ -330,6 +363,7 @@ class SearchObjective(Objective):
                 d_loss, d_t, d_s = discriminator_loss(d, t_out_f, s_out_f)
                 d_loss.backward()
                 self.d_opt.step()
+            self.d_opt.zero_grad(set_to_none=True)
             d.requires_grad_(False)
             try:
                 d_fake = d(s_out_f)
@@ -355,8 +389,16 @@ class SearchObjective(Objective):
     def after_step(self, model: nn.Module, lr: float, step: int) -> None:
         """Proximal (FISTA) step on the masks, then a controller update every controller_every steps."""
         self.updater.step(self.cfg.mask_lr, [self.lam * c for c in self.costs])
+        self.steps_done = step + 1
         if self.controller is not None and (step + 1) % self.cfg.controller_every == 0:
-            self.lam = self.controller.update(self.reduction())
+            self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
+
+    def target_at(self, step: int) -> float:
+        """The controller's set point after step steps: a linear ramp from 0 over target_ramp of the search, then flat."""
+        ramp = self.cfg.target_ramp * self.total_steps
+        if ramp <= 0:
+            return self.cfg.target_reduction
+        return self.cfg.target_reduction * min(1.0, step / ramp)
 
     # ------------------------------------------------------------ measurements
 
@@ -386,6 +428,8 @@ class SearchObjective(Objective):
         """lambda, effective MACs ratio, zero-mask fractions per group."""
         red = self.reduction()
         out = {"lambda": self.lam, "macs_ratio": 1.0 - red, "macs_reduction": red}
+        if self.controller is not None:
+            out["macs_reduction_target"] = self.target_at(self.steps_done)
         if self.updater.fista:
             out["fista_restarts"] = float(self.updater.restarts)
         out.update({f"zero_frac/{n}": f for n, f in self.zero_fractions().items()})
@@ -488,7 +532,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         raise SearchError(f"model '{record['name']}' has no prunable channel groups; choose another model")
     cost = CostModel(student, groups, info.input_shape)
     masks = ChannelMasks(groups, init=1.0)
-    objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes)
+    objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
+                                total_steps=tcfg.epochs * len(data.train))
     trainer = Trainer(student, data.train, tcfg, run_dir, num_classes=info.num_classes, val=data.val,
                       objective=objective, stage="search", device=device, on_epoch_end=on_epoch_end)
     try:

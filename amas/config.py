@@ -104,8 +104,9 @@ class SearchConfig:
     d_steps: int = field(default=1, metadata=_range(0))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
+    target_ramp: float = field(default=0.5, metadata=_range(0, 1))  # set point rises from 0 over this part of the search
     controller_every: int = field(default=10, metadata=_range(1))
-    controller_ki: float = field(default=0.5, metadata=_range(0))
+    controller_ki: float = field(default=1.0, metadata=_range(0))
     controller_kp: float = field(default=2.0, metadata=_range(0))
     lam_min: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     lam_max: float = field(default=1e3, metadata=_range(0, lo_open=True))

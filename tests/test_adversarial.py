@@ -1,0 +1,321 @@
+"""AMAS search: losses, discriminator, proximal mask updates, budget controller, the search stage and its CLI."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from amas.adversarial import (
+    BudgetController,
+    Discriminator,
+    ProximalMaskUpdate,
+    SearchError,
+    SearchObjective,
+    discriminator_loss,
+    kd_loss,
+    search,
+)
+from amas.checkpoint import load_masked, load_model
+from amas.cli import main
+from amas.config import load_config
+from amas.data import build_data
+from amas.engine import Trainer
+from amas.models import create_model
+from conftest import tiny_overrides
+
+
+def search_overrides(**extra: str) -> list[str]:
+    """Tiny overrides for a seconds-long search on the synthetic dataset."""
+    base = {
+        "search.train.epochs": "1",
+        "search.train.batch_size": "32",
+        "search.train.eval_batch_size": "128",
+        "search.train.progress": "false",
+        "search.train.log_every": "4",
+        "search.train.device": "cpu",
+        "search.train.lr": "0.002",  # the 2-epoch synthetic teacher sits where lr 0.01 + momentum diverges
+    }
+    base.update(extra)
+    return tiny_overrides() + [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on 2 busy shared cores, 2 OpenMP threads run these tiny ops up to 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    """A tiny ResNet-20 teacher trained for two epochs on the synthetic data."""
+    from amas.stages import train_dense
+
+    run = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    train_dense(load_config(None, tiny_overrides(**{"train.device": "cpu"})), run)
+    return run / "model.pt"
+
+
+def _objective(teacher_path, tmp_path, name="run", **extra):
+    """(trainer, objective, teacher, data) for a search wired exactly like amas.adversarial.search."""
+    from amas.masks import ChannelMasks, CostModel, find_groups
+
+    cfg = load_config(None, search_overrides(**extra))
+    torch.manual_seed(cfg.seed)
+    teacher, _ = load_model(teacher_path)
+    data = build_data(cfg.data, cfg.search.train.batch_size, cfg.search.train.eval_batch_size, seed=cfg.seed,
+                      channels_last=cfg.search.train.channels_last)
+    info = data.info
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    groups = find_groups(student, info.input_shape)
+    cost = CostModel(student, groups, info.input_shape)
+    masks = ChannelMasks(groups, init=1.0)
+    obj = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes)
+    trainer = Trainer(student, data.train, cfg.search.train, tmp_path / name, num_classes=info.num_classes,
+                      val=data.val, objective=obj, stage="search", device=torch.device("cpu"))
+    return trainer, obj, teacher, data
+
+
+# ---------------------------------------------------------------- pure pieces
+
+
+def test_prox_operator_exact_on_hand_made_vectors():
+    from amas.masks import prox_nonneg_l1
+
+    x = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.0, -0.3])
+    assert torch.equal(prox_nonneg_l1(x, 0.25), torch.tensor([0.75, 0.25, 0.0, 0.0, 0.0, 0.0]))
+    thr = torch.tensor([0.0, 0.5, 0.125, 0.0, 0.0, 0.0])
+    assert torch.equal(prox_nonneg_l1(x, thr), torch.tensor([1.0, 0.0, 0.125, 0.1, 0.0, 0.0]))
+
+    # plain proximal gradient: x ← max(x − lr·g − lr·thr, 0)
+    p = torch.nn.Parameter(torch.tensor([1.0, 0.5, 0.25, 0.0]))
+    upd = ProximalMaskUpdate([p], fista=False)
+    p.grad = torch.tensor([0.5, -1.0, 1.0, -0.25])
+    upd.step(0.5, [0.25])
+    assert torch.equal(p.detach(), torch.tensor([0.625, 0.875, 0.0, 0.0]))
+    assert p.grad is None and torch.equal(upd.values()[0], p.detach())
+
+
+def test_fista_extrapolates_with_the_beck_teboulle_sequence():
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    upd = ProximalMaskUpdate([p], fista=True, restart=False)
+    p.grad = torch.tensor([0.5, 0.0])
+    upd.step(1.0, [0.0])  # t 1 → (1+√5)/2, no momentum yet
+    x1 = torch.tensor([0.5, 1.0])
+    assert torch.equal(upd.values()[0], x1) and torch.equal(p.detach(), x1)
+    p.grad = torch.tensor([0.25, 0.0])
+    upd.step(1.0, [0.0])
+    t2 = (1 + math.sqrt(5)) / 2
+    t3 = (1 + math.sqrt(1 + 4 * t2 * t2)) / 2
+    x2 = torch.tensor([0.25, 1.0])
+    assert torch.equal(upd.values()[0], x2)
+    assert torch.allclose(p.detach(), x2 + (t2 - 1) / t3 * (x2 - x1))
+
+
+def test_fista_restart_drops_momentum_when_the_step_turns_back():
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    upd = ProximalMaskUpdate([p], fista=True, restart=True)
+    for g in (0.5, 0.25):
+        p.grad = torch.tensor([g])
+        upd.step(1.0, [0.0])
+    assert upd.restarts == 0 and p.item() < upd.values()[0].item()  # moving down, extrapolated below x
+    p.grad = torch.tensor([-0.05])  # the step now points up but the momentum still carries x down: restart
+    upd.step(1.0, [0.0])
+    assert upd.values()[0].item() < 0.25
+    assert upd.restarts == 1 and torch.equal(p.detach(), upd.values()[0])
+
+
+def test_kd_losses():
+    s, t = torch.randn(8, 4), torch.randn(8, 4)
+    assert torch.allclose(kd_loss(s, t, "mse"), ((s - t) ** 2).mean())
+    assert kd_loss(t, t, "kl", 4.0).abs() < 1e-6
+    assert kd_loss(s, t, "kl", 4.0) > 0
+    with pytest.raises(SearchError):
+        kd_loss(s, t, "l1")
+
+
+def test_discriminator_separates_teacher_from_a_random_student(teacher_path):
+    teacher, _ = load_model(teacher_path)
+    cfg = load_config(None, tiny_overrides())
+    data = build_data(cfg.data, 64, 64, seed=0)
+    torch.manual_seed(1)
+    student = create_model("resnet20", num_classes=4, in_channels=1).eval()
+    with torch.no_grad():
+        batches = [(teacher(x), student(x)) for x, _ in data.train]
+    train, held = batches[:-1], batches[-1]
+    d = Discriminator(4, hidden=32)
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in d.modules())
+    opt = torch.optim.Adam(d.parameters(), lr=3e-3)
+    for _ in range(25):
+        for t, s in train:
+            loss, _, _ = discriminator_loss(d, t, s)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        p_t, p_s = torch.sigmoid(d(held[0])), torch.sigmoid(d(held[1]))
+    acc = 0.5 * ((p_t > 0.5).float().mean() + (p_s < 0.5).float().mean())
+    assert acc > 0.9 and p_t.mean() > 0.8 and p_s.mean() < 0.2, (acc, p_t.mean(), p_s.mean())
+
+
+def test_controller_moves_lambda_toward_the_target():
+    c = BudgetController(1.0, target=0.5, ki=0.5, kp=1.0, lam_min=1e-3, lam_max=10.0)
+    lams = [c.update(0.0) for _ in range(5)]
+    assert all(b > a for a, b in zip(lams, lams[1:])) and lams[0] > 1.0  # under target: lambda rises
+    for _ in range(100):
+        c.update(0.0)
+    assert c.lam == pytest.approx(10.0)  # clamped (anti-windup)
+    falling = [c.update(0.9) for _ in range(5)]
+    assert all(b < a for a, b in zip(falling, falling[1:])) and falling[-1] < 10.0  # overshoot: lambda falls
+    at = c.integral
+    c.update(0.5)
+    assert c.integral == at  # on target: the integral holds
+    state = c.state_dict()
+    d = BudgetController(5.0, target=0.5)
+    d.load_state_dict(state)
+    assert d.lam == c.lam and d.integral == c.integral
+
+
+# ---------------------------------------------------------------- the objective inside the engine
+
+
+def _masks(obj):
+    return [v.clone() for v in obj.updater.values()]
+
+
+def test_masks_stay_at_one_with_lambda_zero_and_no_other_pull(teacher_path, tmp_path):
+    trainer, obj, _, _ = _objective(teacher_path, tmp_path, **{"search.lam": "0", "search.ce_weight": "0",
+                                                               "search.mu": "0", "search.adv_weight": "0"})
+    trainer.fit()
+    for v in _masks(obj) + [p.detach() for p in obj.masks.masks]:
+        assert torch.equal(v, torch.ones_like(v))
+    assert obj.reduction() == 0.0
+
+
+def test_masks_shrink_under_positive_lambda(teacher_path, tmp_path):
+    lr, lam = 0.5, 2.0
+    trainer, obj, _, _ = _objective(teacher_path, tmp_path, **{"search.lam": str(lam), "search.ce_weight": "0",
+                                                               "search.mu": "0", "search.adv_weight": "0",
+                                                               "search.fista": "false", "search.mask_lr": str(lr)})
+    trainer.fit()
+    steps = trainer.global_step
+    assert steps > 0
+    for v, c in zip(_masks(obj), obj.costs):  # no other pull: exactly steps soft-thresholds of lr·lam·cost
+        assert c > 0
+        assert torch.allclose(v, torch.full_like(v, max(0.0, 1.0 - steps * lr * lam * c)), atol=1e-5)
+
+    means = {}
+    for lam_ in (0.0, lam):  # with every loss term on, the penalty still pulls the masks down
+        trainer2, obj2, _, _ = _objective(teacher_path, tmp_path, f"lam{lam_}", **{"search.lam": str(lam_)})
+        trainer2.fit()
+        vals = torch.cat(_masks(obj2))
+        assert (vals >= 0).all()
+        means[lam_] = float(vals.mean())
+    assert means[lam] < 0.95 and means[lam] < means[0.0] - 0.05, means
+
+
+@pytest.mark.parametrize("extra", [{"search.kd": "mse"}, {"search.kd": "kl", "search.d_input": "features",
+                                                          "search.d_optimizer": "sgd", "search.d_steps": "2"}])
+def test_every_loss_term_is_finite(teacher_path, tmp_path, extra):
+    trainer, obj, _, data = _objective(teacher_path, tmp_path, **extra)
+    x, y = next(iter(data.train))
+    trainer.model.train()
+    out = obj.compute(trainer.model, x, y)
+    assert set(out.terms) >= {"ce", "kd", "adv", "sparsity", "d_loss", "d_teacher", "d_student"}
+    for k, v in out.terms.items():
+        assert torch.isfinite(v).all(), k
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+    out.loss.backward()
+    assert all(p.grad is not None for p in obj.masks.masks)  # masks receive gradients ...
+    student_ids = {id(p) for g in obj.param_groups(trainer.model) for p in g["params"]}
+    assert not student_ids & {id(p) for p in obj.masks.parameters()}  # ... but the engine's SGD never sees them
+    assert not student_ids & {id(p) for p in obj.discriminator.parameters()}
+    assert all(p.grad is None for p in obj.discriminator.parameters())  # the adversarial term spares D
+
+
+def test_teacher_is_untouched_by_search(teacher_path, tmp_path):
+    trainer, obj, teacher, _ = _objective(teacher_path, tmp_path, **{"search.lam": "5"})
+    before = {k: v.clone() for k, v in load_model(teacher_path)[0].state_dict().items()}
+    trainer.fit()
+    after = teacher.state_dict()
+    assert set(before) == set(after)
+    for k in before:  # weights and BN running statistics, bit for bit
+        assert torch.equal(before[k], after[k]), k
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # the student did train
+
+
+def test_controller_raises_lambda_while_below_target(teacher_path, tmp_path):
+    trainer, obj, _, _ = _objective(teacher_path, tmp_path, **{"search.target_reduction": "0.5", "search.lam": "0.1",
+                                                               "search.controller_every": "2"})
+    trainer.fit()
+    assert obj.controller is not None and obj.controller.updates == trainer.global_step // 2
+    assert obj.lam > 0.1 and obj.reduction() < 0.5
+
+
+def test_search_resume_equals_unbroken_run(teacher_path, tmp_path):
+    extra = {"search.train.epochs": "2", "search.target_reduction": "0.3", "search.controller_every": "2"}
+    full, fobj, _, _ = _objective(teacher_path, tmp_path, "full", **extra)
+    full.fit()
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, record):
+        raise Crash
+
+    broken, _, _, _ = _objective(teacher_path, tmp_path, "broken", **extra)
+    broken.on_epoch_end = crash
+    with pytest.raises(Crash):
+        broken.fit()
+    resumed, robj, _, _ = _objective(teacher_path, tmp_path, "broken", **extra)
+    resumed.fit(resume=True)
+    assert resumed.epoch == 2
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for x, y in zip(_masks(fobj) + [p.detach() for p in fobj.masks.masks],
+                    _masks(robj) + [p.detach() for p in robj.masks.masks]):
+        assert torch.equal(x, y)
+    for k, v in fobj.discriminator.state_dict().items():
+        assert torch.equal(v, robj.discriminator.state_dict()[k]), k
+    assert fobj.lam == robj.lam and fobj.updater.t == robj.updater.t
+
+
+# ---------------------------------------------------------------- the stage and the CLI
+
+
+def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
+    out = tmp_path / "search_run"
+    args = ["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path),
+            "--out", str(out), *search_overrides(**{"search.target_reduction": "0.3"})]
+    assert main(args) == 0
+    assert "search: done" in capsys.readouterr().out
+    model, masks, obj = load_masked(out / "search.pt")
+    from amas.masks import find_groups
+
+    groups = find_groups(model, (1, 16, 16))
+    assert list(masks) == [g.name for g in groups]
+    assert all(masks[g.name].shape == (g.size,) and (masks[g.name] >= 0).all() for g in groups)
+    assert obj["model"]["name"] == "resnet20" and obj["metrics"]["total_macs"] >= obj["metrics"]["effective_macs"] > 0
+    assert not any(k.startswith("mask") for k in obj["state_dict"])  # plain student weights, no mask modules
+    assert (out / "search_state.pt").is_file() and any((out / "tb" / "search").iterdir())
+
+    assert main(args) == 1  # the run directory already holds a search
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    assert main(["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path),
+                 "--out", str(tmp_path / "other"), "search.train.device=cpu"]) == 1  # teacher is not fashion_mnist
+    err = capsys.readouterr().err
+    assert "data.name=synthetic" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_runner_returns_metrics(teacher_path, tmp_path):
+    cfg = load_config(None, search_overrides(**{"search.target_reduction": "0.3", "search.d_input": "features"}))
+    result = search(cfg, tmp_path / "run", teacher_path)
+    assert 0.0 <= result["macs_reduction"] < 1.0 and 0 <= result["val_acc"] <= 100 and 0 < result["teacher_val_acc"] <= 100
+    assert (tmp_path / "run" / "search.pt").is_file() and (tmp_path / "run" / "search_metrics.json").is_file()
