@@ -276,8 +276,8 @@ def _check_range(path: str, value: Any, meta: typing.Mapping) -> None:
         raise ConfigError(f"config {path}={value} is out of range; it must be <= {hi}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Build dataclass cls from a nested dict, checking keys, types and ranges."""
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """Build dataclass cls from a nested dict, checking keys, types and ranges; unset keys keep base's values."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -296,13 +296,20 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         path = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], path)
+            # a nested section starts from its parent's default (e.g. search.train's own lr and schedule), not tp()
+            if base is not None:
+                inner = getattr(base, name)
+            elif f.default_factory is not dataclasses.MISSING:
+                inner = f.default_factory()
+            else:
+                inner = None
+            kwargs[name] = _build(tp, data[name], path, inner)
         else:
             value = _check_type(path, data[name], tp)
             if f.metadata and value is not None:
                 _check_range(path, value, f.metadata)
             kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

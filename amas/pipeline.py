@@ -68,12 +68,18 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
         root: dict = {"teacher": str(p.resolve()), "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
     else:
         root = {"model": d["model"], "train": d["train"]}
+    sel = d["select"]
+    # what the candidates stage depends on: the policy's own settings decide which candidates train and their ranking
+    own = ("min_reduction", "max_macs") if sel["policy"] == "budget" else ("tolerance", "indicator")
+    cand_select = {k: sel[k] for k in ("levels", "budget_epochs", "policy", *own)}
+    cand_finetune = copy.deepcopy(d["finetune"])
+    final_epochs = cand_finetune["train"].pop("epochs")  # only the final fine-tune uses finetune.train.epochs
     parts = {
         "teacher": {**root, "data": d["data"], "seed": d["seed"]},
         "search": {"search": d["search"]} if method == "amas" else {"method": method},
-        "candidates": {"method": method, "prune": d["prune"], "select": d["select"], "finetune": d["finetune"]},
-        "select": {"select": d["select"]},
-        "final": {"finetune": d["finetune"]},
+        "candidates": {"method": method, "prune": d["prune"], "select": cand_select, "finetune": cand_finetune},
+        "select": {"select": sel},
+        "final": {"finetune_epochs": final_epochs},
         "export": {},
     }
     out, prev = {}, ""
