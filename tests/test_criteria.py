@@ -250,3 +250,12 @@ def test_bn_sparsity_training_shrinks_gamma_in_place(trained: dict) -> None:
     after = sum(float(b.weight.detach().abs().sum()) for b in bns)
     assert after < before
     assert torch.allclose(scores[groups[0].name], model.get_submodule(groups[0].producers[0]).weight.abs().detach())
+    again = channel_scores("bn_scale", copy.deepcopy(model), groups, trained["data"].train, cfg, num_classes=4)
+    assert all(torch.equal(scores[k], again[k]) for k in scores)  # a sparsified model (or its copy) is not trained twice
+
+
+def test_plan_accepts_a_whole_config(trained: dict) -> None:
+    cfg = load_config(None, ["prune.round_to=1"])
+    keep = plan_for_method("l1", trained["model"], trained["groups"], trained["cost"], 0.5, train=None, val=None,
+                           cfg=cfg, prune_cfg=cfg.prune, num_classes=4)
+    assert set(keep) == {g.name for g in trained["groups"]}

@@ -9,11 +9,18 @@ same way; srr removes filters layer by layer from the most redundant layer until
 How each criterion aggregates a coupled group's members (several convs/BNs per group) is in
 ``amas.criteria.common``: per-layer scores, each divided by its layer's mean (except |γ|, APoZ and random, which
 share one scale across layers already), then the mean over the group's members.
+
+Network slimming's sparsity training (``criteria.bn_sparsity``) changes the model: ``prepare_model`` runs it in
+place once (a marker on the model, carried by deep copies, stops it running again), so a caller that plans
+several targets on copies of one source model calls ``prepare_model`` on the source first and prunes that
+source; ``channel_scores``/``plan_for_method`` for bn_scale call it themselves otherwise (training the model
+they are given). ``cfg`` may also be a whole ``Config`` (its ``criteria`` section is used).
 """
 
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +31,8 @@ from amas.errors import AmasError
 from amas.masks import ChannelGroup, CostModel
 from amas.prune import plan_keep
 
-__all__ = ["METHODS", "SCORE_METHODS", "DATA_METHODS", "CriteriaError", "channel_scores", "plan_for_method", "check_method"]
+__all__ = ["METHODS", "SCORE_METHODS", "DATA_METHODS", "CriteriaError", "channel_scores", "plan_for_method", "check_method",
+           "prepare_model"]
 
 METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr")
 SCORE_METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random")
@@ -44,6 +52,33 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
     raise CriteriaError(f"unknown pruning method '{method}'{hint}; choose one of {', '.join(allowed)}")
 
 
+def _criteria_cfg(cfg: Any) -> CriteriaConfig:
+    """The criteria section: a CriteriaConfig as is, or a whole Config's .criteria."""
+    if isinstance(cfg, CriteriaConfig):
+        return cfg
+    inner = getattr(cfg, "criteria", None)
+    if isinstance(inner, CriteriaConfig):
+        return inner
+    raise CriteriaError(f"criteria settings must be a CriteriaConfig (config section 'criteria'), got {type(cfg).__name__}")
+
+
+_SPARSIFIED = "_amas_bn_sparsified"
+
+
+def prepare_model(method: str, model: nn.Module, groups: list[ChannelGroup], train: Batches | None, cfg: CriteriaConfig,
+                  *, num_classes: int) -> nn.Module:
+    """In-place preparation a method needs before planning (bn_scale with bn_sparsity: sparsity training); runs once per model."""
+    check_method(method)
+    cfg = _criteria_cfg(cfg)
+    if method == "bn_scale" and cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):
+        from amas.criteria.bn_scale import sparsity_train
+
+        data = _need_batches("bn_scale with criteria.bn_sparsity", train)
+        sparsity_train(model, groups, data, cfg, num_classes)
+        setattr(model, _SPARSIFIED, True)  # deep copies carry it: planning on a copy does not train again
+    return model
+
+
 def _need_batches(method: str, batches: Batches | None, what: str = "training") -> Batches:
     if batches is None:
         raise CriteriaError(f"method '{method}' reads {what} batches but none were given; pass the data split "
@@ -55,6 +90,7 @@ def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], ba
                    cfg: CriteriaConfig, *, seed: int = 0, num_classes: int | None = None) -> dict[str, torch.Tensor]:
     """Per-channel importance per group (higher = keep) for a score-based method."""
     check_method(method)
+    cfg = _criteria_cfg(cfg)
     if method in ("blend", "srr"):
         raise CriteriaError(f"method '{method}' plans its channels itself rather than scoring them; "
                             f"use plan_for_method or one of {', '.join(SCORE_METHODS)}")
@@ -73,10 +109,8 @@ def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], ba
         from amas.criteria.norms import random_scores
         return random_scores(groups, seed)
     if method == "bn_scale":
-        from amas.criteria.bn_scale import bn_scale_scores, sparsity_train
-        if cfg.bn_sparsity:
-            train = _need_batches("bn_scale with criteria.bn_sparsity", batches)
-            sparsity_train(model, groups, train, cfg, num_classes or _num_classes(model))
+        from amas.criteria.bn_scale import bn_scale_scores
+        prepare_model(method, model, groups, batches, cfg, num_classes=num_classes or _num_classes(model))
         return bn_scale_scores(model, groups)
     from amas.criteria.activations import apoz_scores, hrank_scores, taylor_scores
     data = _need_batches(method, batches)
@@ -100,6 +134,7 @@ def plan_for_method(method: str, model: nn.Module, groups: list[ChannelGroup], c
                     prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Kept channel indices per group at the MACs target, chosen by the given method."""
     check_method(method)
+    cfg = _criteria_cfg(cfg)
     if method == "srr":
         from amas.criteria import srr
         return srr.plan(model, groups, cost_model, target_reduction, cfg, prune_cfg)
