@@ -252,7 +252,8 @@ class _Run:
             return plan_for_method(self.method, copy.deepcopy(model), groups, cost, level, train=data.train, val=data.val,
                                    cfg=self.cfg, prune_cfg=pc, num_classes=data.info.num_classes, seed=self.cfg.seed)
 
-        return copy.deepcopy(teacher), None, plan_criterion
+        # a trainable copy: Torch-Pruning traces the channel groups through autograd
+        return copy.deepcopy(teacher).requires_grad_(True), None, plan_criterion
 
     def run_candidates(self) -> list[tuple[str, Any]]:
         from amas.select import run_candidates
@@ -454,7 +455,8 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
                 log.set(stage, {"status": "skipped", "fingerprint": fp, "reason": f"method {method} plans on the teacher"})
             continue
         rec = log.stage(stage)
-        if all(p.exists() for p in run.artefacts(stage)):
+        given = stage == "teacher" and teacher is not None and rec is None  # record a given teacher once
+        if not given and all(p.exists() for p in run.artefacts(stage)):
             if rec is None or rec.get("status") != "done":
                 rec = {**(rec or {}), "status": "done", "fingerprint": fp, "finished": _now()}
                 log.set(stage, rec)
