@@ -91,6 +91,7 @@ class SearchConfig:
     lam: float = field(default=1.0, metadata=_range(0))
     # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
     mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
     fista: bool = True
     fista_restart: bool = True
     mask_threshold: float = field(default=0.0, metadata=_range(0))
@@ -195,8 +196,10 @@ class CriteriaConfig:
     blend_mutation: float = field(default=0.25, metadata=_range(0))  # std of the Gaussian mutation of a weight
     blend_val_batches: int = field(default=4, metadata=_range(1))  # held-out batches per fitness evaluation
     blend_layer_scales: bool = False  # also evolve one score scale per group (moves channels between layers)
-    # structural redundancy reduction: edge when unit-normalised filters are closer than gamma; ell-hop covering
-    srr_gamma: float = field(default=1.0, metadata=_range(0, 2, lo_open=True))
+    # structural redundancy reduction: edge when unit-normalised filters are closer than gamma; ell-hop covering.
+    # gamma 0 = auto: the srr_edge_fraction quantile of all the network's pairwise filter distances (one gamma for all layers)
+    srr_gamma: float = field(default=0.0, metadata=_range(0, 2))
+    srr_edge_fraction: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     srr_ell: int = field(default=1, metadata=_range(1, 2))
 
 

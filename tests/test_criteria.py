@@ -175,6 +175,8 @@ def test_srr_finds_the_layer_with_duplicated_filters_most_redundant() -> None:
     red = srr.layer_redundancy(net, groups, CriteriaConfig(srr_gamma=0.5))
     assert red["0"].components == 2 and red["3"].components == 8
     assert red["0"].redundancy > red["3"].redundancy
+    auto = srr.layer_redundancy(net, groups, CriteriaConfig(srr_edge_fraction=0.2))  # gamma from the distances
+    assert auto["0"].redundancy > auto["3"].redundancy == 0.0
     cost = CostModel(net, groups, SHAPE)
     keep = srr.plan(net, groups, cost, 0.2, CriteriaConfig(srr_gamma=0.5), PruneConfig(round_to=1))
     assert len(keep["0"]) < 8 and len(keep["3"]) == 8  # only the redundant layer is cut

@@ -11,9 +11,12 @@ Ours (not public or not applicable as published):
 - Redundancy of a layer with n remaining filters, c components and greedy ℓ-covering number κ:
   r = 1 − (c + κ) / (2n), in [0, 1): 0 when no two filters are within γ, near 1 when all filters coincide.
   Dividing by n makes layers of different widths comparable; the two counts weigh equally.
-- γ = ``criteria.srr_gamma`` (default 1.0, i.e. cosine similarity above 0.5) and ℓ = ``criteria.srr_ell``
-  (1 or 2 hops) are absolute, the same for every layer. Ties in r (e.g. several layers without any edge) go to
-  the layer with more remaining filters, then to the earlier layer.
+- γ: one value for every layer, as in the paper. ``criteria.srr_gamma`` > 0 sets it; the default 0 picks it
+  from the network: the ``criteria.srr_edge_fraction`` quantile (default 5%) of the pairwise distances of all
+  layers' filters pooled. Trained filters are nearly orthogonal (distances cluster just under √2 ≈ 1.41 on the
+  Fashion-MNIST ResNet-20), so a fixed γ such as 1.0 finds no edge at all and every layer scores r = 0.
+  ℓ = ``criteria.srr_ell`` (1 or 2 hops). Ties in r (e.g. several layers without any edge) go to the layer with
+  more remaining filters, then to the earlier layer.
 - A "layer" is a channel group; a coupled group's filter for channel j concatenates its members' unit-normalised
   filters j (each member counts equally) and is normalised again. The L1 order is ``norms.l1_scores``.
 - Stop: as soon as the MACs of the kept counts, each rounded up to ``prune.round_to`` and at least
@@ -24,6 +27,7 @@ Ours (not public or not applicable as published):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +39,7 @@ from amas.criteria.norms import filters, l1_scores
 from amas.masks import ChannelGroup, CostModel
 from amas.prune import PruneError, _rounded
 
-__all__ = ["group_filters", "connected_components", "covering_number", "redundancy", "layer_redundancy", "plan"]
+__all__ = ["group_filters", "connected_components", "covering_number", "redundancy", "layer_redundancy", "plan", "auto_gamma"]
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -107,13 +111,34 @@ def redundancy(dist: torch.Tensor, gamma: float, ell: int = 1) -> Redundancy:
     return Redundancy(n, c, k, 1.0 - (c + k) / (2.0 * n))
 
 
-def layer_redundancy(model: nn.Module, groups: list[ChannelGroup], cfg: CriteriaConfig) -> dict[str, Redundancy]:
-    """Redundancy of every group's full set of filters."""
+def auto_gamma(dists: list[torch.Tensor], fraction: float) -> float:
+    """The given quantile of all off-diagonal pairwise distances pooled over layers."""
+    pooled = torch.cat([d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)] for d in dists])
+    if pooled.numel() == 0:
+        return 0.0
+    return float(torch.quantile(pooled.double(), min(max(float(fraction), 0.0), 1.0)))
+
+
+def _distances(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     out = {}
     for g in groups:
         f = group_filters(model, g)
-        out[g.name] = redundancy(torch.cdist(f, f), cfg.srr_gamma, cfg.srr_ell)
+        out[g.name] = torch.cdist(f, f)
     return out
+
+
+def _gamma(dists: dict[str, torch.Tensor], cfg: CriteriaConfig) -> float:
+    """criteria.srr_gamma, or the automatic one when it is 0 (ties at the quantile count as edges)."""
+    if cfg.srr_gamma > 0:
+        return float(cfg.srr_gamma)
+    return math.nextafter(auto_gamma(list(dists.values()), cfg.srr_edge_fraction), math.inf)
+
+
+def layer_redundancy(model: nn.Module, groups: list[ChannelGroup], cfg: CriteriaConfig) -> dict[str, Redundancy]:
+    """Redundancy of every group's full set of filters."""
+    dists = _distances(model, groups)
+    gamma = _gamma(dists, cfg)
+    return {g.name: redundancy(dists[g.name], gamma, cfg.srr_ell) for g in groups}
 
 
 def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, target_reduction: float,
@@ -125,10 +150,8 @@ def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, ta
     budget = (1.0 - float(target_reduction)) * cost_model.total_macs
     l1 = l1_scores(model, groups)
     order = {g.name: sorted(range(g.size), key=lambda i: (float(l1[g.name][i]), i)) for g in groups}  # removal order
-    dist = {}
-    for g in groups:
-        f = group_filters(model, g)
-        dist[g.name] = torch.cdist(f, f)
+    dist = _distances(model, groups)
+    gamma = _gamma(dist, cfg)
     removed = {g.name: 0 for g in groups}
     floor = {g.name: min(min_ch, g.size) for g in groups}
     position = {g.name: i for i, g in enumerate(groups)}
@@ -136,7 +159,7 @@ def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, ta
 
     def current(name: str) -> Redundancy:
         rest = torch.tensor(order[name][removed[name]:], dtype=torch.long)
-        return redundancy(dist[name][rest][:, rest], cfg.srr_gamma, cfg.srr_ell)
+        return redundancy(dist[name][rest][:, rest], gamma, cfg.srr_ell)
 
     def counts() -> dict[str, int]:
         return {n: _rounded(sizes[n] - removed[n], sizes[n], round_to, min_ch) for n in sizes}
