@@ -77,7 +77,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     parts = {
         "teacher": {**root, "data": d["data"], "seed": d["seed"]},
         "search": {"search": d["search"]} if method == "amas" else {"method": method},
-        "candidates": {"method": method, "prune": d["prune"], "select": cand_select, "finetune": cand_finetune},
+        "candidates": {"method": method, "prune": d["prune"], "select": cand_select, "finetune": cand_finetune,
+                       "criteria": d.get("criteria") if method != "amas" else None},
         "select": {"select": sel},
         "final": {"finetune_epochs": final_epochs},
         "export": {},
@@ -243,12 +244,14 @@ class _Run:
                 return plan_keep(scores, cost, level, min_channels=pc.min_channels, round_to=pc.round_to)
 
             return student, masks, plan_masks
-        from amas.criteria import plan_for_method
+        from amas.criteria import plan_for_method, prepare_model
 
         teacher, _ = self.teacher
         data = self.data
 
         def plan_criterion(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
+            # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
+            prepare_model(self.method, model, groups, data.train, self.cfg, num_classes=data.info.num_classes)
             return plan_for_method(self.method, copy.deepcopy(model), groups, cost, level, train=data.train, val=data.val,
                                    cfg=self.cfg, prune_cfg=pc, num_classes=data.info.num_classes, seed=self.cfg.seed)
 
