@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from amas.config import Config, atomic_write_text, save_config, to_dict
+from amas.engine import Stopped
 from amas.errors import AmasError
 
 __all__ = ["PipelineError", "STAGES", "run_pipeline", "stage_fingerprints"]
@@ -471,7 +472,12 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
         log.set(stage, {"status": "running", "fingerprint": fp, "started": _now()})
         log.event(stage, "resume" if resumed else "start")
         t0 = time.perf_counter()
-        summary = getattr(run, f"run_{stage}")()
+        try:
+            summary = getattr(run, f"run_{stage}")()
+        except Stopped:
+            log.event(stage, "stopped")
+            raise PipelineError(f"stopped by a signal during stage '{stage}' with its training state saved in '{run_dir}'; "
+                                "run the same command again to continue") from None
         wall = round(time.perf_counter() - t0, 2)
         log.set(stage, {"status": "done", "fingerprint": fp, "finished": _now(), "wall_s": wall,
                         "summary": [[k, v if isinstance(v, (int, float, str)) else str(v)] for k, v in summary]})
