@@ -1,0 +1,412 @@
+"""Compare pruning methods on one teacher: every criterion in amas.criteria, Torch-Pruning's MagnitudePruner, and AMAS.
+
+For each MACs-reduction target (default 50% and 75%) and seed (default 0 and 1), every method cuts a copy of the
+same dense teacher to the target, the cut model is evaluated on the test split (accuracy before fine-tuning),
+fine-tuned with the same budget for all (the engine's Trainer with the default cross-entropy Objective,
+``--epochs`` epochs, SGD + cosine, ``--lr``), and evaluated again. Rows: accuracy before and after fine-tuning,
+MACs and params (amas.cost.count), measured CPU latency at batch 64 and 1 (amas.cost.latency), and wall time
+(planning + cutting, fine-tuning). The summary gives mean ± sample standard deviation over the seeds, so a
+difference between methods can be told from noise; JSON and Markdown go to ``benchmarks/results/``, rewritten
+after every run (``--resume`` skips the runs already in the JSON).
+
+Methods: ``amas.criteria.METHODS`` (planned by ``plan_for_method`` with the config's ``criteria`` and ``prune``
+sections: round_to, min_channels; where a target is out of reach at ``prune.round_to`` (ResNet-20 at round_to 8
+reaches at most 70%), round_to is halved for that target, for every method alike, and the tables say so) and
+``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
+per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same
+round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
+that meets the MACs target. ``--amas-run DIR`` (repeatable) adds an ``amas`` row from a finished ``amas prune`` run:
+its ``pruned.pt`` is evaluated here on the same test split (MACs, params, latency measured here too; it was
+fine-tuned by the pipeline, so "before" is empty); its wall time is the pipeline's stage times from
+``report.json``; the row joins the target nearest its MACs reduction.
+
+The data split is the one the teacher was trained on (its record names the dataset); fine-tuning uses the
+training split without the held-out validation images, which only blend's fitness reads; the test split is only
+ever evaluated.
+
+Smoke run (seconds to minutes; tiny subsets, one target)::
+
+    python benchmarks/compare.py --teacher T.pt --methods l1,tp_magnitude --targets 0.5 --seeds 0 1 --epochs 1 \\
+        --train-subset 512 --test-subset 256 --val-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from amas.checkpoint import load_model  # noqa: E402
+from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
+from amas.cost import count, latency  # noqa: E402
+from amas.criteria import METHODS, CriteriaError, check_method, plan_for_method, prepare_model  # noqa: E402
+from amas.data import build_data  # noqa: E402
+from amas.engine import Trainer, evaluate, resolve_device  # noqa: E402
+from amas.errors import AmasError  # noqa: E402
+from amas.masks import CostModel, find_groups  # noqa: E402
+from amas.prune import PruneError, plan_keep, prune_model  # noqa: E402
+from amas.stages import seed_everything  # noqa: E402
+
+DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
+OUTSIDE = ("tp_magnitude",)
+ALL_METHODS = METHODS + OUTSIDE
+
+
+# ---------------------------------------------------------------- Torch-Pruning reference
+
+
+_TP_CACHE: dict[tuple[float, int], tuple[nn.Module, float, int, float]] = {}
+
+
+def tp_magnitude_prune(model: nn.Module, groups: list, target: float, shape: tuple[int, int, int], round_to: int,
+                       refine: int = 7) -> tuple[nn.Module, float, int, float]:
+    """Torch-Pruning MagnitudePruner (L2, uniform per-layer ratio) on amas' groups: (model, ratio, round_to, search s).
+
+    The ratio is the smallest on a 0.05 grid (refined by bisection) whose cut meets the target; the search time is
+    returned with the cut (and again for a cached cut, so every seed's wall time counts it). Torch-Pruning
+    rounds a layer's remaining channels *down* to round_to and leaves a layer alone when that gives zero, so with
+    round_to 8 a 16-channel layer cannot go below 8 and a ResNet-20 tops out just under 50%; when the target is
+    out of reach at round_to, the pruner runs without rounding (round_to 1) and the row says so.
+    """
+    import torch_pruning as tp
+
+    key = (float(target), int(round_to))
+    if key in _TP_CACHE:  # deterministic: the same cut for every seed
+        m, ratio, used, took = _TP_CACHE[key]
+        return copy.deepcopy(m), ratio, used, took
+    t0 = time.perf_counter()
+    roots = {g.name for g in groups}
+    device = next(model.parameters()).device
+    example = torch.randn(1, *shape, device=device)
+    dense = count(model, shape)[0]
+
+    def cut(ratio: float, rt: int) -> tuple[nn.Module, float]:
+        m = copy.deepcopy(model).eval()
+        ignored = [mod for name, mod in m.named_modules()
+                   if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and name not in roots]
+        pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                           pruning_ratio=ratio, ignored_layers=ignored, round_to=rt if rt > 1 else None)
+        pruner.step()
+        return m, 1.0 - count(m, shape)[0] / dense
+
+    most = 0.0
+    for rt in ([round_to, 1] if round_to > 1 else [1]):
+        prev = 0.0
+        for k in range(1, 20):
+            ratio = k / 20
+            m, red = cut(ratio, rt)
+            most = max(most, red)
+            if red >= target:
+                lo, hi, best = prev, ratio, (m, red)
+                for _ in range(refine):
+                    mid = (lo + hi) / 2
+                    m2, red2 = cut(mid, rt)
+                    if red2 >= target:
+                        hi, best = mid, (m2, red2)
+                    else:
+                        lo = mid
+                took = time.perf_counter() - t0
+                _TP_CACHE[key] = (best[0], hi, rt, took)
+                return copy.deepcopy(best[0]), hi, rt, took
+            prev = ratio
+    raise PruneError(f"Torch-Pruning's magnitude pruner reaches only {100 * most:.1f}% MACs reduction on the "
+                     f"prunable groups; lower the target")
+
+
+# ---------------------------------------------------------------- one run
+
+
+def feasible_round_to(cost: CostModel, target: float, round_to: int, min_channels: int) -> int:
+    """round_to, halved until the target is reachable (e.g. ResNet-20 at round_to 8 reaches only 70% MACs reduction)."""
+    uniform = {n: torch.ones(g.size) for n, g in cost.groups.items()}
+    while True:
+        try:
+            plan_keep(uniform, cost, target, min_channels, round_to)
+            return round_to
+        except PruneError:
+            if round_to <= 1:
+                raise
+            round_to = max(1, round_to // 2)
+
+
+def _finetune_cfg(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
+                       weight_decay=5e-4, schedule="cosine", device=args.device, progress=False, log_every=10_000,
+                       amp=False, channels_last=True)
+
+
+def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: list, cost: CostModel, data: Any,
+            cfg: Any, args: argparse.Namespace, device: torch.device, round_to: int) -> dict:
+    """Cut, evaluate, fine-tune and evaluate one (method, target, seed); returns the row."""
+    info = data.info
+    prune_cfg = dataclasses.replace(cfg.prune, round_to=round_to)
+    shape = info.input_shape
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    source = copy.deepcopy(teacher)
+    extra: dict[str, Any] = {}
+    if method == "tp_magnitude":
+        pruned, ratio, used, search_s = tp_magnitude_prune(source, groups, target, shape, round_to)
+        extra["tp_pruning_ratio"] = round(ratio, 4)
+        extra["tp_round_to"] = used
+        t0 = time.perf_counter() - search_s  # a cut reused from an earlier seed still counts its search time
+    else:
+        prepare_model(method, source, groups, data.train, cfg.criteria, num_classes=info.num_classes)
+        keep = plan_for_method(method, copy.deepcopy(source), groups, cost, target, train=data.train, val=data.val,
+                               cfg=cfg.criteria, prune_cfg=prune_cfg, num_classes=info.num_classes, seed=seed)
+        pruned = prune_model(source, groups, keep)
+        extra["kept"] = {n: int(v.numel()) for n, v in keep.items()}
+    plan_s = time.perf_counter() - t0
+    pruned = pruned.to(device)
+    before = evaluate(pruned, data.test, info.num_classes, device)["acc"]
+    t1 = time.perf_counter()
+    if args.epochs > 0:
+        with tempfile.TemporaryDirectory(prefix="amas_compare_") as tmp:
+            trainer = Trainer(pruned, data.train, _finetune_cfg(args), tmp, num_classes=info.num_classes,
+                              stage="finetune", device=device)
+            trainer.fit()
+            pruned = trainer.model
+    ft_s = time.perf_counter() - t1
+    after = evaluate(pruned, data.test, info.num_classes, device)["acc"]
+    pruned = pruned.cpu().eval()
+    macs, params = count(pruned, shape)
+    lat = _latency(pruned, shape, args.latency_iters)
+    return {"method": method, "target": target, "seed": seed, "acc_before": round(before, 3), "acc_after": round(after, 3),
+            "macs": int(macs), "params": int(params), "macs_reduction": round(1.0 - macs / cost.total_macs, 4),
+            "round_to": round_to, **lat, "plan_s": round(plan_s, 2), "finetune_s": round(ft_s, 2), "wall_s": round(plan_s + ft_s, 2), **extra}
+
+
+def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
+    b64 = latency(model, shape, batch_size=64, warmup=2, iters=max(3, iters // 4), device="cpu")
+    b1 = latency(model, shape, batch_size=1, warmup=3, iters=iters, device="cpu")
+    return {"latency_b64_ms": round(b64["median_ms"], 3), "latency_b1_ms": round(b1["median_ms"], 3)}
+
+
+def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data: Any, args: argparse.Namespace,
+              device: torch.device) -> list[dict]:
+    """Rows for finished `amas prune` runs: their pruned.pt measured here on the same test split."""
+    from amas.export import load_pruned
+
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "pruned.pt"
+        if not path.is_file():
+            raise AmasError(f"--amas-run {d}: no pruned.pt there; pass the run directory of a finished `amas prune`")
+        model, obj = load_pruned(path, device)
+        shape = tuple(int(s) for s in obj["recipe"]["input_shape"])
+        acc = evaluate(model, data.test, data.info.num_classes, device)["acc"]
+        model = model.cpu().eval()
+        macs, params = count(model, shape)
+        red = 1.0 - macs / teacher_macs
+        wall = None
+        report = Path(d) / "report.json"
+        if report.is_file():
+            stages = json.loads(report.read_text()).get("stage_wall_s") or {}
+            wall = round(sum(float(v) for v in stages.values()), 2) if stages else None
+        rows.append({"method": "amas", "target": min(targets, key=lambda t: abs(t - red)), "seed": None,
+                     "acc_before": None, "acc_after": round(acc, 3), "macs": int(macs), "params": int(params),
+                     "macs_reduction": round(red, 4), **_latency(model, shape, args.latency_iters),
+                     "plan_s": None, "finetune_s": None, "wall_s": wall, "run_dir": str(d)})
+    return rows
+
+
+# ---------------------------------------------------------------- summary and files
+
+
+def _stats(values: list[float | None]) -> dict | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": statistics.fmean(vals), "sd": sd, "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarise(runs: list[dict], methods: list[str], targets: list[float]) -> list[dict]:
+    """Mean ± sd over seeds per (target, method)."""
+    out = []
+    for t in targets:
+        for m in methods + ["amas"]:
+            rows = [r for r in runs if r["method"] == m and r["target"] == t]
+            if not rows:
+                continue
+            entry = {"target": t, "method": m, "seeds": len(rows)}
+            for k in ("acc_before", "acc_after", "macs_reduction", "params", "latency_b64_ms", "latency_b1_ms", "wall_s"):
+                entry[k] = _stats([r.get(k) for r in rows])
+            out.append(entry)
+    return out
+
+
+def _fmt(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
+    if s is None:
+        return "–"
+    if s["n"] == 1:
+        return f"{s['mean'] * scale:.{digits}f}"
+    return f"{s['mean'] * scale:.{digits}f} ± {s['sd'] * scale:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    """The comparison as Markdown tables, one per target."""
+    t = result["teacher"]
+    lines = [f"# Pruning methods compared: {t['model']} on {t['dataset']}", "",
+             f"Command: `{result['command']}`", "",
+             f"Teacher: test acc {t['test_acc']:.2f}%, {t['macs'] / 1e6:.3f}M MACs, {t['params'] / 1e6:.4f}M params, "
+             f"latency {t['latency_b64_ms']:.2f} ms (batch 64) / {t['latency_b1_ms']:.3f} ms (batch 1).", "",
+             f"Fine-tuning for every method: {result['settings']['epochs']} epochs, SGD lr {result['settings']['lr']} cosine, "
+             f"batch {result['settings']['batch_size']}; seeds "
+             f"{result['settings']['seeds']}; train images {result['settings']['train_images']}, test images "
+             f"{result['settings']['test_images']}. Values: mean ± sample sd over seeds.", ""]
+    for target in result["settings"]["targets"]:
+        rt = result["settings"].get("round_to_by_target", {}).get(str(target), result["settings"]["round_to"])
+        lines += [f"## Target: {100 * target:.0f}% MACs reduction (kept channels rounded up to multiples of {rt})", "",
+                  "| method | MACs ↓ % | params (M) | acc before FT % | acc after FT % | Δ vs teacher | latency b64 ms "
+                  "| latency b1 ms | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = [s for s in result["summary"] if s["target"] == target]
+        rows.sort(key=lambda s: -(s["acc_after"]["mean"] if s["acc_after"] else -math.inf))
+        for s in rows:
+            delta = None if s["acc_after"] is None else dict(s["acc_after"], mean=s["acc_after"]["mean"] - t["test_acc"])
+            lines.append(f"| {s['method']} | {_fmt(s['macs_reduction'], 1, 100)} | {_fmt(s['params'], 4, 1e-6)} | "
+                         f"{_fmt(s['acc_before'])} | {_fmt(s['acc_after'])} | {_fmt(delta)} | "
+                         f"{_fmt(s['latency_b64_ms'])} | {_fmt(s['latency_b1_ms'], 3)} | {_fmt(s['wall_s'], 1)} |")
+        tp_rt = {r.get("tp_round_to") for r in result["runs"] if r["method"] == "tp_magnitude" and r["target"] == target}
+        if tp_rt and tp_rt != {rt}:
+            lines += ["", f"tp_magnitude: Torch-Pruning rounds remaining channels down to round_to and skips a layer "
+                          f"that would reach zero, so it could not reach this target at round_to {rt}; it ran with "
+                          f"round_to {', '.join(str(x) for x in sorted(tp_rt))} (ragged widths, slower per MAC)."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.json and NAME.md atomically."""
+    j, m = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    atomic_write_text(j, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(m, markdown(result) + "\n")
+    return j, m
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="dense amas model file (amas train's model.pt)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.75], help="MACs reduction targets")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
+    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs, the same for every method")
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")
+    p.add_argument("--test-subset", type=int, default=0, help="first N test images only (0 = all)")
+    p.add_argument("--val-size", type=int, default=5000, help="held-out validation images (blend's fitness)")
+    p.add_argument("--amas-run", action="append", default=[], help="finished `amas prune` run directory (repeatable)")
+    p.add_argument("--config", help="optional YAML whose criteria/prune sections are used (e.g. prune.round_to)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--latency-iters", type=int, default=20)
+    p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", help="output file stem (default compare_<dataset>_<model>)")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON and skip them")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. prune.round_to=1")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; returns the exit status."""
+    args = parse_args(argv)
+    try:
+        return _main(args, argv)
+    except AmasError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        check_method(m, ALL_METHODS)
+    teacher_path = Path(args.teacher)
+    if not teacher_path.is_file():
+        raise CriteriaError(f"teacher '{teacher_path}' does not exist; train one with `amas train --config "
+                            f"configs/fmnist_resnet20.yaml` and pass its model.pt with --teacher")
+    device = resolve_device(args.device)
+    teacher, obj = load_model(teacher_path, "cpu")
+    rec = obj["model"]
+    data_name = rec["data"]["name"]
+    cfg = load_config(args.config, [f"data.name={data_name}", f"data.val_size={args.val_size}",
+                                    f"data.train_subset={args.train_subset}", f"data.test_subset={args.test_subset}",
+                                    *args.overrides])
+    shape = (rec["data"]["in_channels"], rec["data"]["image_size"], rec["data"]["image_size"])
+    groups = find_groups(teacher, shape)
+    cost = CostModel(teacher, groups, shape)
+    out_dir = Path(args.out_dir)
+    name = args.name or f"compare_{data_name}_{rec['name']}"
+    command = "python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    data0 = build_data(cfg.data, args.batch_size, args.eval_batch_size, device=device, seed=args.seeds[0],
+                       channels_last=True)
+    t_acc = evaluate(teacher.to(device), data0.test, data0.info.num_classes, device)["acc"]
+    teacher = teacher.cpu().eval()
+    t_macs, t_params = count(teacher, shape)
+    result: dict[str, Any] = {
+        "command": command,
+        "teacher": {"path": str(teacher_path), "model": rec["name"], "dataset": data_name, "test_acc": round(t_acc, 3),
+                    "macs": int(t_macs), "params": int(t_params), **_latency(teacher, shape, args.latency_iters)},
+        "settings": {"targets": args.targets, "seeds": args.seeds, "methods": methods, "epochs": args.epochs,
+                     "lr": args.lr, "batch_size": args.batch_size, "round_to": cfg.prune.round_to,
+                     "min_channels": cfg.prune.min_channels, "train_images": data0.train.num_samples,
+                     "val_images": data0.val.num_samples if data0.val is not None else 0,
+                     "test_images": data0.test.num_samples, "device": str(device), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "criteria": to_dict(cfg.criteria)},
+        "runs": [], "summary": [],
+    }
+    jpath = out_dir / f"{name}.json"
+    if args.resume and jpath.is_file():
+        result["runs"] = [r for r in json.loads(jpath.read_text()).get("runs", []) if r["method"] != "amas"]
+    done = {(r["method"], r["target"], r["seed"]) for r in result["runs"]}
+    datas = {args.seeds[0]: data0}
+    round_tos = {t: feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets}
+    result["settings"]["round_to_by_target"] = {str(t): r for t, r in round_tos.items()}
+    for target in args.targets:
+        for seed in args.seeds:
+            if seed not in datas:  # the seed drives the fine-tuning shuffle and augmentation
+                datas[seed] = build_data(cfg.data, args.batch_size, args.eval_batch_size, device=device, seed=seed,
+                                         channels_last=True)
+            data = datas[seed]
+            for method in methods:
+                if (method, target, seed) in done:
+                    continue
+                row = run_one(method, target, seed, teacher, groups, cost, data, cfg, args, device, round_tos[target])
+                result["runs"].append(row)
+                result["summary"] = summarise(result["runs"], methods, args.targets)
+                write(result, out_dir, name)
+                print(f"{method:>12} target {target:.2f} seed {seed}: -{100 * row['macs_reduction']:.1f}% MACs, "
+                      f"acc {row['acc_before']:.2f} -> {row['acc_after']:.2f}, b64 {row['latency_b64_ms']:.2f} ms, "
+                      f"{row['wall_s']:.1f} s", flush=True)
+    if args.amas_run:
+        result["runs"] += amas_rows(args.amas_run, args.targets, t_macs, data0, args, device)
+    result["summary"] = summarise(result["runs"], methods, args.targets)
+    j, m = write(result, out_dir, name)
+    print(markdown(result))
+    print(f"wrote {j} and {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
