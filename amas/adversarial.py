@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from amas import distributed
 from amas.config import Config, SearchConfig, atomic_write_text
 from amas.engine import Objective, StepOutput, TrainingError
 from amas.errors import AmasError
@@ -153,14 +155,16 @@ class BudgetController:
     """PI controller on log(lambda): lambda rises while the MACs reduction is below target, falls when above.
 
     log λ = I + kp·e with I ← clamp(I + ki·e) and e = target − reduction; both λ and I stay in [lam_min, lam_max]
-    (anti-windup), so a long wait before the first channel dies cannot inflate λ without bound.
+    (anti-windup), so a long wait before the first channel dies cannot inflate λ without bound. Above the target
+    (e < 0) both gains are multiplied by `overshoot`: a channel, once dead, rarely comes back, so overshoot
+    must be stopped fast while undershoot can be corrected at leisure.
     """
 
-    def __init__(self, lam: float, target: float, ki: float = 0.5, kp: float = 2.0, lam_min: float = 1e-4,
-                 lam_max: float = 1e3) -> None:
+    def __init__(self, lam: float, target: float, ki: float = 2.0, kp: float = 8.0, lam_min: float = 1e-4,
+                 lam_max: float = 1e3, overshoot: float = 4.0) -> None:
         if not lam_min <= lam_max:
             raise SearchError(f"search.lam_min={lam_min} exceeds search.lam_max={lam_max}; swap or widen them")
-        self.target, self.ki, self.kp = target, ki, kp
+        self.target, self.ki, self.kp, self.overshoot = target, ki, kp, overshoot
         self.lo, self.hi = math.log(lam_min), math.log(lam_max)
         self.integral = min(max(math.log(max(lam, lam_min)), self.lo), self.hi)
         self.lam = math.exp(self.integral)
@@ -171,8 +175,9 @@ class BudgetController:
         """Feed the measured MACs reduction (0..1), optionally against a moving target, and return the new lambda."""
         e = (self.target if target is None else target) - reduction
         self.error = e
-        self.integral = min(max(self.integral + self.ki * e, self.lo), self.hi)
-        self.lam = math.exp(min(max(self.integral + self.kp * e, self.lo), self.hi))
+        gain = 1.0 if e >= 0 else self.overshoot
+        self.integral = min(max(self.integral + gain * self.ki * e, self.lo), self.hi)
+        self.lam = math.exp(min(max(self.integral + gain * self.kp * e, self.lo), self.hi))
         self.updates += 1
         return self.lam
 
@@ -219,6 +224,19 @@ class _FeatureTap:
         self.handle.remove()
 
 
+def _inplace_relus(gm: torch.fx.GraphModule) -> None:
+    """Make ReLU modules in-place where, at every call site, their input feeds nothing else."""
+    ok: dict[str, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6)):
+            src = node.args[0] if node.args else None
+            single = isinstance(src, torch.fx.Node) and len(src.users) == 1 and src.op != "placeholder"
+            ok[node.target] = ok.get(node.target, True) and single
+    for target, safe in ok.items():
+        if safe:
+            gm.get_submodule(target).inplace = True
+
+
 def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
     """A frozen eval-mode copy of model for no-grad forwards: conv+BN folded (torch.fx) and in-place ReLUs.
 
@@ -231,9 +249,7 @@ def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     model.eval()
     try:
         fast = fuse(copy.deepcopy(model))
-        for m in fast.modules():
-            if isinstance(m, (nn.ReLU, nn.ReLU6)):
-                m.inplace = True
+        _inplace_relus(fast)
         p = next(model.parameters())
         x = torch.randn((4, *input_shape), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
         with torch.no_grad():
@@ -279,7 +295,7 @@ class SearchObjective(Objective):
         self.controller = None
         if cfg.target_reduction > 0:
             self.controller = BudgetController(cfg.lam, cfg.target_reduction, cfg.controller_ki, cfg.controller_kp,
-                                               cfg.lam_min, cfg.lam_max)
+                                               cfg.lam_min, cfg.lam_max, cfg.controller_overshoot)
             self.lam = self.controller.lam
         self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart)
         if cfg.d_input == "features":
@@ -321,9 +337,11 @@ class SearchObjective(Objective):
             if self.cfg.train.channels_last:
                 t.to(memory_format=torch.channels_last)
         self.masks.to(device)
+        self.updater.params = list(self.masks.masks)
         self.updater.reset()
         self.masks.attach(model)
         self.discriminator.to(device)
+        distributed.broadcast_module(self.discriminator)  # one discriminator across ranks (torchrun)
         if self.cfg.d_optimizer == "adam":
             self.d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.d_lr, betas=(0.5, 0.999),
                                           weight_decay=self.cfg.d_weight_decay)
@@ -362,6 +380,7 @@ class SearchObjective(Objective):
                 self.d_opt.zero_grad(set_to_none=True)
                 d_loss, d_t, d_s = discriminator_loss(d, t_out_f, s_out_f)
                 d_loss.backward()
+                distributed.average_gradients(list(d.parameters()))
                 self.d_opt.step()
             self.d_opt.zero_grad(set_to_none=True)
             d.requires_grad_(False)
@@ -387,8 +406,10 @@ class SearchObjective(Objective):
         return StepOutput(loss, s_logits, terms)
 
     def after_step(self, model: nn.Module, lr: float, step: int) -> None:
-        """Proximal (FISTA) step on the masks, then a controller update every controller_every steps."""
-        self.updater.step(self.cfg.mask_lr, [self.lam * c for c in self.costs])
+        """Proximal (FISTA) step on the masks (step size on the student's schedule), then a controller update."""
+        distributed.average_gradients(list(self.masks.masks))  # masks live outside DDP: keep the ranks' masks equal
+        mask_lr = self.cfg.mask_lr * (lr / self.cfg.train.lr if self.cfg.mask_lr_schedule else 1.0)
+        self.updater.step(mask_lr, [self.lam * c for c in self.costs])
         self.steps_done = step + 1
         if self.controller is not None and (step + 1) % self.cfg.controller_every == 0:
             self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
@@ -505,25 +526,22 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
            on_epoch_end: Any = None) -> dict[str, Any]:
     """Search channel masks for a copy of the teacher; writes search.pt (student + masks) and search_state.pt."""
     from amas.checkpoint import load_model, save_masked
-    from amas.data import build_data
+    from amas.data import dataset_info
     from amas.engine import Trainer, evaluate, resolve_device
     from amas.masks import ChannelMasks, CostModel, find_groups
-    from amas.stages import prepare_run_dir, seed_everything
+    from amas.stages import prepare_run_dir, seed_everything, stage_data
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     tcfg = cfg.search.train
-    device = resolve_device(tcfg.device)
+    device = distributed.device_for(distributed.context(), resolve_device(tcfg.device))
     teacher, tobj = load_model(teacher_path, device)
     record = tobj["model"]
-    from amas.data import dataset_info
-
     info = dataset_info(cfg.data)
     check_teacher_matches(record, info, teacher_path, cfg.data.name)
     prepare_run_dir(run_dir, cfg, resume, "search_state.pt")
     seed_everything(cfg.seed)
-    data = build_data(cfg.data, tcfg.batch_size, tcfg.eval_batch_size, device=device, seed=cfg.seed,
-                      channels_last=tcfg.channels_last)
+    data = stage_data(cfg, tcfg, device)
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
@@ -564,8 +582,10 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         "epochs": tcfg.epochs,
         "wall_s": time.perf_counter() - t0,
     })
-    save_masked(run_dir / "search.pt", trainer.model, record, values, metrics=result)
-    atomic_write_text(run_dir / "search_metrics.json", json.dumps({"result": result, "history": history}, indent=2))
+    if distributed.context().is_main:
+        save_masked(run_dir / "search.pt", trainer.model, record, values, metrics=result)
+        atomic_write_text(run_dir / "search_metrics.json", json.dumps({"result": result, "history": history}, indent=2))
+    distributed.barrier()
     return result
 
 

@@ -107,8 +107,9 @@ class SearchConfig:
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(default=0.5, metadata=_range(0, 1))  # set point rises from 0 over this part of the search
     controller_every: int = field(default=10, metadata=_range(1))
-    controller_ki: float = field(default=1.0, metadata=_range(0))
-    controller_kp: float = field(default=2.0, metadata=_range(0))
+    controller_ki: float = field(default=2.0, metadata=_range(0))  # on log(lam), per update, per unit of error
+    controller_kp: float = field(default=8.0, metadata=_range(0))
+    controller_overshoot: float = field(default=4.0, metadata=_range(1))  # gain factor above the set point
     lam_min: float = field(default=1e-4, metadata=_range(0, lo_open=True))
     lam_max: float = field(default=1e3, metadata=_range(0, lo_open=True))
 
