@@ -95,7 +95,11 @@ def run_dir_for(args: argparse.Namespace) -> Path:
 
 
 def print_table(rows: list[tuple[str, Any]], title: str = "") -> None:
-    """Print a two-column summary table."""
+    """Print a two-column summary table (on rank 0 only under torchrun)."""
+    from amas.distributed import context
+
+    if not context().is_main:
+        return
     if title:
         print(title)
     width = max((len(k) for k, _ in rows), default=0)
@@ -194,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command}")
+    from amas import distributed
+
     try:
+        distributed.init_from_env(_device_hint(args))
         handler(args)
     except AmasError as e:
         print(f"amas {args.command}: error: {e}", file=sys.stderr)
@@ -202,7 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"amas {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _device_hint(args: argparse.Namespace) -> str:
+    """train.device from the overrides or the YAML, so torchrun picks gloo for CPU runs on GPU machines."""
+    for item in reversed(getattr(args, "overrides", None) or []):
+        if item.startswith("train.device="):
+            return item.split("=", 1)[1]
+    config = getattr(args, "config", None)
+    if config and Path(config).is_file():
+        from amas.config import read_yaml
+
+        train = read_yaml(config).get("train") or {}
+        if isinstance(train, dict):
+            return str(train.get("device", "auto"))
+    return "auto"
 
 
 if __name__ == "__main__":

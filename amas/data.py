@@ -210,22 +210,31 @@ class TensorBatches:
         # one stream per (seed, epoch): resuming at an epoch boundary replays the same batches
         return torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
 
-    def augment_batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random pad-and-crop and horizontal flip of a uint8 batch, drawn from g."""
+    def draw_augmentation(self, n: int, g: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Crop offsets (2×n) and flip flags (n) for a batch of n images, drawn from g on the CPU."""
+        off = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g) if self.pad > 0 else None
+        flip = torch.rand(n, generator=g) < 0.5 if self.flip else None
+        return off, flip
+
+    def apply_augmentation(self, x: torch.Tensor, off: torch.Tensor | None, flip: torch.Tensor | None) -> torch.Tensor:
+        """Pad-and-crop by off and mirror where flip, for a whole uint8 batch at once."""
         n, c, h, w = x.shape
-        if self.pad > 0:
+        if off is not None:
             p = self.pad
+            off = off.to(x.device)
             xp = F.pad(x, (p, p, p, p))
-            off = torch.randint(0, 2 * p + 1, (2, n), generator=g).to(x.device)
             rows = (off[0].view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
             cols = (off[1].view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
             bidx = torch.arange(n, device=x.device).view(n, 1, 1, 1)
             cidx = torch.arange(c, device=x.device).view(1, c, 1, 1)
             x = xp[bidx, cidx, rows, cols]
-        if self.flip:
-            flip = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
-            x = torch.where(flip, x.flip(3), x)
+        if flip is not None:
+            x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
         return x
+
+    def augment_batch(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random pad-and-crop and horizontal flip of a uint8 batch, drawn from g."""
+        return self.apply_augmentation(x, *self.draw_augmentation(x.shape[0], g))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch to normalised float32."""
@@ -239,11 +248,16 @@ class TensorBatches:
         gb = self._global_batch()
         for b in range(len(self)):
             idx = order[b * gb : (b + 1) * gb]
-            idx = idx[self.rank :: self.world_size] if self.world_size > 1 else idx
+            # draw for the whole global batch, then shard: the same images get the same crops on any rank count
+            off, flip = self.draw_augmentation(idx.numel(), g) if self.augment else (None, None)
+            if self.world_size > 1:
+                idx = idx[self.rank :: self.world_size]
+                off = off[:, self.rank :: self.world_size] if off is not None else None
+                flip = flip[self.rank :: self.world_size] if flip is not None else None
             idx = idx.to(self.device)
             x = self.images.index_select(0, idx)
             if self.augment:
-                x = self.augment_batch(x, g)
+                x = self.apply_augmentation(x, off, flip)
             yield self.normalize(x), self.labels.index_select(0, idx)
 
 

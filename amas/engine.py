@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from amas import distributed
 from amas.checkpoint import FORMAT_VERSION, atomic_save, load_file
 from amas.config import TrainConfig
 from amas.data import Batches
@@ -146,9 +147,10 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, device: torch
             metric.update(logits, y)
             n += y.numel()
     model.train(was_training)
-    if n == 0:
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
+    if float(totals[1]) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
-    return {"acc": 100.0 * float(metric.compute()), "loss": float(loss_sum) / n}
+    return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -176,8 +178,9 @@ class Trainer:
         on_epoch_end: Callable[[int, dict], None] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.device = device or resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        self.dist = distributed.context()
+        self.device = distributed.device_for(self.dist, device or resolve_device(cfg.device))
+        self.model = distributed.convert_batchnorm(model.to(self.device), self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_batches, self.val_batches = train, val
@@ -188,6 +191,12 @@ class Trainer:
         self.ckpt_path = self.run_dir / f"{stage}_state.pt"
         self.on_epoch_end = on_epoch_end
         self.objective.setup(self.model, self.device)
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         groups = self.objective.param_groups(self.model)
         for g in groups:
             g.setdefault("lr", cfg.lr)
@@ -228,8 +237,10 @@ class Trainer:
         }
 
     def save_state(self) -> None:
-        """Write the training state atomically."""
-        atomic_save(self.state_dict(), self.ckpt_path)
+        """Write the training state atomically (rank 0 only; the others wait for it)."""
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), self.ckpt_path)
+        distributed.barrier()
 
     def load_state(self, path: str | Path | None = None) -> None:
         """Restore a training state written by save_state."""
@@ -254,6 +265,8 @@ class Trainer:
     @property
     def writer(self) -> Any:
         """TensorBoard writer for this stage (created lazily)."""
+        if self._writer is None and not self.dist.is_main:
+            self._writer = _NullWriter()
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -298,8 +311,20 @@ class Trainer:
                 self._writer = None
         return self.history
 
-    def _check_finite(self, out: StepOutput) -> None:
-        if bool(torch.isfinite(out.loss.detach())):
+    def _agree(self, out: StepOutput, stop: _StopRequest) -> None:
+        """Stop every rank together on a non-finite loss or a stop request seen by any rank."""
+        finite = torch.isfinite(out.loss.detach())
+        if not self.dist.enabled:
+            self._check_finite(out, bool(finite))
+            return
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.signum or 0), device=finite.device)])
+        flags = distributed.all_reduce_sum(flags)
+        if stop.signum is None and float(flags[1]) > 0:
+            stop.signum = signal.SIGTERM
+        self._check_finite(out, float(flags[0]) == 0)
+
+    def _check_finite(self, out: StepOutput, finite: bool) -> None:
+        if finite:
             return
         bad = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
         term = f" (term '{bad[0]}')" if bad else ""
@@ -320,16 +345,16 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, n_steps = 0, 0
         t0, seen_since = time.perf_counter(), 0
-        bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress, leave=False,
+        bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress or not self.dist.is_main, leave=False,
                    desc=f"{self.stage} {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
         for i, (x, y) in enumerate(self.train_batches):
             if i < skip:  # replay the epoch's random stream up to where the saved state stopped
                 continue
             with _autocast(self.device, cfg.amp):
-                out = self.objective.compute(self.model, x, y)
+                out = self.objective.compute(self.train_model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            self._check_finite(out)
+            self._agree(out, stop)
             self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
             self.objective.after_step(self.model, lr, self.global_step)
@@ -359,7 +384,16 @@ class Trainer:
             if stop.signum is not None:
                 break
         bar.close()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                         torch.tensor(float(seen), device=self.device, dtype=torch.float64)]))
         self._epoch_stats = {
-            "loss": float(loss_sum) / max(n_steps, 1),
-            "acc": 100.0 * float(correct) / max(seen, 1),
+            "loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size,
+            "acc": 100.0 * float(totals[1]) / max(float(totals[2]), 1.0),
         }
+
+
+class _NullWriter:
+    """TensorBoard stand-in for ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from amas.checkpoint import load_model, model_record, save_model
-from amas.config import Config, atomic_write_text, load_config, save_config, to_dict
-from amas.data import build_data
+from amas import distributed
+from amas.config import Config, TrainConfig, atomic_write_text, load_config, save_config, to_dict
+from amas.data import DataBundle, build_data
 from amas.engine import Trainer, evaluate, resolve_device
 from amas.errors import AmasError
 
@@ -29,8 +30,22 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, marker: str) -> No
     """Create run_dir; refuse to overwrite an earlier run unless resuming."""
     if (run_dir / marker).exists() and not resume:
         raise AmasError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    distributed.barrier()  # every rank checks before rank 0 writes
+    if distributed.context().is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+
+def stage_data(cfg: Config, train_cfg: TrainConfig, device: torch.device) -> DataBundle:
+    """The run's data for one stage: train.batch_size is the global batch, sharded over the ranks."""
+    ctx = distributed.context()
+    if train_cfg.batch_size % ctx.world_size:
+        raise AmasError(
+            f"batch size {train_cfg.batch_size} does not split over {ctx.world_size} processes; "
+            "use a multiple of the process count"
+        )
+    return build_data(cfg.data, train_cfg.batch_size // ctx.world_size, train_cfg.eval_batch_size, device=device,
+                      seed=cfg.seed, channels_last=train_cfg.channels_last, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -41,10 +56,9 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, cfg, resume, "train_state.pt")
     t0 = time.perf_counter()
-    device = resolve_device(cfg.train.device)
+    device = distributed.device_for(distributed.context(), resolve_device(cfg.train.device))
     seed_everything(cfg.seed)
-    data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed,
-                      channels_last=cfg.train.channels_last)
+    data = stage_data(cfg, cfg.train, device)
     info = data.info
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels)
     trainer = Trainer(model, data.train, cfg.train, run_dir, num_classes=info.num_classes, val=data.val, stage="train",
@@ -63,8 +77,10 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     if history and "val_acc" in history[-1]:
         result["val_acc"] = history[-1]["val_acc"]
     record = model_record(cfg.model.name, info.num_classes, info.in_channels, info)
-    save_model(run_dir / "model.pt", trainer.model, record, metrics=result)
-    atomic_write_text(run_dir / "metrics.json", json.dumps({"result": result, "history": history}, indent=2))
+    if distributed.context().is_main:
+        save_model(run_dir / "model.pt", trainer.model, record, metrics=result)
+        atomic_write_text(run_dir / "metrics.json", json.dumps({"result": result, "history": history}, indent=2))
+    distributed.barrier()
     return result
 
 

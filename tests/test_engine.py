@@ -27,7 +27,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     after = evaluate(trainer.model, data.val, 4, torch.device("cpu"))
     assert len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    assert after["loss"] < before["loss"] and after["acc"] > 60.0
+    assert after["loss"] < before["loss"] and after["acc"] > 40.0  # chance is 25%
     assert (tmp_path / "run" / "train_state.pt").is_file()
     assert any((tmp_path / "run" / "tb" / "train").iterdir())
 
