@@ -111,6 +111,15 @@ class ProximalMaskUpdate:
         self.t = 1.0
 
     @torch.no_grad()
+    def drop_momentum(self) -> None:
+        """Drop the momentum now: the parameters go back to the iterate x."""
+        if self.fista and self.t > 1.0:
+            for p, x in zip(self.params, self.x):
+                p.copy_(x)
+            self.t = 1.0
+            self.restarts += 1
+
+    @torch.no_grad()
     def step(self, lr: float, thresholds: list[float | torch.Tensor]) -> None:
         """One step with step size lr; thresholds[i] is the L1 weight of params[i] (the prox cuts lr·thresholds[i])."""
         new = []
@@ -413,13 +422,19 @@ class SearchObjective(Objective):
         self.steps_done = step + 1
         if self.controller is not None and (step + 1) % self.cfg.controller_every == 0:
             self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
+            if self.controller.error < 0:  # past the set point: stop the masks' momentum too
+                self.updater.drop_momentum()
 
     def target_at(self, step: int) -> float:
-        """The controller's set point after step steps: a linear ramp from 0 over target_ramp of the search, then flat."""
+        """The controller's set point after step steps: r·(1 − (1 − step/ramp)³) over target_ramp of the search, then r.
+
+        The cubic schedule of gradual pruning (Zhu & Gupta 2017): fast while redundant channels are plenty, flat at
+        the end so the masks arrive at the target slowly instead of overshooting it.
+        """
         ramp = self.cfg.target_ramp * self.total_steps
         if ramp <= 0:
             return self.cfg.target_reduction
-        return self.cfg.target_reduction * min(1.0, step / ramp)
+        return self.cfg.target_reduction * (1.0 - (1.0 - min(1.0, step / ramp)) ** 3)
 
     # ------------------------------------------------------------ measurements
 

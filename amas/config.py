@@ -105,7 +105,7 @@ class SearchConfig:
     d_steps: int = field(default=1, metadata=_range(0))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
-    target_ramp: float = field(default=0.5, metadata=_range(0, 1))  # set point rises from 0 over this part of the search
+    target_ramp: float = field(default=0.6, metadata=_range(0, 1))  # set point rises (cubic) over this part of the search
     controller_every: int = field(default=10, metadata=_range(1))
     controller_ki: float = field(default=2.0, metadata=_range(0))  # on log(lam), per update, per unit of error
     controller_kp: float = field(default=8.0, metadata=_range(0))

@@ -127,6 +127,12 @@ def test_fista_restart_drops_momentum_when_the_step_turns_back():
     upd.step(1.0, [0.0])
     assert upd.values()[0].item() < 0.25
     assert upd.restarts == 1 and torch.equal(p.detach(), upd.values()[0])
+    for _ in range(2):
+        p.grad = torch.tensor([0.05])
+        upd.step(1.0, [0.0])
+    assert upd.t > 1.0 and not torch.equal(p.detach(), upd.values()[0])
+    upd.drop_momentum()  # what the controller does on overshoot
+    assert upd.t == 1.0 and torch.equal(p.detach(), upd.values()[0]) and upd.restarts == 2
 
 
 def test_fast_teacher_copy_matches_and_leaves_the_teacher_alone():
@@ -286,6 +292,9 @@ def test_controller_raises_lambda_while_below_target(teacher_path, tmp_path):
     trainer.fit()
     assert obj.controller is not None and obj.controller.updates == trainer.global_step // 2
     assert obj.lam > 0.1 and obj.reduction() < 0.5
+    obj.total_steps = 100  # the set point: cubic ramp over the first 60% of the search, then flat
+    assert obj.target_at(0) == 0.0 and obj.target_at(60) == obj.target_at(100) == 0.5
+    assert obj.target_at(30) == pytest.approx(0.5 * (1 - 0.5**3))
 
 
 def test_search_resume_equals_unbroken_run(teacher_path, tmp_path):
