@@ -199,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command}")
     from amas import distributed
+    from amas.engine import Stopped
 
     try:
         distributed.init_from_env(_device_hint(args))
         handler(args)
+    except Stopped as e:
+        print(f"amas {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except AmasError as e:
         print(f"amas {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -125,13 +125,15 @@ class CrossRankBatchNorm(nn.BatchNorm2d):
         from torch.distributed.nn.functional import all_reduce
 
         xf = x.float()
-        n_local = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=xf.dtype, device=x.device)
-        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), n_local])
+        xd = x.double()  # sum and sum of squares in float64: E[x²]−E[x]² cancels badly in float32
+        n_local = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float64, device=x.device)
+        stats = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), n_local])
         stats = all_reduce(stats)
         c = self.num_features
         n = stats[2 * c]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        mean, var, n = mean.float(), var.float(), n.float()
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

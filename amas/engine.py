@@ -132,6 +132,10 @@ class _StopRequest:
 class Stopped(AmasError):
     """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint."""
 
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
 
 def evaluate(model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
@@ -288,7 +292,8 @@ class Trainer:
                         self.save_state()
                         raise Stopped(
                             f"{self.stage}: stopped by signal {stop.signum} at epoch {self.epoch + 1} step "
-                            f"{self.step_in_epoch}; state saved to {self.ckpt_path}, continue with --resume"
+                            f"{self.step_in_epoch}; state saved to {self.ckpt_path}, continue with --resume",
+                            stop.signum,
                         )
                     record = {"epoch": self.epoch + 1}
                     record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})

@@ -474,10 +474,10 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
         t0 = time.perf_counter()
         try:
             summary = getattr(run, f"run_{stage}")()
-        except Stopped:
+        except Stopped as e:
             log.event(stage, "stopped")
-            raise PipelineError(f"stopped by a signal during stage '{stage}' with its training state saved in '{run_dir}'; "
-                                "run the same command again to continue") from None
+            raise Stopped(f"stopped by a signal during stage '{stage}' with its training state saved in '{run_dir}'; "
+                          "run the same command again to continue", e.signum) from None
         wall = round(time.perf_counter() - t0, 2)
         log.set(stage, {"status": "done", "fingerprint": fp, "finished": _now(), "wall_s": wall,
                         "summary": [[k, v if isinstance(v, (int, float, str)) else str(v)] for k, v in summary]})
