@@ -554,9 +554,11 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     record = tobj["model"]
     info = dataset_info(cfg.data)
     check_teacher_matches(record, info, teacher_path, cfg.data.name)
-    prepare_run_dir(run_dir, cfg, resume, "search_state.pt")
+    if (run_dir / "search_state.pt").exists() and not resume:
+        prepare_run_dir(run_dir, cfg, resume, "search_state.pt")  # refuses before any work
     seed_everything(cfg.seed)
     data = stage_data(cfg, tcfg, device)
+    prepare_run_dir(run_dir, cfg, resume, "search_state.pt")
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)

@@ -54,13 +54,15 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     from amas.models import create_model
 
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, cfg, resume, "train_state.pt")
+    if (run_dir / "train_state.pt").exists() and not resume:
+        prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # refuses before any work
     t0 = time.perf_counter()
     device = distributed.device_for(distributed.context(), resolve_device(cfg.train.device))
     seed_everything(cfg.seed)
     data = stage_data(cfg, cfg.train, device)
     info = data.info
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels)
+    prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # data and model are valid: now the run directory
     trainer = Trainer(model, data.train, cfg.train, run_dir, num_classes=info.num_classes, val=data.val, stage="train",
                       device=device)
     history = trainer.fit(resume=resume)
