@@ -1,6 +1,6 @@
-# Two entry points: `make run` (the main job on Fashion-MNIST) and `make test` (the suite).
+# Two entry points: `make run` (the whole pruning pipeline on Fashion-MNIST) and `make test` (the suite).
 PY ?= python3
-CONFIG ?= configs/fmnist_resnet20.yaml
+CONFIG ?= configs/quickstart.yaml
 
 .PHONY: setup run test
 
@@ -12,7 +12,7 @@ setup:
 	$(PY) -m pip install -q -e ".[dev]"
 
 run: setup
-	amas train --config $(CONFIG)
+	amas prune --config $(CONFIG)
 
 test: setup
 	$(PY) -m pytest

@@ -67,3 +67,12 @@ def test_every_shipped_config_loads():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_generated_config_reference_is_current():
+    import runpy
+    from pathlib import Path
+
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "config_reference.py"))
+    ref = Path(__file__).resolve().parents[1] / "configs" / "REFERENCE.md"
+    assert ref.read_text() == tool["render"](), "run python tools/config_reference.py"
