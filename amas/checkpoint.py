@@ -92,16 +92,21 @@ def save_model(path: str | os.PathLike, model: nn.Module, record: dict, metrics:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a dense model saved by save_model; returns (model in eval mode, the file's record)."""
+    obj = load_file(path, "model")
+    return _rebuild(obj, path).to(device).eval(), obj
+
+
+def _rebuild(obj: dict, path: str | os.PathLike) -> nn.Module:
+    """The zoo model a file's record names, with the file's weights loaded."""
     from amas.models import create_model
 
-    obj = load_file(path, "model")
     rec = obj["model"]
     model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError:
         raise CheckpointError(f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it") from None
-    return model.to(device).eval(), obj
+    return model
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -130,13 +135,5 @@ def save_masked(path: str | os.PathLike, model: nn.Module, record: dict, masks: 
 
 def load_masked(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """Rebuild a searched student saved by save_masked; returns (model, masks by group name, the file's record)."""
-    from amas.models import create_model
-
     obj = load_file(path, "masked")
-    rec = obj["model"]
-    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except RuntimeError:
-        raise CheckpointError(f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it") from None
-    return model.to(device).eval(), dict(obj["masks"]), obj
+    return _rebuild(obj, path).to(device).eval(), dict(obj["masks"]), obj

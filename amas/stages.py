@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from amas.checkpoint import load_model, model_record, save_model
+from amas.checkpoint import model_record, save_model
 from amas import distributed
 from amas.config import Config, TrainConfig, atomic_write_text, load_config, save_config, to_dict
 from amas.data import DataBundle, build_data

@@ -1,6 +1,5 @@
 """Shared fixtures: deterministic torch, few threads, tiny configs."""
 
-import os
 
 import pytest
 import torch
@@ -13,6 +12,18 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def teacher_path(tmp_path_factory):
+    """A tiny ResNet-20 teacher trained for two epochs on the synthetic data (shared by the whole session)."""
+    from amas.config import load_config
+    from amas.stages import train_dense
+
+    run = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    train_dense(load_config(None, tiny_overrides(**{"train.device": "cpu"})), run)
+    return run / "model.pt"
 
 
 def tiny_overrides(**extra: str) -> list[str]:

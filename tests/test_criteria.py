@@ -22,14 +22,6 @@ from conftest import tiny_overrides
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_net(width: int = 4) -> nn.Sequential:
     """conv-BN-ReLU twice, pooled, linear head: two prunable groups ('0' and '3')."""

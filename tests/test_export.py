@@ -25,14 +25,6 @@ SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _record():
     return model_record("resnet20", 4, 1, INFOS["synthetic"])

@@ -11,14 +11,6 @@ from amas.masks import ChannelMasks, CostModel, MaskError, find_groups, prox_non
 from amas.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_prox_nonneg_l1_exact() -> None:
     x = torch.tensor([-1.0, 0.0, 0.25, 0.5, 0.75, 2.0])

@@ -29,24 +29,6 @@ def prune_overrides(**extra: str) -> list[str]:
     return tiny_overrides() + [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors on 2 busy shared cores run much faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    """A tiny ResNet-20 teacher trained for two epochs on the synthetic data."""
-    from amas.stages import train_dense
-
-    run = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    train_dense(load_config(None, tiny_overrides(**{"train.device": "cpu"})), run)
-    return run / "model.pt"
 
 
 def events(run):

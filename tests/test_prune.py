@@ -12,14 +12,6 @@ from amas.models import create_model
 from amas.prune import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:
     """Random BN statistics/affine parameters and biases, so removed channels are not trivially zero."""

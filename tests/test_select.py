@@ -19,14 +19,6 @@ from amas.select import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors on 2 busy shared cores run much faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def row(i, macs, acc, params=None, channels=None):
     return {"id": i, "name": f"cand{i}", "level": 0.5, "macs": macs, "params": params if params is not None else macs // 10,
