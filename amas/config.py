@@ -78,23 +78,15 @@ def _search_train() -> "TrainConfig":
 
 
 @dataclass
-class SearchConfig:
-    """AMAS search: student with soft channel masks, distillation, adversarial alignment, sparsity."""
+class AlignmentConfig:
+    """The student's alignment with the frozen teacher, shared by search and fine-tuning: CE + KD + adversarial."""
 
-    train: TrainConfig = field(default_factory=_search_train)
-    # student loss: ce_weight·CE + mu·KD + adv_weight·BCE(D(student), real) + lam·Σ cost·|mask|
+    # student loss: ce_weight·CE + mu·KD + adv_weight·BCE(D(student), real) (+ lam·Σ cost·|mask| in search)
     ce_weight: float = field(default=1.0, metadata=_range(0))
     mu: float = field(default=1.0, metadata=_range(0))
     kd: Literal["mse", "kl"] = "mse"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
     adv_weight: float = field(default=0.1, metadata=_range(0))
-    lam: float = field(default=1.0, metadata=_range(0))
-    # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
-    mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
-    mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
-    fista: bool = True
-    fista_restart: bool = True
-    mask_threshold: float = field(default=0.0, metadata=_range(0))
     fast_teacher: bool = True  # run the frozen teacher as a conv+BN-folded copy (torch.fx), checked against it
     # discriminator: MLP on the logits or on the globally pooled features before the classifier
     d_input: Literal["logits", "features"] = "logits"
@@ -103,6 +95,20 @@ class SearchConfig:
     d_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     d_weight_decay: float = field(default=0.0, metadata=_range(0))
     d_steps: int = field(default=1, metadata=_range(0))
+
+
+@dataclass
+class SearchConfig(AlignmentConfig):
+    """AMAS search: student with soft channel masks, distillation, adversarial alignment, sparsity."""
+
+    train: TrainConfig = field(default_factory=_search_train)
+    lam: float = field(default=1.0, metadata=_range(0))
+    # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
+    mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
+    mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
+    fista: bool = True
+    fista_restart: bool = True
+    mask_threshold: float = field(default=0.0, metadata=_range(0))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(default=0.6, metadata=_range(0, 1))  # set point rises (cubic) over this part of the search
@@ -130,7 +136,7 @@ class PruneConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(AlignmentConfig):
     """Adversarial fine-tuning of pruned models against the frozen teacher: CE + KD + adversarial, no mask penalty.
 
     The same loss and optimiser settings serve the candidates (their epochs come from select.budget_epochs)
@@ -138,19 +144,7 @@ class FinetuneConfig:
     """
 
     train: TrainConfig = field(default_factory=_finetune_train)
-    # student loss: ce_weight·CE + mu·KD + adv_weight·BCE(D(student), real); keys as in search.*
-    ce_weight: float = field(default=1.0, metadata=_range(0))
-    mu: float = field(default=1.0, metadata=_range(0))
     kd: Literal["mse", "kl"] = "kl"
-    temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
-    adv_weight: float = field(default=0.1, metadata=_range(0))
-    fast_teacher: bool = True
-    d_input: Literal["logits", "features"] = "logits"
-    d_hidden: int = field(default=128, metadata=_range(1))
-    d_optimizer: Literal["adam", "sgd"] = "adam"
-    d_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
-    d_weight_decay: float = field(default=0.0, metadata=_range(0))
-    d_steps: int = field(default=1, metadata=_range(0))
 
 
 @dataclass
