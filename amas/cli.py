@@ -169,7 +169,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
     evaluate_on = None if args.no_eval else make_test_evaluator(args.config, args.overrides)
     r = export_checkpoint(args.checkpoint, out, target, round_to=round_to, min_channels=min_channels,
-                          criterion=args.criterion, onnx=args.onnx, evaluate_on=evaluate_on,
+                          criterion=args.criterion, residual=prune.residual_channels, onnx=args.onnx, evaluate_on=evaluate_on,
                           latency_iters=args.latency_iters)
     rows = [("model", r["model"]), ("dataset", r["dataset"]), ("test acc %", r["test_acc"]),
             ("MACs", f"{r['macs'] / 1e6:.3f}M of {r['dense_macs'] / 1e6:.3f}M (-{100 * r['macs_reduction']:.1f}%)"),

@@ -133,6 +133,8 @@ class PruneConfig:
     # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast; see DESIGN.md)
     round_to: int = field(default=8, metadata=_range(1))
     min_channels: int = field(default=1, metadata=_range(1))
+    # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
+    residual_channels: bool = False
 
 
 @dataclass

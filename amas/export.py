@@ -321,7 +321,7 @@ def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, target_reduction: float,
-                      round_to: int = 1, min_channels: int = 1, criterion: str | None = None,
+                      round_to: int = 1, min_channels: int = 1, criterion: str | None = None, residual: bool = False,
                       onnx: bool = False, evaluate_on: Any = None, latency_iters: int = 20) -> dict:
     """Prune a searched student ('masked' file, or a dense 'model' file with criterion='l1') and export it.
 
@@ -348,15 +348,17 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     record = obj["model"]
     shape = _record_shape(record, checkpoint)
     model.eval()
-    groups = find_groups(model, shape)
-    if not groups:
-        raise ExportError(f"model '{record['name']}' has no prunable channel groups; nothing to export")
-    names = {g.name for g in groups}
+    # searched masks name the groups they were found with; a dense model is planned over the groups asked for
+    groups = find_groups(model, shape, residual=residual or masks is not None)
     if masks is not None:
-        unknown = [n for n in masks if n not in names]
+        unknown = [n for n in masks if n not in {g.name for g in groups}]
         if unknown:
             raise ExportError(f"the masks name group {unknown[0]!r}, which {record['name']} does not have here; "
                               "re-run the search with this amas version")
+        groups = [g for g in groups if g.name in masks]
+    if not groups:
+        raise ExportError(f"model '{record['name']}' has no prunable channel groups; nothing to export")
+    if masks is not None:
         scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
         source = "masks"
     else:

@@ -23,12 +23,16 @@ whose removal is not equal to masking (channel zero-padding, grouped but not dep
 transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention, RNNs); groups
 of fewer than two channels.
 
-**Option-A CIFAR ResNets.** Torch-Pruning 1.6 treats the ``ShortcutA`` channel zero-pad as an
-element-wise op and maps channel indices across it wrongly. amas keeps the stage (residual)
-channels out of the groups and prunes each block's inner channels, as GAL and HRank do: any group
-that passes through a constant pad of the channel dimension is left out (and the wrong mapping
-also shows as a non one-to-one index map, the second guard). The stem conv and each stage's
-residual width stay as they are; ``layerX.Y.conv1`` groups are prunable.
+**Option-A CIFAR ResNets.** Torch-Pruning 1.6 treats a channel zero-pad as an element-wise op and
+maps channel indices across it wrongly, so any group that passes through a constant pad of the
+channel dimension is left out (a wrong mapping also shows as a non one-to-one index map, the second
+guard). The zoo's ``ShortcutA`` does not pad: it routes input channels to output channels by an
+index vector with a per-channel scale, and ``ShortcutAPruner`` (registered with Torch-Pruning as a
+custom pruner) prunes its inputs and outputs independently. By default amas still keeps the stage
+(residual) channels whole and prunes each block's inner channels (``layerX.Y.conv1``), as GAL and
+HRank do; ``find_groups(..., residual=True)`` (``prune.residual_channels``) adds one group per stage
+(roots ``conv1``, ``layer2.0.conv2``, ``layer3.0.conv2``), whose producers are the stage's BNs and
+the shortcut feeding it (its scale takes the folded mask).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch_pruning as tp
 from torch import nn
 
 from amas.errors import AmasError
+from amas.models import CUSTOM_PRUNERS
 
 __all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "find_groups", "prox_nonneg_l1"]
 
@@ -84,7 +89,8 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Dependenc
     was_training = model.training
     try:
         with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
+                                                       customized_pruners=dict(CUSTOM_PRUNERS))
     finally:
         model.train(was_training)
     return dg
@@ -124,7 +130,8 @@ def _is_gate_conv(node: Any) -> bool:
     return False
 
 
-def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], size: int) -> dict | None:
+def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], size: int,
+                  residual: bool) -> dict | None:
     """Check a Torch-Pruning group and extract producers, index maps and cost bookkeeping, or None to skip it."""
     out_nodes: dict[str, Any] = {}
     index: dict[str, tuple[list[int], list[int]]] = {}
@@ -145,6 +152,14 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
             return None  # not a uniform one-to-k index map: Torch-Pruning mapped it wrongly
         mult = next(iter(counts.values()))
+        if isinstance(module, tuple(CUSTOM_PRUNERS)):
+            if not residual or names.get(module) is None:
+                return None  # a residual stage routed through a custom shortcut: kept whole unless asked for
+            if dg.is_out_channel_pruning_fn(dep.handler):  # it puts values into the group's channels: a producer
+                out_nodes[names[module]] = node
+                index[names[module]] = ([int(i) for i in idxs], [int(r) for r in roots])
+            members.add(node)
+            continue
         if not isinstance(module, _ALLOWED_PARAM_TYPES):
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
                 return None  # a layer whose channel removal amas cannot vouch for (LayerNorm, GroupNorm, ...)
@@ -187,8 +202,11 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     return {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers}
 
 
-def find_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ChannelGroup]:
-    """Prunable channel groups of model (Torch-Pruning DependencyGraph), in named_modules order of their roots."""
+def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False) -> list[ChannelGroup]:
+    """Prunable channel groups of model (Torch-Pruning DependencyGraph), in named_modules order of their roots.
+
+    residual: also the residual-stage groups that run through the zoo's option-A shortcut (ShortcutA).
+    """
     input_shape = tuple(int(s) for s in input_shape)
     dg = _build_graph(model, input_shape)
     names = {m: n for n, m in model.named_modules()}
@@ -208,7 +226,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Cha
             continue
         if group.items[0].dep.target.module is not root:
             group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
-        rec = _group_record(dg, group, names, size)
+        rec = _group_record(dg, group, names, size, residual)
         if rec is None:
             continue
         found[names[root]] = ChannelGroup(

@@ -73,11 +73,15 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     # what the candidates stage depends on: the policy's own settings decide which candidates train and their ranking
     own = ("min_reduction", "max_macs") if sel["policy"] == "budget" else ("tolerance", "indicator")
     cand_select = {k: sel[k] for k in ("levels", "budget_epochs", "policy", *own)}
+    residual = d["prune"].pop("residual_channels", False)  # only when set, so runs from before it keep their hashes
+    if residual:
+        d["prune"]["residual_channels"] = True
     cand_finetune = copy.deepcopy(d["finetune"])
     final_epochs = cand_finetune["train"].pop("epochs")  # only the final fine-tune uses finetune.train.epochs
     parts = {
         "teacher": {**root, "data": d["data"], "seed": d["seed"]},
-        "search": {"search": d["search"]} if method == "amas" else {"method": method},
+        "search": ({"search": d["search"], **({"residual_channels": True} if residual else {})} if method == "amas"
+                   else {"method": method}),
         "candidates": {"method": method, "prune": d["prune"], "select": cand_select, "finetune": cand_finetune,
                        "criteria": d.get("criteria") if method != "amas" else None},
         "select": {"select": sel},

@@ -120,11 +120,13 @@ def _fold(net: nn.Module, group: ChannelGroup, mask: torch.Tensor) -> None:
     for prod in group.producers:
         module = net.get_submodule(prod)
         pos, roots = group.index[prod]
-        weight = module.weight
-        f = torch.ones(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        ref = module.scale if hasattr(module, "fold_out_scale") else module.weight
+        f = torch.ones(ref.shape[0], dtype=ref.dtype, device=ref.device)
         f[torch.tensor(pos, device=f.device)] = mask.to(f)[torch.tensor(roots, device=f.device)]
         with torch.no_grad():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if hasattr(module, "fold_out_scale"):  # a channel-routing module (the option-A shortcut)
+                module.fold_out_scale(f)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
                 if module.weight is None or module.bias is None:
                     raise PruneError(f"cannot fold a mask into '{prod}': it has no affine parameters")
                 module.weight.mul_(f)
@@ -215,7 +217,7 @@ def model_from_recipe(recipe: dict) -> nn.Module:
     except (KeyError, TypeError, ValueError):
         raise PruneError("the pruning recipe is incomplete (needs model, input_shape, kept); re-export the model") from None
     model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
-    groups = {g.name: g for g in find_groups(model, shape)}
+    groups = {g.name: g for g in find_groups(model, shape, residual=True)}
     missing = [n for n in counts if n not in groups]
     if missing:
         raise PruneError(f"the recipe prunes group {missing[0]!r}, which this amas version does not find in "

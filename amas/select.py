@@ -356,7 +356,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         rows, skipped = cut["rows"], cut["skipped"]
     else:
         source = source.to(device).eval()
-        groups = find_groups(source, shape)
+        groups = find_groups(source, shape, residual=cfg.prune.residual_channels)
         if not groups:
             raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
         cost = CostModel(source, groups, shape)

@@ -15,10 +15,14 @@ reaches at most 70%), round_to is halved for that target, for every method alike
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
 per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same
 round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
-that meets the MACs target. ``--amas-run DIR`` (repeatable) adds an ``amas`` row from a finished ``amas prune`` run:
-its ``pruned.pt`` is evaluated here on the same test split (MACs, params, latency measured here too; it was
-fine-tuned by the pipeline, so "before" is empty); its wall time is the pipeline's stage times from
-``report.json``; the row joins the target nearest its MACs reduction.
+that meets the MACs target. ``amas``: the AMAS search (``adversarial.search`` with the search section of
+``--amas-config``, the pipeline recipe by default; ``--amas-search-epochs`` shortens it) from the same teacher to the
+target, then the searched student is cut at the target by its masks (folded in) and fine-tuned like every other
+method; its wall time includes the search. ``--amas-run DIR`` (repeatable) adds an ``amas_pipeline`` row from a
+finished ``amas prune`` run: its ``pruned.pt`` is evaluated here on the same test split (MACs, params, latency
+measured here too; it was fine-tuned by the pipeline with its own, larger budget, so "before" is empty); its wall
+time is the pipeline's stage times from ``report.json``; the row joins the target nearest its MACs reduction.
+``--merge A.json B.json`` combines runs made in parallel (e.g. one process per target) into one table.
 
 The data split is the one the teacher was trained on (its record names the dataset); fine-tuning uses the
 training split without the held-out validation images, which only blend's fitness reads; the test split is only
@@ -64,7 +68,8 @@ from amas.stages import seed_everything  # noqa: E402
 
 DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
 OUTSIDE = ("tp_magnitude",)
-ALL_METHODS = METHODS + OUTSIDE
+ALL_METHODS = ("amas",) + METHODS + OUTSIDE
+DEFAULT_AMAS_CONFIG = ROOT / "configs" / "fmnist_resnet20_amas.yaml"
 
 
 # ---------------------------------------------------------------- Torch-Pruning reference
@@ -160,7 +165,11 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
     t0 = time.perf_counter()
     source = copy.deepcopy(teacher)
     extra: dict[str, Any] = {}
-    if method == "tp_magnitude":
+    if method == "amas":
+        pruned, keep, search_info = amas_cut(target, seed, groups, cost, args, prune_cfg, device)
+        extra["kept"] = {n: int(v.numel()) for n, v in keep.items()}
+        extra.update(search_info)
+    elif method == "tp_magnitude":
         pruned, ratio, used, search_s = tp_magnitude_prune(source, groups, target, shape, round_to)
         extra["tp_pruning_ratio"] = round(ratio, 4)
         extra["tp_round_to"] = used
@@ -191,6 +200,29 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
             "round_to": round_to, **lat, "plan_s": round(plan_s, 2), "finetune_s": round(ft_s, 2), "wall_s": round(plan_s + ft_s, 2), **extra}
 
 
+def amas_cut(target: float, seed: int, groups: list, cost: CostModel, args: argparse.Namespace, prune_cfg: Any,
+             device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+    """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there."""
+    from amas.adversarial import search
+    from amas.checkpoint import load_masked
+
+    overrides = [f"seed={seed}", f"search.target_reduction={target}", f"data.val_size={args.val_size}",
+                 f"data.train_subset={args.train_subset}", f"search.train.device={args.device}",
+                 "search.train.progress=false"]
+    if args.amas_search_epochs:
+        overrides.append(f"search.train.epochs={args.amas_search_epochs}")
+    acfg = load_config(args.amas_config, overrides)
+    with tempfile.TemporaryDirectory(prefix="amas_compare_search_") as tmp:
+        rec = search(acfg, tmp, args.teacher)
+        student, masks, _ = load_masked(Path(tmp) / "search.pt", "cpu")
+    scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
+    keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
+    pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
+    info = {"search_epochs": int(acfg.search.train.epochs), "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
+            "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3)}
+    return pruned, keep, info
+
+
 def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
     b64 = latency(model, shape, batch_size=64, warmup=2, iters=max(3, iters // 4), device="cpu")
     b1 = latency(model, shape, batch_size=1, warmup=3, iters=iters, device="cpu")
@@ -218,7 +250,7 @@ def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data
         if report.is_file():
             stages = json.loads(report.read_text()).get("stage_wall_s") or {}
             wall = round(sum(float(v) for v in stages.values()), 2) if stages else None
-        rows.append({"method": "amas", "target": min(targets, key=lambda t: abs(t - red)), "seed": None,
+        rows.append({"method": "amas_pipeline", "target": min(targets, key=lambda t: abs(t - red)), "seed": None,
                      "acc_before": None, "acc_after": round(acc, 3), "macs": int(macs), "params": int(params),
                      "macs_reduction": round(red, 4), **_latency(model, shape, args.latency_iters),
                      "plan_s": None, "finetune_s": None, "wall_s": wall, "run_dir": str(d)})
@@ -240,7 +272,7 @@ def summarise(runs: list[dict], methods: list[str], targets: list[float]) -> lis
     """Mean ± sd over seeds per (target, method)."""
     out = []
     for t in targets:
-        for m in methods + ["amas"]:
+        for m in list(dict.fromkeys(["amas", *methods, "amas_pipeline"])):
             rows = [r for r in runs if r["method"] == m and r["target"] == t]
             if not rows:
                 continue
@@ -316,6 +348,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")
     p.add_argument("--test-subset", type=int, default=0, help="first N test images only (0 = all)")
     p.add_argument("--val-size", type=int, default=5000, help="held-out validation images (blend's fitness)")
+    p.add_argument("--amas-config", default=str(DEFAULT_AMAS_CONFIG),
+                   help="YAML whose search section the in-process amas method uses (default: the pipeline recipe)")
+    p.add_argument("--amas-search-epochs", type=int, default=0,
+                   help="search epochs for the amas method (0: the --amas-config value)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files (same teacher and "
+                   "settings, e.g. one per target from parallel runs) into --name and print the table")
     p.add_argument("--amas-run", action="append", default=[], help="finished `amas prune` run directory (repeatable)")
     p.add_argument("--config", help="optional YAML whose criteria/prune sections are used (e.g. prune.round_to)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -337,7 +375,40 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def merge(paths: list[str], out_dir: Path, name: str | None) -> int:
+    """Merge result files of the same teacher (e.g. one per target, run in parallel) into one; print the table."""
+    parts = []
+    for p in paths:
+        try:
+            parts.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as e:
+            raise AmasError(f"--merge {p}: cannot read it as a compare result ({e}); pass files this script wrote")
+    teachers = {json.dumps(r["teacher"].get("path")) for r in parts}
+    if len(teachers) > 1:
+        raise AmasError(f"--merge: the files come from different teachers ({', '.join(sorted(teachers))}); merge one teacher's runs")
+    result = copy.deepcopy(parts[0])
+    settings = result["settings"]
+    runs: dict[tuple, dict] = {}
+    for r in parts:
+        for run in r["runs"]:
+            runs[(run["method"], run["target"], run["seed"], run.get("run_dir"))] = run
+        s = r["settings"]
+        settings["targets"] = sorted(set(settings["targets"]) | set(s["targets"]))
+        settings["seeds"] = sorted(set(settings["seeds"]) | set(s["seeds"]))
+        settings["methods"] = settings["methods"] + [m for m in s["methods"] if m not in settings["methods"]]
+        settings.setdefault("round_to_by_target", {}).update(s.get("round_to_by_target", {}))
+    result["runs"] = list(runs.values())
+    result["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
+    result["summary"] = summarise(result["runs"], settings["methods"], settings["targets"])
+    j, m = write(result, out_dir, name or Path(paths[0]).stem)
+    print(markdown(result))
+    print(f"wrote {j} and {m}")
+    return 0
+
+
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    if args.merge:
+        return merge(args.merge, Path(args.out_dir), args.name)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         check_method(m, ALL_METHODS)
@@ -353,7 +424,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                                     f"data.train_subset={args.train_subset}", f"data.test_subset={args.test_subset}",
                                     *args.overrides])
     shape = (rec["data"]["in_channels"], rec["data"]["image_size"], rec["data"]["image_size"])
-    groups = find_groups(teacher, shape)
+    groups = find_groups(teacher, shape, residual=cfg.prune.residual_channels)
     cost = CostModel(teacher, groups, shape)
     out_dir = Path(args.out_dir)
     name = args.name or f"compare_{data_name}_{rec['name']}"
@@ -378,7 +449,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     }
     jpath = out_dir / f"{name}.json"
     if args.resume and jpath.is_file():
-        result["runs"] = [r for r in json.loads(jpath.read_text()).get("runs", []) if r["method"] != "amas"]
+        result["runs"] = [r for r in json.loads(jpath.read_text()).get("runs", []) if r["method"] != "amas_pipeline"]
     done = {(r["method"], r["target"], r["seed"]) for r in result["runs"]}
     datas = {args.seeds[0]: data0}
     round_tos = {t: feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets}

@@ -47,7 +47,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, t
         name = args.model
         dense = create_model(name, num_classes=10, in_channels=shape[0])
     dense.eval()
-    groups = find_groups(dense, shape)
+    groups = find_groups(dense, shape, residual=args.residual)
     cost = CostModel(dense, groups, shape)
     keep = plan_keep(l1_scores(dense, groups), cost, args.target, round_to=args.round_to)
     pruned = prune_model(dense, groups, keep, input_shape=shape).eval()
@@ -57,7 +57,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, t
     assert macs == cost.macs(counts), "pruned MACs differ from the plan"
     plan = {
         "model": name, "input_shape": list(shape), "target_reduction": args.target, "round_to": args.round_to,
-        "dense_macs": dense_macs, "pruned_macs": macs, "dense_params": dense_params, "pruned_params": params,
+        "residual_channels": args.residual, "dense_macs": dense_macs, "pruned_macs": macs, "dense_params": dense_params, "pruned_params": params,
         "macs_ratio": dense_macs / macs, "kept": counts, "group_sizes": {g.name: g.size for g in groups},
     }
     return dense, pruned, shape, plan
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shape", default="3x32x32", help="C x H x W, e.g. 3x32x32 or 1x28x28")
     ap.add_argument("--target", type=float, default=0.5, help="fraction of MACs to remove")
     ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                    help="also prune the residual-stage channels (find_groups(residual=True)); --no-residual: "
+                         "block-inner channels only")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="alternating (dense, pruned) timing rounds")
     ap.add_argument("--iters", type=int, default=10, help="timed forward passes per round")

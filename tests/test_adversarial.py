@@ -336,6 +336,27 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
     assert "data.name=synthetic" in err and len(err.strip().splitlines()) == 1
 
 
+def test_residual_search_masks_stages_and_exports(teacher_path, tmp_path, capsys):
+    """With prune.residual_channels the search also masks the stage channels, and export cuts them exactly."""
+    from amas.export import load_pruned
+    from amas.masks import find_groups
+
+    out = tmp_path / "search_run"
+    args = ["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path), "--out",
+            str(out), *search_overrides(**{"search.target_reduction": "0.5", "prune.residual_channels": "true"})]
+    assert main(args) == 0
+    model, masks, _ = load_masked(out / "search.pt")
+    assert list(masks) == [g.name for g in find_groups(model, (1, 16, 16), residual=True)]
+    assert {"conv1", "layer2.0.conv2", "layer3.0.conv2"} <= set(masks)
+    assert main(["export", "--checkpoint", str(out / "search.pt"), "--target-flops", "0.5", "--round-to", "4",
+                 "--out", str(out / "export"), "--no-eval", "--latency-iters", "2"]) == 0
+    pruned, obj = load_pruned(out / "export" / "pruned.pt")
+    widths = (pruned.conv1.out_channels, pruned.layer2[0].bn2.num_features, pruned.layer3[0].bn2.num_features)
+    assert widths != (16, 32, 64)  # some stage got narrower
+    assert pruned.layer2[0].shortcut.out_planes == widths[1] and pruned.layer3[0].shortcut.in_planes == widths[1]
+    capsys.readouterr()
+
+
 def test_search_runner_returns_metrics(teacher_path, tmp_path):
     cfg = load_config(None, search_overrides(**{"search.target_reduction": "0.3", "search.d_input": "features"}))
     result = search(cfg, tmp_path / "run", teacher_path)

@@ -30,12 +30,12 @@ def _record():
     return model_record("resnet20", 4, 1, INFOS["synthetic"])
 
 
-@pytest.fixture(scope="module")
-def pruned_file(tmp_path_factory):
-    """A pruned ResNet-20 (random weights, 50% MACs) saved as pruned.pt and pruned.pt2."""
+@pytest.fixture(scope="module", params=[False, True], ids=["inner", "residual"])
+def pruned_file(request, tmp_path_factory):
+    """A pruned ResNet-20 (random weights, 50% MACs; block-inner or also residual channels) as pruned.pt and .pt2."""
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()
-    groups = find_groups(model, SHAPE)
+    groups = find_groups(model, SHAPE, residual=request.param)
     masks = {g.name: torch.rand(g.size) for g in groups}
     keep = plan_keep(masks, CostModel(model, groups, SHAPE), 0.5, round_to=8)
     pruned = prune_model(model, groups, keep, masks=masks)

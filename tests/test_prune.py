@@ -55,12 +55,15 @@ MODELS = [
 ]
 
 
-@pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
-def test_removal_equals_masking(name: str, shape: tuple[int, int, int]) -> None:
+CASES = [(m, s, False) for m, s in MODELS] + [("resnet20", (3, 8, 8), True), ("resnet56", (1, 8, 8), True)]
+
+
+@pytest.mark.parametrize("name,shape,residual", CASES, ids=[m + ("+residual" if r else "") for m, _, r in CASES])
+def test_removal_equals_masking(name: str, shape: tuple[int, int, int], residual: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
     randomize(model, gen)
-    groups = find_groups(model, shape)  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
+    groups = find_groups(model, shape, residual=residual)  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
     assert groups
     cost = CostModel(model, groups, shape)
     model.double()
@@ -128,8 +131,19 @@ def test_unreachable_target_is_one_line() -> None:
         plan_keep({"fc": torch.ones(4)}, cost, 0.3)
 
 
-def test_recipe_rebuilds_the_architecture() -> None:
-    model, groups, cost = _resnet()
+def test_residual_groups_cover_the_stages() -> None:
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    inner = {g.name for g in find_groups(model, (1, 8, 8))}
+    both = {g.name: g for g in find_groups(model, (1, 8, 8), residual=True)}
+    assert set(both) - inner == {"conv1", "layer2.0.conv2", "layer3.0.conv2"}
+    assert "layer2.0.shortcut" in both["layer2.0.conv2"].producers and both["conv1"].size == 16
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_recipe_rebuilds_the_architecture(residual: bool) -> None:
+    model = create_model("resnet56", num_classes=4, in_channels=1).eval()
+    groups = find_groups(model, (1, 8, 8), residual=residual)
+    cost = CostModel(model, groups, (1, 8, 8))
     keep = plan_keep({g.name: torch.rand(g.size) for g in groups}, cost, 0.5, round_to=8)
     pruned = prune_model(model, groups, keep)
     recipe = make_recipe({"name": "resnet56", "num_classes": 4, "in_channels": 1}, (1, 8, 8), keep)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
-import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 from amas.models.registry import register_model
 
 
 class ShortcutA(nn.Module):
-    """Option-A shortcut: spatial subsample by `stride` and zero-pad channels up to `out_planes`."""
+    """Option-A shortcut: spatial subsample by `stride`, then route input channels to output channels, zeros elsewhere.
+
+    Unpruned, input channel i goes to output channel i + (out_planes - in_planes) // 2 (the zero-pad of He et al.).
+    ``route[j]`` is the input channel that output j copies (``in_planes`` = a zero channel) and ``scale[j]`` its factor;
+    channel pruning (``ShortcutAPruner``) and mask folding edit them, so stage channels of a pruned net stay exact.
+    """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
@@ -19,18 +26,65 @@ class ShortcutA(nn.Module):
         self.in_planes = in_planes
         self.out_planes = out_planes
         self.stride = stride
+        pad = (out_planes - in_planes) // 2
+        route = torch.full((out_planes,), in_planes, dtype=torch.long)
+        route[pad:pad + in_planes] = torch.arange(in_planes)
+        self.register_buffer("route", route)
+        self.register_buffer("scale", torch.ones(out_planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Subsample and zero-pad the channel dimension (extra channels split before/after)."""
+        """Subsample, then gather the routed channels (a zero channel for the padding) and scale them."""
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_planes - self.in_planes
-        if extra:
-            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
-        return x
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2], x.shape[3])], dim=1)
+        return x.index_select(1, self.route) * self.scale.view(1, -1, 1, 1).to(x.dtype)
+
+    def fold_out_scale(self, factor: torch.Tensor) -> None:
+        """Multiply output channel j by factor[j] (folding a channel mask into the shortcut)."""
+        with torch.no_grad():
+            self.scale.mul_(factor.to(self.scale))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for key in ("route", "scale"):  # files written before the shortcut had them (unpruned shortcuts)
+            state_dict.setdefault(prefix + key, getattr(self, key).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_planes={self.in_planes}, out_planes={self.out_planes}, stride={self.stride}"
+
+
+class ShortcutAPruner(tp.pruner.function.BasePruningFunc):
+    """Torch-Pruning pruner for ShortcutA: input and output channels are pruned independently, the routing follows."""
+
+    TARGET_MODULES = (ShortcutA,)
+
+    def prune_out_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
+        """Drop output channels idxs."""
+        keep = torch.tensor(sorted(set(range(layer.out_planes)) - {int(i) for i in idxs}), dtype=torch.long,
+                            device=layer.route.device)
+        layer.route = layer.route[keep]
+        layer.scale = layer.scale[keep]
+        layer.out_planes = int(keep.numel())
+        return layer
+
+    def prune_in_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
+        """Drop input channels idxs; outputs that copied them become zero channels."""
+        dropped = {int(i) for i in idxs}
+        kept = [i for i in range(layer.in_planes) if i not in dropped]
+        new_in = len(kept)
+        remap = torch.full((layer.in_planes + 1,), new_in, dtype=torch.long)
+        remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(new_in)
+        layer.route = remap.to(layer.route.device)[layer.route]
+        layer.in_planes = new_in
+        return layer
+
+    def get_out_channels(self, layer: ShortcutA) -> int:
+        """Output channels."""
+        return layer.out_planes
+
+    def get_in_channels(self, layer: ShortcutA) -> int:
+        """Input channels."""
+        return layer.in_planes
 
 
 class BasicBlock(nn.Module):
