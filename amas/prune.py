@@ -39,9 +39,13 @@ class PruneError(AmasError):
 
 
 def _rounded(k: int, size: int, round_to: int, min_channels: int) -> int:
-    """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size)."""
+    """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size).
+
+    A group cut down to its minimum keeps exactly min_channels: rounding a dead group (e.g. a block whose masks
+    all reached zero) up to round_to would spend MACs on zero channels that other groups then lose.
+    """
     k = max(k, min(min_channels, size))
-    if round_to > 1:
+    if round_to > 1 and k > min_channels:
         k = min(size, int(math.ceil(k / round_to)) * round_to)
     return k
 

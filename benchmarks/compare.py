@@ -10,8 +10,9 @@ difference between methods can be told from noise; JSON and Markdown go to ``ben
 after every run (``--resume`` skips the runs already in the JSON).
 
 Methods: ``amas.criteria.METHODS`` (planned by ``plan_for_method`` with the config's ``criteria`` and ``prune``
-sections: round_to, min_channels; where a target is out of reach at ``prune.round_to`` (ResNet-20 at round_to 8
-reaches at most 70%), round_to is halved for that target, for every method alike, and the tables say so) and
+sections: round_to, min_channels; where a target is out of reach at ``prune.round_to``, round_to is halved for
+that target, for every method alike, and the tables say so; a group cut to its minimum keeps min_channels
+unrounded) and
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
 per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same
 round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
@@ -137,7 +138,7 @@ def tp_magnitude_prune(model: nn.Module, groups: list, target: float, shape: tup
 
 
 def feasible_round_to(cost: CostModel, target: float, round_to: int, min_channels: int) -> int:
-    """round_to, halved until the target is reachable (e.g. ResNet-20 at round_to 8 reaches only 70% MACs reduction)."""
+    """round_to, halved until the target is reachable (e.g. a net whose groups are all narrower than it)."""
     uniform = {n: torch.ones(g.size) for n, g in cost.groups.items()}
     while True:
         try:
