@@ -173,6 +173,7 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
     elif method == "tp_magnitude":
         pruned, ratio, used, search_s = tp_magnitude_prune(source, groups, target, shape, round_to)
         extra["tp_pruning_ratio"] = round(ratio, 4)
+        extra["kept"] = {g.name: int(_out_channels(pruned.get_submodule(g.name))) for g in groups}
         extra["tp_round_to"] = used
         t0 = time.perf_counter() - search_s  # a cut reused from an earlier seed still counts its search time
     else:
@@ -222,6 +223,34 @@ def amas_cut(target: float, seed: int, groups: list, cost: CostModel, args: argp
     info = {"search_epochs": int(acfg.search.train.epochs), "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
             "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3)}
     return pruned, keep, info
+
+
+def _out_channels(module: nn.Module) -> int:
+    return int(module.out_channels if hasattr(module, "out_channels") else module.out_features)
+
+
+def relatency(result: dict, iters: int) -> None:
+    """Re-time every run whose kept counts are recorded, and the teacher, now (on an otherwise idle machine).
+
+    Latency depends only on the architecture, so each run's model is rebuilt from its kept counts (random weights);
+    runs without kept counts keep the latency measured during the run and say so.
+    """
+    from amas.prune import make_recipe, model_from_recipe
+
+    t = result["teacher"]
+    teacher, obj = load_model(t["path"], "cpu")
+    rec = obj["model"]
+    shape = (int(rec["data"]["in_channels"]), int(rec["data"]["image_size"]), int(rec["data"]["image_size"]))
+    teacher_rec = {"name": rec["name"], "num_classes": int(rec["num_classes"]), "in_channels": shape[0]}
+    t.update(_latency(teacher.eval(), shape, iters))
+    for run in result["runs"]:
+        if not run.get("kept"):
+            run["latency_source"] = "during the run"
+            continue
+        model = model_from_recipe(make_recipe(teacher_rec, shape, run["kept"]))
+        run.update(_latency(model, shape, iters))
+        run["latency_source"] = "re-timed idle"
+    result.setdefault("settings", {})["latency_retimed"] = {"threads": torch.get_num_threads(), "iters": iters}
 
 
 def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
@@ -303,6 +332,11 @@ def markdown(result: dict) -> str:
              f"batch {result['settings']['batch_size']}; seeds "
              f"{result['settings']['seeds']}; train images {result['settings']['train_images']}, test images "
              f"{result['settings']['test_images']}. Values: mean ± sample sd over seeds.", ""]
+    rt = result["settings"].get("latency_retimed")
+    if rt:
+        lines += [f"Latency: re-timed after the runs with nothing else running ({rt['threads']} thread(s), CPU, "
+                  "channels-last), each architecture rebuilt from its kept channel counts; † marks rows timed during "
+                  "the runs instead.", ""]
     for target in result["settings"]["targets"]:
         rt = result["settings"].get("round_to_by_target", {}).get(str(target), result["settings"]["round_to"])
         lines += [f"## Target: {100 * target:.0f}% MACs reduction (kept channels rounded up to multiples of {rt})", "",
@@ -312,7 +346,9 @@ def markdown(result: dict) -> str:
         rows.sort(key=lambda s: -(s["acc_after"]["mean"] if s["acc_after"] else -math.inf))
         for s in rows:
             delta = None if s["acc_after"] is None else dict(s["acc_after"], mean=s["acc_after"]["mean"] - t["test_acc"])
-            lines.append(f"| {s['method']} | {_fmt(s['macs_reduction'], 1, 100)} | {_fmt(s['params'], 4, 1e-6)} | "
+            during = any(r.get("latency_source") == "during the run" for r in result["runs"]
+                         if r["method"] == s["method"] and r["target"] == target)
+            lines.append(f"| {s['method']}{' †' if rt and during else ''} | {_fmt(s['macs_reduction'], 1, 100)} | {_fmt(s['params'], 4, 1e-6)} | "
                          f"{_fmt(s['acc_before'])} | {_fmt(s['acc_after'])} | {_fmt(delta)} | "
                          f"{_fmt(s['latency_b64_ms'])} | {_fmt(s['latency_b1_ms'], 3)} | {_fmt(s['wall_s'], 1)} |")
         tp_rt = {r.get("tp_round_to") for r in result["runs"] if r["method"] == "tp_magnitude" and r["target"] == target}
@@ -355,6 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="search epochs for the amas method (0: the --amas-config value)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files (same teacher and "
                    "settings, e.g. one per target from parallel runs) into --name and print the table")
+    p.add_argument("--retime-latency", action="store_true", help="with --merge: re-time every run's architecture "
+                   "(rebuilt from its kept counts) and the teacher now; run it on an otherwise idle machine")
     p.add_argument("--amas-run", action="append", default=[], help="finished `amas prune` run directory (repeatable)")
     p.add_argument("--config", help="optional YAML whose criteria/prune sections are used (e.g. prune.round_to)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -376,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def merge(paths: list[str], out_dir: Path, name: str | None) -> int:
+def merge(paths: list[str], out_dir: Path, name: str | None, retime: bool = False, iters: int = 20) -> int:
     """Merge result files of the same teacher (e.g. one per target, run in parallel) into one; print the table."""
     parts = []
     for p in paths:
@@ -400,6 +438,8 @@ def merge(paths: list[str], out_dir: Path, name: str | None) -> int:
         settings.setdefault("round_to_by_target", {}).update(s.get("round_to_by_target", {}))
     result["runs"] = list(runs.values())
     result["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
+    if retime:
+        relatency(result, iters)
     result["summary"] = summarise(result["runs"], settings["methods"], settings["targets"])
     j, m = write(result, out_dir, name or Path(paths[0]).stem)
     print(markdown(result))
@@ -409,7 +449,7 @@ def merge(paths: list[str], out_dir: Path, name: str | None) -> int:
 
 def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.merge:
-        return merge(args.merge, Path(args.out_dir), args.name)
+        return merge(args.merge, Path(args.out_dir), args.name, args.retime_latency, args.latency_iters)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         check_method(m, ALL_METHODS)
@@ -439,6 +479,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     result: dict[str, Any] = {
         "command": command,
         "teacher": {"path": str(teacher_path), "model": rec["name"], "dataset": data_name, "test_acc": round(t_acc, 3),
+                    "num_classes": int(data0.info.num_classes), "input_shape": list(shape),
                     "macs": int(t_macs), "params": int(t_params), **_latency(teacher, shape, args.latency_iters)},
         "settings": {"targets": args.targets, "seeds": args.seeds, "methods": methods, "epochs": args.epochs,
                      "lr": args.lr, "batch_size": args.batch_size, "round_to": cfg.prune.round_to,
