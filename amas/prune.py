@@ -38,14 +38,14 @@ class PruneError(AmasError):
     """A pruning plan or removal that cannot be carried out."""
 
 
-def _rounded(k: int, size: int, round_to: int, min_channels: int) -> int:
+def _rounded(k: int, size: int, round_to: int, min_channels: int, dead: bool = False) -> int:
     """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size).
 
-    A group cut down to its minimum keeps exactly min_channels: rounding a dead group (e.g. a block whose masks
-    all reached zero) up to round_to would spend MACs on zero channels that other groups then lose.
+    A dead group (every score zero, e.g. a block whose masks all reached zero) cut to its minimum keeps exactly
+    min_channels: rounding it up to round_to would spend MACs on zero channels that live groups then lose.
     """
     k = max(k, min(min_channels, size))
-    if round_to > 1 and k > min_channels:
+    if round_to > 1 and not (dead and k <= min_channels):
         k = min(size, int(math.ceil(k / round_to)) * round_to)
     return k
 
@@ -64,6 +64,7 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
     costs = cost_model.channel_costs()
     order: list[tuple[float, int, int, str]] = []  # (score per MAC, group position, channel, group)
     sorted_idx: dict[str, list[int]] = {}
+    dead: set[str] = set()
     for gpos, (name, g) in enumerate(groups.items()):
         if name not in scores:
             continue
@@ -75,6 +76,8 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         # channels in ascending score order (ties: lower index first); the top min_channels are never removable
         ranked = sorted(range(g.size), key=lambda i: (float(s[i]), i))
         sorted_idx[name] = ranked
+        if not bool((s != 0).any()):
+            dead.add(name)
         removable = ranked[: max(0, g.size - min(min_channels, g.size))]
         cost = costs[name]
         for i in removable:
@@ -89,7 +92,7 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         removed: dict[str, int] = {}
         for _, _, _, name in order[:prefix]:
             removed[name] = removed.get(name, 0) + 1
-        return {n: _rounded(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels)
+        return {n: _rounded(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead)
                 for n in sorted_idx}
 
     lo, hi = 0, len(order)

@@ -11,7 +11,7 @@ after every run (``--resume`` skips the runs already in the JSON).
 
 Methods: ``amas.criteria.METHODS`` (planned by ``plan_for_method`` with the config's ``criteria`` and ``prune``
 sections: round_to, min_channels; where a target is out of reach at ``prune.round_to``, round_to is halved for
-that target, for every method alike, and the tables say so; a group cut to its minimum keeps min_channels
+that target, for every method alike, and the tables say so; a dead group, all scores zero, keeps min_channels
 unrounded) and
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
 per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same

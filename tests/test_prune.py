@@ -102,7 +102,7 @@ def test_plan_meets_the_target_closely(round_to: int) -> None:
     assert macs <= budget
     assert macs >= budget - (8 if round_to > 1 else 1) * max(cost.channel_costs().values())
     for g in groups:
-        assert counts[g.name] >= 1 and (counts[g.name] % round_to == 0 or counts[g.name] in (1, g.size))
+        assert counts[g.name] >= 1 and (counts[g.name] % round_to == 0 or counts[g.name] == g.size)
         # each group keeps its highest-scoring channels
         kept = set(keep[g.name].tolist())
         dropped = [i for i in range(g.size) if i not in kept]
@@ -129,14 +129,15 @@ def test_dead_group_keeps_min_channels_unrounded() -> None:
     keep = plan_keep(scores, cost, 0.3, min_channels=1, round_to=8)
     counts = kept_counts(keep)
     assert counts["layer1.2.conv1"] == 1
-    assert all(c % 8 == 0 or c == 1 for c in counts.values()) and cost.macs(counts) <= 0.7 * cost.total_macs
+    assert all(c % 8 == 0 for n, c in counts.items() if n != "layer1.2.conv1")  # live groups stay rounded
+    assert cost.macs(counts) <= 0.7 * cost.total_macs
 
 
 def test_unreachable_target_is_one_line() -> None:
     _, groups, cost = _resnet()
     scores = {g.name: torch.rand(g.size) for g in groups}
     with pytest.raises(PruneError) as e:
-        plan_keep(scores, cost, 0.98, round_to=8)
+        plan_keep(scores, cost, 0.9, round_to=8)
     assert "out of reach" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(PruneError, match="which this model does not have"):
         plan_keep({"fc": torch.ones(4)}, cost, 0.3)
