@@ -282,8 +282,12 @@ class SearchObjective(Objective):
     """The search stage's loss: CE + mu·KD + adversarial + lam·Σ cost·|m|, discriminator and mask steps inside."""
 
     def __init__(self, teacher: nn.Module, groups: list, masks: Any, cost: Any, cfg: SearchConfig,
-                 input_shape: tuple[int, int, int], num_classes: int, total_steps: int = 0) -> None:
+                 input_shape: tuple[int, int, int], num_classes: int, total_steps: int = 0, round_to: int = 1,
+                 min_channels: int = 1) -> None:
         super().__init__(cfg.train.label_smoothing)
+        # how the planner rounds kept counts (prune.round_to, prune.min_channels): with cfg.count_rounded the
+        # controller steers the MACs of the rounded cut, not of the raw mask count
+        self.round_to, self.min_channels = int(round_to), int(min_channels)
         self.cfg = cfg
         self.teacher = teacher
         teacher.eval().requires_grad_(False)
@@ -444,8 +448,15 @@ class SearchObjective(Objective):
         return {n: int((v > thr).sum()) for n, v in zip(self.names, self.updater.values())}
 
     def effective_macs(self) -> int:
-        """MACs of the student with every channel at or below the threshold removed."""
-        return int(self.cost.macs(self.kept()))
+        """MACs of the student with every channel at or below the threshold removed (counts rounded as the cut's)."""
+        kept = self.kept()
+        if self.cfg.count_rounded:
+            from amas.prune import rounded_count
+
+            sizes = self.cost.groups
+            kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, dead=k == 0)
+                    for n, k in kept.items()}
+        return int(self.cost.macs(kept))
 
     def reduction(self) -> float:
         """Effective MACs reduction, 0..1."""
@@ -568,7 +579,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     cost = CostModel(student, groups, info.input_shape)
     masks = ChannelMasks(groups, init=1.0)
     objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
-                                total_steps=tcfg.epochs * len(data.train))
+                                total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
+                                min_channels=cfg.prune.min_channels)
     trainer = Trainer(student, data.train, tcfg, run_dir, num_classes=info.num_classes, val=data.val,
                       objective=objective, stage="search", device=device, on_epoch_end=on_epoch_end)
     try:

@@ -109,6 +109,9 @@ class SearchConfig(AlignmentConfig):
     fista: bool = True
     fista_restart: bool = True
     mask_threshold: float = field(default=0.0, metadata=_range(0))
+    # the controller measures the MACs of the cut the planner would make (kept counts rounded as prune.round_to and
+    # prune.min_channels round them), so the student at the end of the search is the model that gets cut
+    count_rounded: bool = True
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(default=0.6, metadata=_range(0, 1))  # set point rises (cubic) over this part of the search

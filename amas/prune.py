@@ -38,7 +38,7 @@ class PruneError(AmasError):
     """A pruning plan or removal that cannot be carried out."""
 
 
-def _rounded(k: int, size: int, round_to: int, min_channels: int, dead: bool = False) -> int:
+def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False) -> int:
     """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size).
 
     A dead group (every score zero, e.g. a block whose masks all reached zero) cut to its minimum keeps exactly
@@ -92,7 +92,7 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         removed: dict[str, int] = {}
         for _, _, _, name in order[:prefix]:
             removed[name] = removed.get(name, 0) + 1
-        return {n: _rounded(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead)
+        return {n: rounded_count(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead)
                 for n in sorted_idx}
 
     lo, hi = 0, len(order)

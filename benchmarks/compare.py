@@ -76,22 +76,23 @@ DEFAULT_AMAS_CONFIG = ROOT / "configs" / "fmnist_resnet20_amas.yaml"
 # ---------------------------------------------------------------- Torch-Pruning reference
 
 
-_TP_CACHE: dict[tuple[float, int], tuple[nn.Module, float, int, float]] = {}
+_TP_CACHE: dict[tuple[float, int, bool], tuple[nn.Module, float, int, float]] = {}
 
 
 def tp_magnitude_prune(model: nn.Module, groups: list, target: float, shape: tuple[int, int, int], round_to: int,
-                       refine: int = 7) -> tuple[nn.Module, float, int, float]:
+                       refine: int = 7, fallback: bool = True) -> tuple[nn.Module, float, int, float]:
     """Torch-Pruning MagnitudePruner (L2, uniform per-layer ratio) on amas' groups: (model, ratio, round_to, search s).
 
     The ratio is the smallest on a 0.05 grid (refined by bisection) whose cut meets the target; the search time is
     returned with the cut (and again for a cached cut, so every seed's wall time counts it). Torch-Pruning
     rounds a layer's remaining channels *down* to round_to and leaves a layer alone when that gives zero, so with
     round_to 8 a 16-channel layer cannot go below 8 and a ResNet-20 tops out just under 50%; when the target is
-    out of reach at round_to, the pruner runs without rounding (round_to 1) and the row says so.
+    out of reach at round_to, the pruner runs without rounding (round_to 1) and the row says so, or, with
+    fallback=False, a PruneError says the target is out of reach.
     """
     import torch_pruning as tp
 
-    key = (float(target), int(round_to))
+    key = (float(target), int(round_to), bool(fallback))
     if key in _TP_CACHE:  # deterministic: the same cut for every seed
         m, ratio, used, took = _TP_CACHE[key]
         return copy.deepcopy(m), ratio, used, took
@@ -111,7 +112,7 @@ def tp_magnitude_prune(model: nn.Module, groups: list, target: float, shape: tup
         return m, 1.0 - count(m, shape)[0] / dense
 
     most = 0.0
-    for rt in ([round_to, 1] if round_to > 1 else [1]):
+    for rt in ([round_to, 1] if round_to > 1 and fallback else [round_to]):
         prev = 0.0
         for k in range(1, 20):
             ratio = k / 20
@@ -203,12 +204,12 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
 
 
 def amas_cut(target: float, seed: int, groups: list, cost: CostModel, args: argparse.Namespace, prune_cfg: Any,
-             device: torch.device) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+             device: torch.device, extra_overrides: list[str] | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there."""
     from amas.adversarial import search
     from amas.checkpoint import load_masked
 
-    overrides = [f"seed={seed}", f"search.target_reduction={target}", f"data.val_size={args.val_size}",
+    overrides = [*(extra_overrides or []), f"seed={seed}", f"search.target_reduction={target}", f"data.val_size={args.val_size}",
                  f"data.train_subset={args.train_subset}", f"search.train.device={args.device}",
                  "search.train.progress=false"]
     if args.amas_search_epochs:

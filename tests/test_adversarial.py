@@ -362,3 +362,26 @@ def test_search_runner_returns_metrics(teacher_path, tmp_path):
     result = search(cfg, tmp_path / "run", teacher_path)
     assert 0.0 <= result["macs_reduction"] < 1.0 and 0 <= result["val_acc"] <= 100 and 0 < result["teacher_val_acc"] <= 100
     assert (tmp_path / "run" / "search.pt").is_file() and (tmp_path / "run" / "search_metrics.json").is_file()
+
+
+def test_controller_measures_the_rounded_cut(teacher_path, tmp_path):
+    """With search.count_rounded the effective MACs are those of the planner's rounded cut of the current masks."""
+    from amas.prune import plan_keep
+
+    _, obj, _, _ = _objective(teacher_path, tmp_path)
+    obj.round_to, obj.min_channels = 8, 1
+    with torch.no_grad():
+        for i, x in enumerate(obj.updater.values()):
+            x[: (3 + i) % x.numel()] = 0.0  # ragged kept counts, some groups 1 below a multiple of 8
+    raw = obj.cost.macs(obj.kept())
+    rounded = obj.effective_macs()
+    assert rounded > raw
+    scores = {n: v.clone() for n, v in obj.mask_values().items()}
+    keep = plan_keep(scores, obj.cost, 1.0 - rounded / obj.cost.total_macs, 1, 8)
+    # the cut at the reduction the controller saw removes only channels whose mask is zero
+    for n, idx in keep.items():
+        live = set(torch.nonzero(scores[n] > 0).flatten().tolist())
+        assert live <= set(idx.tolist()), n
+    assert obj.cost.macs({n: idx.numel() for n, idx in keep.items()}) <= rounded
+    obj.cfg.count_rounded = False
+    assert obj.effective_macs() == raw

@@ -37,7 +37,7 @@ from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import conv_members
 from amas.criteria.norms import filters, l1_scores
 from amas.masks import ChannelGroup, CostModel
-from amas.prune import PruneError, _rounded
+from amas.prune import PruneError, rounded_count
 
 __all__ = ["group_filters", "connected_components", "covering_number", "redundancy", "layer_redundancy", "plan", "auto_gamma"]
 
@@ -162,7 +162,7 @@ def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, ta
         return redundancy(dist[name][rest][:, rest], gamma, cfg.srr_ell)
 
     def counts() -> dict[str, int]:
-        return {n: _rounded(sizes[n] - removed[n], sizes[n], round_to, min_ch) for n in sizes}
+        return {n: rounded_count(sizes[n] - removed[n], sizes[n], round_to, min_ch) for n in sizes}
 
     red = {g.name: current(g.name) for g in groups}
     while cost_model.macs(counts()) > budget:
