@@ -1,4 +1,4 @@
-# Two entry points: `make run` (the whole pruning pipeline on Fashion-MNIST) and `make test` (the suite).
+# Two entry points: `make run` (the whole pruning pipeline on Fashion-MNIST) and `make test` (ruff, then the suite).
 PY ?= python3
 CONFIG ?= configs/quickstart.yaml
 
@@ -9,10 +9,11 @@ setup:
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 		|| echo "note: Fashion-MNIST package not installed; amas will try torchvision's download"; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,onnx]"
 
 run: setup
 	amas prune --config $(CONFIG)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest

@@ -74,7 +74,9 @@ def real_fake_bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-def discriminator_loss(d: nn.Module, teacher_out: torch.Tensor, student_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def discriminator_loss(
+    d: nn.Module, teacher_out: torch.Tensor, student_out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCE(D(teacher), real) + BCE(D(student), fake) with the student detached; also returns both raw outputs."""
     d_t, d_s = d(teacher_out.detach()), d(student_out.detach())
     return real_fake_bce(d_t, True) + real_fake_bce(d_s, False), d_t.detach(), d_s.detach()
@@ -114,7 +116,7 @@ class ProximalMaskUpdate:
     def drop_momentum(self) -> None:
         """Drop the momentum now: the parameters go back to the iterate x."""
         if self.fista and self.t > 1.0:
-            for p, x in zip(self.params, self.x):
+            for p, x in zip(self.params, self.x, strict=True):
                 p.copy_(x)
             self.t = 1.0
             self.restarts += 1
@@ -123,7 +125,7 @@ class ProximalMaskUpdate:
     def step(self, lr: float, thresholds: list[float | torch.Tensor]) -> None:
         """One step with step size lr; thresholds[i] is the L1 weight of params[i] (the prox cuts lr·thresholds[i])."""
         new = []
-        for p, thr in zip(self.params, thresholds):
+        for p, thr in zip(self.params, thresholds, strict=True):
             y = p.detach()
             g = p.grad
             z = y if g is None else y - lr * g.to(y.dtype)
@@ -132,14 +134,17 @@ class ProximalMaskUpdate:
         beta = 0.0
         if self.fista:
             if self.restart:
-                agree = sum(float(((p.detach() - xn) * (xn - xo)).sum()) for p, xn, xo in zip(self.params, new, self.x))
+                agree = sum(
+                    float(((p.detach() - xn) * (xn - xo)).sum())
+                    for p, xn, xo in zip(self.params, new, self.x, strict=True)
+                )
                 if agree > 0:
                     self.t = 1.0
                     self.restarts += 1
             t_next = (1.0 + math.sqrt(1.0 + 4.0 * self.t * self.t)) / 2.0
             beta = (self.t - 1.0) / t_next
             self.t = t_next
-        for p, xn, xo in zip(self.params, new, self.x):
+        for p, xn, xo in zip(self.params, new, self.x, strict=True):
             p.copy_((xn + beta * (xn - xo)).clamp_(min=0) if beta > 0 else xn)
         self.x = new
 
@@ -153,7 +158,7 @@ class ProximalMaskUpdate:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
-        self.x = [x.to(p.device, p.dtype).clone() for x, p in zip(state["x"], self.params)]
+        self.x = [x.to(p.device, p.dtype).clone() for x, p in zip(state["x"], self.params, strict=True)]
         self.t, self.restarts = float(state["t"]), int(state["restarts"])
 
 
@@ -226,7 +231,9 @@ class _FeatureTap:
     def take(self) -> torch.Tensor:
         v, self.value = self.value, None
         if v is None:
-            raise SearchError("the pooling layer tapped for search.d_input=features did not run; use search.d_input=logits")
+            raise SearchError(
+                "the pooling layer tapped for search.d_input=features did not run; use search.d_input=logits"
+            )
         return v
 
     def remove(self) -> None:
@@ -263,7 +270,11 @@ def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> 
         x = torch.randn((4, *input_shape), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
         with torch.no_grad():
             ref, out = model(x), fast(x)
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-5):
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.shape != ref.shape
+            or not torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-5)
+        ):
             return model
     except Exception:  # any model torch.fx cannot trace or fuse: use it as it is
         return model
@@ -372,7 +383,7 @@ class SearchObjective(Objective):
     def penalty(self) -> torch.Tensor:
         """Σ_g cost_g·Σ_i |m_gi| over the mask iterates (cost as a fraction of the model's MACs)."""
         vals = self.updater.values()
-        return sum(c * v.abs().sum() for c, v in zip(self.costs, vals)) if vals else torch.zeros(())
+        return sum(c * v.abs().sum() for c, v in zip(self.costs, vals, strict=True)) if vals else torch.zeros(())
 
     def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """Teacher forward (no grad), discriminator step(s), then the student's loss."""
@@ -445,7 +456,7 @@ class SearchObjective(Objective):
     def kept(self) -> dict[str, int]:
         """Channels per group whose mask is above search.mask_threshold."""
         thr = self.cfg.mask_threshold
-        return {n: int((v > thr).sum()) for n, v in zip(self.names, self.updater.values())}
+        return {n: int((v > thr).sum()) for n, v in zip(self.names, self.updater.values(), strict=True)}
 
     def effective_macs(self) -> int:
         """MACs of the student with every channel at or below the threshold removed (counts rounded as the cut's)."""
@@ -464,12 +475,12 @@ class SearchObjective(Objective):
 
     def mask_values(self) -> dict[str, torch.Tensor]:
         """Mask iterates by group name (what search.pt stores)."""
-        return {n: v.detach().clone() for n, v in zip(self.names, self.updater.values())}
+        return {n: v.detach().clone() for n, v in zip(self.names, self.updater.values(), strict=True)}
 
     def zero_fractions(self) -> dict[str, float]:
         """Fraction of masks at or below the threshold, per group."""
         thr = self.cfg.mask_threshold
-        return {n: float((v <= thr).float().mean()) for n, v in zip(self.names, self.updater.values())}
+        return {n: float((v <= thr).float().mean()) for n, v in zip(self.names, self.updater.values(), strict=True)}
 
     def scalars(self) -> dict[str, float]:
         """lambda, effective MACs ratio, zero-mask fractions per group."""
@@ -485,7 +496,7 @@ class SearchObjective(Objective):
     def end_epoch(self, model: nn.Module, epoch: int, writer: Any) -> None:
         """Mask histograms per group and overall, and the epoch's effective MACs."""
         vals = self.updater.values()
-        for n, v in zip(self.names, vals):
+        for n, v in zip(self.names, vals, strict=True):
             writer.add_histogram(f"search_masks/{n}", v.detach().float().cpu(), epoch + 1)
         if vals:
             writer.add_histogram("search_masks/all", torch.cat([v.detach().float().cpu() for v in vals]), epoch + 1)
@@ -510,7 +521,7 @@ class SearchObjective(Objective):
             raise TrainingError("the saved search state has other channel groups than this model; "
                                 "start a new run directory or drop --resume")
         with torch.no_grad():
-            for p, v in zip(self.masks.masks, state["masks"]):
+            for p, v in zip(self.masks.masks, state["masks"], strict=True):
                 p.copy_(v)
         self.updater.load_state_dict(state["updater"])
         self.discriminator.load_state_dict(state["discriminator"])
@@ -544,7 +555,8 @@ def check_teacher_matches(record: dict, info: Any, teacher_path: str | Path, dat
         raise SearchError(
             f"teacher '{teacher_path}' was trained on {rd.get('name', '?')} ({record['num_classes']} classes, "
             f"{record['in_channels']} channels), but the config's data is {data_name} ({info.num_classes} classes, "
-            f"{info.in_channels} channels); set data.name={rd.get('name', '?')} or pass a teacher trained on {data_name}"
+            f"{info.in_channels} channels); set data.name={rd.get('name', '?')} or pass a teacher trained on "
+            f"{data_name}"
         )
 
 

@@ -45,8 +45,12 @@ def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.devi
     except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
         msg = str(e).lower()
         if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip" in msg or "eof" in msg or "central directory" in msg:
-            raise CheckpointError(f"checkpoint '{p}' is truncated or corrupt; re-create it or restore a good copy") from None
-        raise CheckpointError(f"'{p}' is not an amas checkpoint (it holds pickled objects); pass a file amas wrote") from None
+            raise CheckpointError(
+                f"checkpoint '{p}' is truncated or corrupt; re-create it or restore a good copy"
+            ) from None
+        raise CheckpointError(
+            f"'{p}' is not an amas checkpoint (it holds pickled objects); pass a file amas wrote"
+        ) from None
     except Exception:
         raise CheckpointError(f"'{p}' is not an amas checkpoint; pass a file amas wrote") from None
     if not isinstance(obj, dict) or "amas_format" not in obj:
@@ -55,7 +59,8 @@ def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.devi
         raise CheckpointError(f"'{p}' is an amas '{obj['amas_format']}' file, but a '{kind}' file is needed here")
     if int(obj.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(
-            f"'{p}' has format version {obj['format_version']}, newer than this amas reads ({FORMAT_VERSION}); upgrade amas"
+            f"'{p}' has format version {obj['format_version']}, newer than this amas reads ({FORMAT_VERSION}); "
+            f"upgrade amas"
         )
     return obj
 
@@ -105,7 +110,9 @@ def _rebuild(obj: dict, path: str | os.PathLike) -> nn.Module:
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError:
-        raise CheckpointError(f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it") from None
+        raise CheckpointError(
+            f"'{path}' does not match the architecture '{rec['name']}' it names; re-create it"
+        ) from None
     return model
 
 
@@ -133,7 +140,9 @@ def save_masked(path: str | os.PathLike, model: nn.Module, record: dict, masks: 
     )
 
 
-def load_masked(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+def load_masked(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """Rebuild a searched student saved by save_masked; returns (model, masks by group name, the file's record)."""
     obj = load_file(path, "masked")
     return _rebuild(obj, path).to(device).eval(), dict(obj["masks"]), obj

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from amas.errors import AmasError
 
@@ -52,8 +53,12 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 @command("export", "prune a searched student to a MACs target and export pruned.pt, pruned.pt2 (ONNX) and a report")
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="searched student (search.pt) or, with --criterion l1, a dense model.pt")
-    p.add_argument("--target-flops", type=float, help="fraction of the MACs to remove, e.g. 0.5 (default: prune.target_reduction)")
+    p.add_argument(
+        "--checkpoint", required=True, help="searched student (search.pt) or, with --criterion l1, a dense model.pt"
+    )
+    p.add_argument(
+        "--target-flops", type=float, help="fraction of the MACs to remove, e.g. 0.5 (default: prune.target_reduction)"
+    )
     p.add_argument("--round-to", type=int, help="round kept channels up to a multiple of N (default: prune.round_to)")
     p.add_argument("--min-channels", type=int, help="channels every group keeps at least (default: prune.min_channels)")
     p.add_argument("--criterion", choices=["l1"], help="score a dense model's channels by filter L1 norm")
@@ -68,8 +73,14 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 @command("prune", "the whole pipeline: teacher -> search -> candidates -> selection -> final fine-tune -> export")
 def _prune_args(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--teacher", help="trained dense model.pt (default: train one with the config's model and train settings)")
-    p.add_argument("--method", default="amas", help="amas (searched masks, default) or a criterion of amas.criteria (l1, fpgm, ...)")
+    p.add_argument(
+        "--teacher", help="trained dense model.pt (default: train one with the config's model and train settings)"
+    )
+    p.add_argument(
+        "--method",
+        default="amas",
+        help="amas (searched masks, default) or a criterion of amas.criteria (l1, fpgm, ...)",
+    )
     p.add_argument("--redo", choices=["teacher", "search", "candidates", "select", "final", "export"],
                    help="redo this stage and every stage after it (after changing their settings)")
     p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size in the report")
@@ -168,9 +179,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     min_channels = prune.min_channels if args.min_channels is None else args.min_channels
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
     evaluate_on = None if args.no_eval else make_test_evaluator(args.config, args.overrides)
-    r = export_checkpoint(args.checkpoint, out, target, round_to=round_to, min_channels=min_channels,
-                          criterion=args.criterion, residual=prune.residual_channels, onnx=args.onnx, evaluate_on=evaluate_on,
-                          latency_iters=args.latency_iters)
+    r = export_checkpoint(
+        args.checkpoint,
+        out,
+        target,
+        round_to=round_to,
+        min_channels=min_channels,
+        criterion=args.criterion,
+        residual=prune.residual_channels,
+        onnx=args.onnx,
+        evaluate_on=evaluate_on,
+        latency_iters=args.latency_iters,
+    )
     rows = [("model", r["model"]), ("dataset", r["dataset"]), ("test acc %", r["test_acc"]),
             ("MACs", f"{r['macs'] / 1e6:.3f}M of {r['dense_macs'] / 1e6:.3f}M (-{100 * r['macs_reduction']:.1f}%)"),
             ("params", f"{r['params'] / 1e6:.4f}M of {r['dense_params'] / 1e6:.4f}M"),
@@ -189,8 +209,13 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)
-    run_pipeline(cfg, run_dir, teacher=args.teacher, method=args.method, redo=args.redo, latency_iters=args.latency_iters)
-    print(f"prune: all stages done in {run_dir}; report: {run_dir / 'report.md'}; TensorBoard: tensorboard --logdir {run_dir}")
+    run_pipeline(
+        cfg, run_dir, teacher=args.teacher, method=args.method, redo=args.redo, latency_iters=args.latency_iters
+    )
+    print(
+        f"prune: all stages done in {run_dir}; report: {run_dir / 'report.md'}; TensorBoard: tensorboard "
+        f"--logdir {run_dir}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,7 @@ class TrainConfig:
     progress: bool = True
 
 
-def _search_train() -> "TrainConfig":
+def _search_train() -> TrainConfig:
     return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine")
 
 
@@ -114,7 +114,9 @@ class SearchConfig(AlignmentConfig):
     count_rounded: bool = True
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
-    target_ramp: float = field(default=0.6, metadata=_range(0, 1))  # set point rises (cubic) over this part of the search
+    target_ramp: float = field(
+        default=0.6, metadata=_range(0, 1)
+    )  # set point rises (cubic) over this part of the search
     controller_every: int = field(default=10, metadata=_range(1))
     controller_ki: float = field(default=2.0, metadata=_range(0))  # on log(lam), per update, per unit of error
     controller_kp: float = field(default=8.0, metadata=_range(0))
@@ -123,7 +125,7 @@ class SearchConfig(AlignmentConfig):
     lam_max: float = field(default=1e3, metadata=_range(0, lo_open=True))
 
 
-def _finetune_train() -> "TrainConfig":
+def _finetune_train() -> TrainConfig:
     return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine")
 
 
@@ -163,13 +165,15 @@ class SelectConfig:
     # budget: highest val acc with MACs ≤ bound; tolerance: fewest MACs with val acc ≥ teacher val acc − tolerance
     policy: Literal["budget", "tolerance"] = "budget"
     min_reduction: float = field(default=0.5, metadata=_range(0, 0.99))  # budget bound: MACs ≤ (1 − this) × teacher
-    max_macs: int = field(default=0, metadata=_range(0))  # budget bound in MACs per image; overrides min_reduction when > 0
+    max_macs: int = field(
+        default=0, metadata=_range(0)
+    )  # budget bound in MACs per image; overrides min_reduction when > 0
     tolerance: float = field(default=0.5, metadata=_range(0))  # accuracy points below the teacher's val acc
     # cost axis of the Pareto front and of the tolerance policy: MACs or kept channels
     indicator: Literal["macs", "channels"] = "macs"
 
 
-def _sparsity_train() -> "TrainConfig":
+def _sparsity_train() -> TrainConfig:
     return TrainConfig(epochs=1, lr=0.01, weight_decay=1e-4, schedule="cosine")
 
 
@@ -179,7 +183,7 @@ def _blend_pool() -> list[str]:
 
 @dataclass
 class CriteriaConfig:
-    """Baseline channel criteria (amas.criteria): data use, network slimming, blended criteria (He 2021), SRR (Wang 2021)."""
+    """Baseline channel criteria (amas.criteria): data use, slimming, blended criteria (He 2021), SRR (Wang 2021)."""
 
     batches: int = field(default=4, metadata=_range(1))  # training batches read by taylor, hrank and apoz
     taylor_on: Literal["bn", "weight"] = "bn"  # (g·w)² summed over BN γ,β ("gate after BN") or over the conv filter
@@ -189,7 +193,9 @@ class CriteriaConfig:
     bn_sparsity_train: TrainConfig = field(default_factory=_sparsity_train)
     # blended criteria: pool, Spearman clustering threshold, evolutionary search of the blend weights
     blend_pool: list[str] = field(default_factory=_blend_pool)
-    blend_rho: float = field(default=0.8, metadata=_range(-1, 1))  # criteria with rank correlation >= rho share a cluster
+    blend_rho: float = field(
+        default=0.8, metadata=_range(-1, 1)
+    )  # criteria with rank correlation >= rho share a cluster
     blend_population: int = field(default=8, metadata=_range(2))
     blend_generations: int = field(default=6, metadata=_range(1))
     blend_elite: int = field(default=2, metadata=_range(1))
@@ -197,7 +203,8 @@ class CriteriaConfig:
     blend_val_batches: int = field(default=4, metadata=_range(1))  # held-out batches per fitness evaluation
     blend_layer_scales: bool = False  # also evolve one score scale per group (moves channels between layers)
     # structural redundancy reduction: edge when unit-normalised filters are closer than gamma; ell-hop covering.
-    # gamma 0 = auto: the srr_edge_fraction quantile of all the network's pairwise filter distances (one gamma for all layers)
+    # gamma 0 = auto: the srr_edge_fraction quantile of all the network's pairwise filter distances
+    # (one gamma for all layers)
     srr_gamma: float = field(default=0.0, metadata=_range(0, 2))
     srr_edge_fraction: float = field(default=0.05, metadata=_range(0, 1, lo_open=True))
     srr_ell: int = field(default=1, metadata=_range(1, 2))

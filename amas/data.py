@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -264,8 +265,20 @@ class TensorBatches:
 class FolderBatches:
     """ImageFolder data through torchvision transforms and a DataLoader (too large to hold in memory)."""
 
-    def __init__(self, root: Path, info: DatasetInfo, batch_size: int, *, train: bool, cfg: DataConfig,
-                 device: torch.device | str, seed: int, channels_last: bool, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        root: Path,
+        info: DatasetInfo,
+        batch_size: int,
+        *,
+        train: bool,
+        cfg: DataConfig,
+        device: torch.device | str,
+        seed: int,
+        channels_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
@@ -294,7 +307,10 @@ class FolderBatches:
         from torch.utils.data import DataLoader, Subset
 
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = [self.indices[i] for i in (torch.randperm(self.num_samples, generator=g).tolist() if self.train else range(self.num_samples))]
+        order = [
+            self.indices[i]
+            for i in (torch.randperm(self.num_samples, generator=g).tolist() if self.train else range(self.num_samples))
+        ]
         gb = self.batch_size * self.world_size
         order = order[: len(self) * gb]
         if self.world_size > 1:
@@ -332,7 +348,9 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
         root = Path(cfg.root).expanduser()
         train_dir = root / "train"
         if not train_dir.is_dir():
-            raise DataError(f"ImageFolder data needs '{train_dir}' with one folder per class; set data.root to its parent")
+            raise DataError(
+                f"ImageFolder data needs '{train_dir}' with one folder per class; set data.root to its parent"
+            )
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         return DatasetInfo("imagefolder", len(classes), 3, cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return INFOS[cfg.name]

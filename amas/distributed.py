@@ -157,7 +157,9 @@ def convert_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _swap_bn(module: nn.Module) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
-        new = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = CrossRankBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.to(next(iter(module.buffers())).device)
         if module.affine:

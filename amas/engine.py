@@ -6,9 +6,10 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -81,7 +82,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning-rate schedule named by cfg.schedule."""
     total = max(1, total_steps)
     if cfg.schedule == "onecycle":
@@ -111,7 +114,7 @@ class _StopRequest:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> _StopRequest:
         for s in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -137,7 +140,9 @@ class Stopped(AmasError):
         self.signum = int(signum)
 
 
-def evaluate(model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False
+) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
     was_training = model.training
     model.eval()
@@ -151,7 +156,9 @@ def evaluate(model: nn.Module, batches: Batches, num_classes: int, device: torch
             metric.update(logits, y)
             n += y.numel()
     model.train(was_training)
-    totals = distributed.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)]))
+    totals = distributed.all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)])
+    )
     if float(totals[1]) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
@@ -205,8 +212,13 @@ class Trainer:
         for g in groups:
             g.setdefault("lr", cfg.lr)
             g.setdefault("weight_decay", cfg.weight_decay)
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
         self.steps_per_epoch = len(train)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
         self.epoch = 0
@@ -280,7 +292,7 @@ class Trainer:
     # ------------------------------------------------------------ loop
 
     def fit(self, resume: bool = False, until_epoch: int | None = None) -> list[dict]:
-        """Train to cfg.epochs, or only up to until_epoch of that schedule (continuing from the saved state when resume); return per-epoch history."""
+        """Train to cfg.epochs or up to until_epoch of that schedule (resume: from saved state); per-epoch history."""
         if resume and self.ckpt_path.is_file():
             self.load_state()
         end = self.cfg.epochs if until_epoch is None else min(int(until_epoch), self.cfg.epochs)
@@ -333,9 +345,14 @@ class Trainer:
             return
         bad = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
         term = f" (term '{bad[0]}')" if bad else ""
-        last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file() else "no checkpoint was written yet"
+        last = (
+            f"the last good checkpoint is {self.ckpt_path}"
+            if self.ckpt_path.is_file()
+            else "no checkpoint was written yet"
+        )
         raise TrainingError(
-            f"{self.stage}: loss became {float(out.loss.detach()):.4g}{term} at epoch {self.epoch + 1} step {self.step_in_epoch}; "
+            f"{self.stage}: loss became {float(out.loss.detach()):.4g}{term} at epoch {self.epoch + 1} step "
+            f"{self.step_in_epoch}; "
             f"{last}; lower train.lr or the loss weights"
         )
 
@@ -350,8 +367,14 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, n_steps = 0, 0
         t0, seen_since = time.perf_counter(), 0
-        bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not cfg.progress or not self.dist.is_main, leave=False,
-                   desc=f"{self.stage} {self.epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=skip,
+            disable=not cfg.progress or not self.dist.is_main,
+            leave=False,
+            desc=f"{self.stage} {self.epoch + 1}/{cfg.epochs}",
+            dynamic_ncols=True,
+        )
         for i, (x, y) in enumerate(self.train_batches):
             if i < skip:  # replay the epoch's random stream up to where the saved state stopped
                 continue
@@ -389,8 +412,15 @@ class Trainer:
             if stop.signum is not None:
                 break
         bar.close()
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                                         torch.tensor(float(seen), device=self.device, dtype=torch.float64)]))
+        totals = distributed.all_reduce_sum(
+            torch.stack(
+                [
+                    loss_sum.double(),
+                    correct.double(),
+                    torch.tensor(float(seen), device=self.device, dtype=torch.float64),
+                ]
+            )
+        )
         self._epoch_stats = {
             "loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size,
             "acc": 100.0 * float(totals[1]) / max(float(totals[2]), 1.0),

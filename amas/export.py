@@ -112,7 +112,9 @@ def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if _peek_format(path) == "pruned":
         model, obj = load_pruned(path, device)
         if "data" not in obj["model"]:
-            raise CheckpointError(f"'{path}' does not say which dataset it was trained on; re-export it with amas export")
+            raise CheckpointError(
+                f"'{path}' does not say which dataset it was trained on; re-export it with amas export"
+            )
         return model, obj
     return load_model(path, device)
 
@@ -225,7 +227,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
         diff = float(abs(got - ref).max())
         info["max_abs_diff"] = diff
         if not (abs(got - ref) <= atol + rtol * abs(ref)).all():
-            raise ExportError(f"the ONNX model's outputs differ from PyTorch's by up to {diff:.2e}; ship pruned.pt2 instead")
+            raise ExportError(
+                f"the ONNX model's outputs differ from PyTorch's by up to {diff:.2e}; ship pruned.pt2 instead"
+            )
     model.train(was_training)
     return info
 
@@ -294,7 +298,7 @@ def write_report(report: dict, out_dir: str | os.PathLike, stem: str = "report")
 
 
 def make_test_evaluator(config: str | None = None, overrides: list[str] | None = None) -> Any:
-    """A callable (model, record) -> test accuracy in % on the record's dataset (data settings from config/overrides)."""
+    """A callable (model, record) -> test accuracy in % on the record's dataset (data settings: config, overrides)."""
 
     def evaluate_model(model: nn.Module, record: dict) -> float:
         from amas.config import load_config
@@ -317,7 +321,9 @@ def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
         data = record["data"]
         return (int(data["in_channels"]), int(data["image_size"]), int(data["image_size"]))
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"'{path}' does not record its input shape; re-create it with this amas version") from None
+        raise CheckpointError(
+            f"'{path}' does not record its input shape; re-create it with this amas version"
+        ) from None
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, target_reduction: float,
@@ -338,10 +344,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     masks: dict[str, torch.Tensor] | None = None
     if fmt == "pruned":
         load_file(checkpoint, "pruned")  # a newer format version says so first
-        raise ExportError(f"'{checkpoint}' is already pruned; pass the searched student (search.pt) or a dense model.pt")
+        raise ExportError(
+            f"'{checkpoint}' is already pruned; pass the searched student (search.pt) or a dense model.pt"
+        )
     if fmt == "model":
         if criterion != "l1":
-            raise ExportError(f"'{checkpoint}' is a dense model without masks; pass --criterion l1 or a searched student (search.pt)")
+            raise ExportError(
+                f"'{checkpoint}' is a dense model without masks; pass --criterion l1 or a searched student (search.pt)"
+            )
         model, obj = load_model(checkpoint)
     else:
         model, masks, obj = load_masked(checkpoint)  # also gives the one-line errors for bad files

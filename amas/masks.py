@@ -262,8 +262,11 @@ class ChannelMasks(nn.Module):
                 plan[prod].append((gi, pos, roots))
         self._plan = dict(plan)
         # producers whose output channels are exactly one group's channels, in order: multiply by the mask as is
-        self._direct = {prod: entries[0][0] for prod, entries in self._plan.items()
-                        if len(entries) == 1 and entries[0][1] == entries[0][2] == list(range(self.groups[entries[0][0]].size))}
+        self._direct = {
+            prod: entries[0][0]
+            for prod, entries in self._plan.items()
+            if len(entries) == 1 and entries[0][1] == entries[0][2] == list(range(self.groups[entries[0][0]].size))
+        }
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._index_cache: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -272,7 +275,10 @@ class ChannelMasks(nn.Module):
         hit = self._index_cache.get(key)
         if hit is None:
             _, pos, roots = self._plan[prod][k]
-            hit = (torch.tensor(pos, dtype=torch.long, device=device), torch.tensor(roots, dtype=torch.long, device=device))
+            hit = (
+                torch.tensor(pos, dtype=torch.long, device=device),
+                torch.tensor(roots, dtype=torch.long, device=device),
+            )
             self._index_cache[key] = hit
         return hit
 
@@ -305,7 +311,9 @@ class ChannelMasks(nn.Module):
             try:
                 module = net.get_submodule(prod)
             except AttributeError:
-                raise MaskError(f"the model has no module '{prod}' that the masks expect; build the masks from this model's groups") from None
+                raise MaskError(
+                    f"the model has no module '{prod}' that the masks expect; build the masks from this model's groups"
+                ) from None
             self._handles.append(module.register_forward_hook(self._hook(prod)))
 
     def detach(self) -> None:
@@ -316,7 +324,7 @@ class ChannelMasks(nn.Module):
 
     def values(self) -> dict[str, torch.Tensor]:
         """Group name -> detached copy of its mask."""
-        return {n: m.detach().clone() for n, m in zip(self.names, self.masks)}
+        return {n: m.detach().clone() for n, m in zip(self.names, self.masks, strict=True)}
 
     def load_values(self, values: dict[str, torch.Tensor]) -> None:
         """Copy mask values by group name (every group must be present with the right size)."""
@@ -326,10 +334,13 @@ class ChannelMasks(nn.Module):
             what = f"missing {missing[0]!r}" if missing else f"unknown {extra[0]!r}"
             raise MaskError(f"mask values do not match the channel groups ({what}); load masks saved for this model")
         with torch.no_grad():
-            for n, m in zip(self.names, self.masks):
+            for n, m in zip(self.names, self.masks, strict=True):
                 v = torch.as_tensor(values[n])
                 if v.shape != m.shape:
-                    raise MaskError(f"mask {n!r} has shape {tuple(v.shape)}, the group needs {tuple(m.shape)}; load masks saved for this model")
+                    raise MaskError(
+                        f"mask {n!r} has shape {tuple(v.shape)}, the group needs {tuple(m.shape)}; load masks "
+                        f"saved for this model"
+                    )
                 m.copy_(v.to(m.device, m.dtype))
 
 

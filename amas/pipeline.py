@@ -29,8 +29,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,11 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None
-        root: dict = {"teacher": str(p.resolve()), "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None}
+        root: dict = {
+            "teacher": str(p.resolve()),
+            "size": st.st_size if st else None,
+            "mtime_ns": st.st_mtime_ns if st else None,
+        }
     else:
         root = {"model": d["model"], "train": d["train"]}
     sel = d["select"]
@@ -105,7 +110,9 @@ class _Log:
             try:
                 self.data = json.loads(path.read_text())
             except json.JSONDecodeError:
-                raise PipelineError(f"'{path}' is damaged; delete it to rebuild the stage log from the artefacts") from None
+                raise PipelineError(
+                    f"'{path}' is damaged; delete it to rebuild the stage log from the artefacts"
+                ) from None
 
     def stage(self, name: str) -> dict | None:
         return self.data["stages"].get(name)
@@ -182,8 +189,14 @@ class _Run:
             from amas.data import build_data
 
             t = self.cfg.finetune.train
-            self._data = build_data(self.cfg.data, t.batch_size, t.eval_batch_size, device=self.device, seed=self.cfg.seed,
-                                    channels_last=t.channels_last)
+            self._data = build_data(
+                self.cfg.data,
+                t.batch_size,
+                t.eval_batch_size,
+                device=self.device,
+                seed=self.cfg.seed,
+                channels_last=t.channels_last,
+            )
             if self._data.val is None:
                 raise PipelineError("selection needs a held-out validation split; set data.val_size > 0")
         return self._data
@@ -224,10 +237,14 @@ class _Run:
         hook = self.epoch_hook()
         r = search(self.cfg, self.dir / "search", self.teacher_path, resume=True,
                    on_epoch_end=(lambda e, rec: hook("search", e, rec)) if hook else None)
-        return [("student val acc %", r.get("val_acc", float("nan"))), ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
-                ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
-                ("MACs reduction %", 100.0 * r["macs_reduction"]),
-                ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"), ("epochs", r["epochs"])]
+        return [
+            ("student val acc %", r.get("val_acc", float("nan"))),
+            ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
+            ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
+            ("MACs reduction %", 100.0 * r["macs_reduction"]),
+            ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"),
+            ("epochs", r["epochs"]),
+        ]
 
     def _planner(self) -> tuple[nn.Module, dict | None, Callable]:
         """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices)."""
@@ -243,8 +260,10 @@ class _Run:
                 names = {g.name for g in groups}
                 unknown = [n for n in masks if n not in names]
                 if unknown:
-                    raise PipelineError(f"the searched masks name group {unknown[0]!r}, which the student does not have; "
-                                        "redo the search with --redo search")
+                    raise PipelineError(
+                        f"the searched masks name group {unknown[0]!r}, which the student does not have; "
+                        "redo the search with --redo search"
+                    )
                 scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
                 return plan_keep(scores, cost, level, min_channels=pc.min_channels, round_to=pc.round_to)
 
@@ -257,8 +276,19 @@ class _Run:
         def plan_criterion(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
             # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
             prepare_model(self.method, model, groups, data.train, self.cfg, num_classes=data.info.num_classes)
-            return plan_for_method(self.method, copy.deepcopy(model), groups, cost, level, train=data.train, val=data.val,
-                                   cfg=self.cfg, prune_cfg=pc, num_classes=data.info.num_classes, seed=self.cfg.seed)
+            return plan_for_method(
+                self.method,
+                copy.deepcopy(model),
+                groups,
+                cost,
+                level,
+                train=data.train,
+                val=data.val,
+                cfg=self.cfg,
+                prune_cfg=pc,
+                num_classes=data.info.num_classes,
+                seed=self.cfg.seed,
+            )
 
         # a trainable copy: Torch-Pruning traces the channel groups through autograd
         return copy.deepcopy(teacher).requires_grad_(True), None, plan_criterion
@@ -307,8 +337,17 @@ class _Run:
         out.mkdir(parents=True, exist_ok=True)
         val_acc = sel["winner_row"]["val_acc"]
         if epochs > 0:
-            trainer = finetune_trainer(model, teacher, self.cfg.finetune, epochs, self.data, out, "final", self.device,
-                                       on_epoch_end=(lambda e, rec: self.epoch_hook()("final", e, rec)) if self.epoch_hook() else None)
+            trainer = finetune_trainer(
+                model,
+                teacher,
+                self.cfg.finetune,
+                epochs,
+                self.data,
+                out,
+                "final",
+                self.device,
+                on_epoch_end=(lambda e, rec: self.epoch_hook()("final", e, rec)) if self.epoch_hook() else None,
+            )
             try:
                 history = trainer.fit(resume=True)
             finally:
@@ -342,11 +381,18 @@ class _Run:
         rt = build_report(teacher.cpu(), shape, {}, latency_iters=self.latency_iters, device="cpu")
         report = _comparison(self, meta, rp, rt, test_teacher, test_pruned, sel, cand, pt2)
         _write_report(report, self.dir)
-        return [("teacher test acc %", round(test_teacher, 3)), ("pruned test acc %", round(test_pruned, 3)),
-                ("MACs", f"{rp['macs'] / 1e6:.3f}M of {rt['macs'] / 1e6:.3f}M (-{100 * (1 - rp['macs'] / rt['macs']):.1f}%)"),
-                ("params", f"{rp['params'] / 1e6:.4f}M of {rt['params'] / 1e6:.4f}M"),
-                ("latency b64 ms", f"{rp['latency_b64_ms']:.3g} vs {rt['latency_b64_ms']:.3g} (teacher)"),
-                ("files", f"{self.dir / 'pruned.pt'}, {self.dir / 'pruned.pt2'}"), ("report", str(self.dir / "report.md"))]
+        return [
+            ("teacher test acc %", round(test_teacher, 3)),
+            ("pruned test acc %", round(test_pruned, 3)),
+            (
+                "MACs",
+                f"{rp['macs'] / 1e6:.3f}M of {rt['macs'] / 1e6:.3f}M (-{100 * (1 - rp['macs'] / rt['macs']):.1f}%)",
+            ),
+            ("params", f"{rp['params'] / 1e6:.4f}M of {rt['params'] / 1e6:.4f}M"),
+            ("latency b64 ms", f"{rp['latency_b64_ms']:.3g} vs {rt['latency_b64_ms']:.3g} (teacher)"),
+            ("files", f"{self.dir / 'pruned.pt'}, {self.dir / 'pruned.pt2'}"),
+            ("report", str(self.dir / "report.md")),
+        ]
 
 
 def _comparison(run: _Run, meta: dict, rp: dict, rt: dict, test_teacher: float, test_pruned: float, sel: dict,
@@ -355,57 +401,118 @@ def _comparison(run: _Run, meta: dict, rp: dict, rt: dict, test_teacher: float, 
     w = sel["winner_row"]
     stages = _Log(run.dir / "pipeline.json").data["stages"]
     return {
-        "model": meta.get("model"), "dataset": meta.get("dataset"), "method": run.method, "input_shape": rp["input_shape"],
-        "teacher": {"test_acc": round(test_teacher, 3), "val_acc": round(float(cand["teacher"]["val_acc"]), 3),
-                    "macs": rt["macs"], "params": rt["params"], "latency_b1_ms": rt["latency_b1_ms"],
-                    "latency_b64_ms": rt["latency_b64_ms"], "checkpoint": str(run.teacher_path)},
-        "pruned": {"test_acc": round(test_pruned, 3), "val_acc": round(float(meta.get("val_acc", float("nan"))), 3),
-                   "macs": rp["macs"], "params": rp["params"], "latency_b1_ms": rp["latency_b1_ms"],
-                   "latency_b64_ms": rp["latency_b64_ms"], "checkpoint": str(run.dir / "pruned.pt")},
+        "model": meta.get("model"),
+        "dataset": meta.get("dataset"),
+        "method": run.method,
+        "input_shape": rp["input_shape"],
+        "teacher": {
+            "test_acc": round(test_teacher, 3),
+            "val_acc": round(float(cand["teacher"]["val_acc"]), 3),
+            "macs": rt["macs"],
+            "params": rt["params"],
+            "latency_b1_ms": rt["latency_b1_ms"],
+            "latency_b64_ms": rt["latency_b64_ms"],
+            "checkpoint": str(run.teacher_path),
+        },
+        "pruned": {
+            "test_acc": round(test_pruned, 3),
+            "val_acc": round(float(meta.get("val_acc", float("nan"))), 3),
+            "macs": rp["macs"],
+            "params": rp["params"],
+            "latency_b1_ms": rp["latency_b1_ms"],
+            "latency_b64_ms": rp["latency_b64_ms"],
+            "checkpoint": str(run.dir / "pruned.pt"),
+        },
         "test_acc_change": round(test_pruned - test_teacher, 3),
         "macs_reduction": round(1.0 - rp["macs"] / rt["macs"], 4),
         "params_reduction": round(1.0 - rp["params"] / rt["params"], 4),
         "speedup_b1": round(rt["latency_b1_ms"] / rp["latency_b1_ms"], 3),
         "speedup_b64": round(rt["latency_b64_ms"] / rp["latency_b64_ms"], 3),
         "latency_device": rp["latency_device"],
-        "selection": {"policy": sel["policy"], "rule": sel["rule"], "selected": w["name"], "level": w["level"],
-                      "front": sel["front"], "candidates": len(sel["candidates"]),
-                      "budget_epochs": cand["halving"]["budget"], "finetune_epochs": meta.get("finetune_epochs")},
-        "files": {"pruned.pt": str(run.dir / "pruned.pt"), "pruned.pt2": str(run.dir / "pruned.pt2"),
-                  "pt2_dynamic_batch": pt2.get("dynamic_batch"), "selection": str(run.dir / "selection.json"),
-                  "pareto": str(run.dir / "pareto.png")},
+        "selection": {
+            "policy": sel["policy"],
+            "rule": sel["rule"],
+            "selected": w["name"],
+            "level": w["level"],
+            "front": sel["front"],
+            "candidates": len(sel["candidates"]),
+            "budget_epochs": cand["halving"]["budget"],
+            "finetune_epochs": meta.get("finetune_epochs"),
+        },
+        "files": {
+            "pruned.pt": str(run.dir / "pruned.pt"),
+            "pruned.pt2": str(run.dir / "pruned.pt2"),
+            "pt2_dynamic_batch": pt2.get("dynamic_batch"),
+            "selection": str(run.dir / "selection.json"),
+            "pareto": str(run.dir / "pareto.png"),
+        },
         "stage_wall_s": {k: v.get("wall_s") for k, v in stages.items() if v.get("wall_s") is not None},
     }
 
 
 def _write_report(report: dict, out: Path) -> None:
-    """report.md (teacher vs pruned table, selection, files) and report.json, each atomically; JSON last (the marker)."""
+    """report.md (teacher vs pruned, selection, files) and report.json, each atomically; JSON last (the marker)."""
     t, p = report["teacher"], report["pruned"]
 
     def row(name: str, a: Any, b: Any, change: str) -> str:
         return f"| {name} | {a} | {b} | {change} |"
 
     lines = [
-        f"# amas prune: {report['model']} on {report['dataset']} ({report['method']})", "",
-        "| | teacher | pruned | change |", "|---|---|---|---|",
-        row("test accuracy %", f"{t['test_acc']:.2f}", f"{p['test_acc']:.2f}", f"{report['test_acc_change']:+.2f} points"),
-        row("validation accuracy %", f"{t['val_acc']:.2f}", f"{p['val_acc']:.2f}", f"{p['val_acc'] - t['val_acc']:+.2f} points"),
+        f"# amas prune: {report['model']} on {report['dataset']} ({report['method']})",
+        "",
+        "| | teacher | pruned | change |",
+        "|---|---|---|---|",
+        row(
+            "test accuracy %",
+            f"{t['test_acc']:.2f}",
+            f"{p['test_acc']:.2f}",
+            f"{report['test_acc_change']:+.2f} points",
+        ),
+        row(
+            "validation accuracy %",
+            f"{t['val_acc']:.2f}",
+            f"{p['val_acc']:.2f}",
+            f"{p['val_acc'] - t['val_acc']:+.2f} points",
+        ),
         row("MACs", f"{t['macs'] / 1e6:.3f}M", f"{p['macs'] / 1e6:.3f}M", f"-{100 * report['macs_reduction']:.1f}%"),
-        row("params", f"{t['params'] / 1e6:.4f}M", f"{p['params'] / 1e6:.4f}M", f"-{100 * report['params_reduction']:.1f}%"),
-        row("latency batch 1 (ms)", f"{t['latency_b1_ms']:.3f}", f"{p['latency_b1_ms']:.3f}", f"{report['speedup_b1']:.2f}x faster"),
-        row("latency batch 64 (ms)", f"{t['latency_b64_ms']:.3f}", f"{p['latency_b64_ms']:.3f}", f"{report['speedup_b64']:.2f}x faster"),
-        "", f"Latency measured on {report['latency_device']}. Test accuracy is evaluated once, after selection; "
-        "the selection used the held-out validation split only.", "",
-        "## Selection", "",
+        row(
+            "params",
+            f"{t['params'] / 1e6:.4f}M",
+            f"{p['params'] / 1e6:.4f}M",
+            f"-{100 * report['params_reduction']:.1f}%",
+        ),
+        row(
+            "latency batch 1 (ms)",
+            f"{t['latency_b1_ms']:.3f}",
+            f"{p['latency_b1_ms']:.3f}",
+            f"{report['speedup_b1']:.2f}x faster",
+        ),
+        row(
+            "latency batch 64 (ms)",
+            f"{t['latency_b64_ms']:.3f}",
+            f"{p['latency_b64_ms']:.3f}",
+            f"{report['speedup_b64']:.2f}x faster",
+        ),
+        "",
+        f"Latency measured on {report['latency_device']}. Test accuracy is evaluated once, after selection; "
+        "the selection used the held-out validation split only.",
+        "",
+        "## Selection",
+        "",
         f"- policy: {report['selection']['policy']} ({report['selection']['rule']})",
         f"- selected: {report['selection']['selected']} (cut at level {report['selection']['level']:.2f}) out of "
-        f"{report['selection']['candidates']} candidates, {report['selection']['budget_epochs']} candidate-epochs by successive "
+        f"{report['selection']['candidates']} candidates, {report['selection']['budget_epochs']} "
+        f"candidate-epochs by successive "
         f"halving, then {report['selection']['finetune_epochs']} final fine-tuning epochs",
-        "- candidates, Pareto front and the figure: `selection.json`, `pareto.png`", "",
-        "## Files", "",
+        "- candidates, Pareto front and the figure: `selection.json`, `pareto.png`",
+        "",
+        "## Files",
+        "",
         f"- `pruned.pt`: `amas.load_pruned('{report['files']['pruned.pt']}')` (weights_only)",
-        f"- `pruned.pt2`: `torch.export.load('{report['files']['pruned.pt2']}').module()` (no amas needed)", "",
-        "## Stage wall times (s)", "",
+        f"- `pruned.pt2`: `torch.export.load('{report['files']['pruned.pt2']}').module()` (no amas needed)",
+        "",
+        "## Stage wall times (s)",
+        "",
     ]
     lines += [f"- {k}: {v:.1f}" for k, v in report["stage_wall_s"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
@@ -418,7 +525,9 @@ def _check_method(method: str) -> None:
     try:
         from amas.criteria import METHODS
     except ImportError:
-        raise PipelineError(f"--method {method} needs amas.criteria, which this installation lacks; use --method amas") from None
+        raise PipelineError(
+            f"--method {method} needs amas.criteria, which this installation lacks; use --method amas"
+        ) from None
     if method not in METHODS:
         raise PipelineError(f"unknown --method '{method}'; choose amas or one of {', '.join(sorted(METHODS))}")
 
@@ -433,7 +542,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
     if redo is not None and redo not in STAGES:
         raise PipelineError(f"--redo {redo} is not a stage; choose one of {', '.join(STAGES)}")
     if teacher is not None and not Path(teacher).is_file():
-        raise PipelineError(f"teacher checkpoint '{teacher}' does not exist; pass a model.pt from `amas train` or drop --teacher")
+        raise PipelineError(
+            f"teacher checkpoint '{teacher}' does not exist; pass a model.pt from `amas train` or drop --teacher"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(cfg, run_dir, teacher, method, latency_iters, dict(hooks or {}))
@@ -452,15 +563,19 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
         rec = log.stage(stage)
         if rec is not None and rec.get("fingerprint") != fps[stage]:
             raise PipelineError(
-                f"run directory '{run_dir}' holds stage '{stage}' made with other settings; repeat the original command, "
-                f"pass --redo {stage} to redo it and the stages after it, or choose another --out")
+                f"run directory '{run_dir}' holds stage '{stage}' made with other settings; repeat the original "
+                f"command, "
+                f"pass --redo {stage} to redo it and the stages after it, or choose another --out"
+            )
     save_config(cfg, run_dir / "config.yaml")
     t_all = time.perf_counter()
     for stage in STAGES:
         fp = fps[stage]
         if stage == "search" and method != "amas":
             if log.stage(stage) is None:
-                log.set(stage, {"status": "skipped", "fingerprint": fp, "reason": f"method {method} plans on the teacher"})
+                log.set(
+                    stage, {"status": "skipped", "fingerprint": fp, "reason": f"method {method} plans on the teacher"}
+                )
             continue
         rec = log.stage(stage)
         given = stage == "teacher" and teacher is not None and rec is None  # record a given teacher once

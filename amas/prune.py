@@ -54,13 +54,17 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
               min_channels: int = 1, round_to: int = 1) -> dict[str, torch.Tensor]:
     """Kept channel indices per group (sorted) whose pruned MACs meet the target reduction as closely as possible."""
     if not 0.0 <= float(target_reduction) < 1.0:
-        raise PruneError(f"target MACs reduction must be in [0, 1), got {target_reduction}; e.g. 0.5 removes half the MACs")
+        raise PruneError(
+            f"target MACs reduction must be in [0, 1), got {target_reduction}; e.g. 0.5 removes half the MACs"
+        )
     if min_channels < 1 or round_to < 1:
         raise PruneError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
     groups = cost_model.groups
     unknown = [n for n in scores if n not in groups]
     if unknown:
-        raise PruneError(f"scores name channel group {unknown[0]!r}, which this model does not have; score this model's groups")
+        raise PruneError(
+            f"scores name channel group {unknown[0]!r}, which this model does not have; score this model's groups"
+        )
     costs = cost_model.channel_costs()
     order: list[tuple[float, int, int, str]] = []  # (score per MAC, group position, channel, group)
     sorted_idx: dict[str, list[int]] = {}
@@ -72,7 +76,9 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         if s.numel() != g.size:
             raise PruneError(f"scores for group {name!r} have {s.numel()} values, the group has {g.size} channels")
         if not torch.isfinite(s).all():
-            raise PruneError(f"scores for group {name!r} are not finite; check the masks or criterion that produced them")
+            raise PruneError(
+                f"scores for group {name!r} are not finite; check the masks or criterion that produced them"
+            )
         # channels in ascending score order (ties: lower index first); the top min_channels are never removable
         ranked = sorted(range(g.size), key=lambda i: (float(s[i]), i))
         sorted_idx[name] = ranked
@@ -148,7 +154,9 @@ def _check_keep(groups: dict[str, ChannelGroup], keep: dict[str, Any]) -> dict[s
     out = {}
     for name, idx in keep.items():
         if name not in groups:
-            raise PruneError(f"kept channels name group {name!r}, which this model does not have; plan on this model's groups")
+            raise PruneError(
+                f"kept channels name group {name!r}, which this model does not have; plan on this model's groups"
+            )
         g = groups[name]
         ids = sorted({int(i) for i in torch.as_tensor(idx).flatten().tolist()})
         if not ids:
@@ -159,8 +167,13 @@ def _check_keep(groups: dict[str, ChannelGroup], keep: dict[str, Any]) -> dict[s
     return out
 
 
-def prune_model(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor],
-                masks: dict[str, torch.Tensor] | None = None, input_shape: tuple[int, int, int] | None = None) -> nn.Module:
+def prune_model(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    keep: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> nn.Module:
     """A pruned deep copy of model: kept channels per group only, mask values folded in, no mask hooks left."""
     by_name = {g.name: g for g in groups}
     kept = _check_keep(by_name, keep)
@@ -173,7 +186,9 @@ def prune_model(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, to
         if name not in by_name:
             raise PruneError(f"mask for unknown channel group {name!r}; the masks were saved for another model")
         if torch.as_tensor(m).numel() != by_name[name].size:
-            raise PruneError(f"mask {name!r} has {torch.as_tensor(m).numel()} values, the group has {by_name[name].size}")
+            raise PruneError(
+                f"mask {name!r} has {torch.as_tensor(m).numel()} values, the group has {by_name[name].size}"
+            )
     net = _plain_copy(model)
     was_training = net.training
     net.eval()
@@ -187,7 +202,9 @@ def prune_model(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, to
         root = net.get_submodule(g.name)
         pruner = dg.get_pruner_of_module(root)
         if pruner is None or pruner.get_out_channels(root) != g.size:
-            raise PruneError(f"group {g.name!r} does not match the model (was it pruned already?); use groups found on this model")
+            raise PruneError(
+                f"group {g.name!r} does not match the model (was it pruned already?); use groups found on this model"
+            )
         dg.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
     net.train(was_training)
     return net
@@ -222,7 +239,9 @@ def model_from_recipe(recipe: dict) -> nn.Module:
         shape = tuple(int(s) for s in recipe["input_shape"])
         counts = {str(k): int(v) for k, v in recipe["kept"].items()}
     except (KeyError, TypeError, ValueError):
-        raise PruneError("the pruning recipe is incomplete (needs model, input_shape, kept); re-export the model") from None
+        raise PruneError(
+            "the pruning recipe is incomplete (needs model, input_shape, kept); re-export the model"
+        ) from None
     model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
     groups = {g.name: g for g in find_groups(model, shape, residual=True)}
     missing = [n for n in counts if n not in groups]
@@ -231,13 +250,15 @@ def model_from_recipe(recipe: dict) -> nn.Module:
                          f"{base['name']}; export again with this version")
     for n, k in counts.items():
         if not 1 <= k <= groups[n].size:
-            raise PruneError(f"the recipe keeps {k} channels of group {n!r} (size {groups[n].size}); re-export the model")
+            raise PruneError(
+                f"the recipe keeps {k} channels of group {n!r} (size {groups[n].size}); re-export the model"
+            )
     keep = {n: torch.arange(k) for n, k in counts.items()}
     return prune_model(model, list(groups.values()), keep, input_shape=shape).eval()
 
 
 def l1_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """Per-channel L1 norm of the filters producing each group's channels (summed over the group's conv/linear layers)."""
+    """Per-channel L1 norm of the filters producing each group's channels (summed over its conv/linear layers)."""
     scores = {}
     for g in groups:
         s = torch.zeros(g.size, dtype=torch.float64)

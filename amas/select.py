@@ -38,9 +38,10 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -131,14 +132,18 @@ def halving_schedule(n: int, budget: int) -> list[tuple[int, int]]:
     if budget < need:
         raise SelectionError(
             f"select.budget_epochs={budget} is below the {need} epochs successive halving needs for {n} candidates "
-            f"(one epoch each before every cut); raise select.budget_epochs to at least {need} or use fewer select.levels")
+            f"(one epoch each before every cut); raise select.budget_epochs to at least {need} or use fewer "
+            f"select.levels"
+        )
     share = budget / len(counts)
     epochs = [max(1, int(share // c)) for c in counts[:-1]]
-    while sum(c * e for c, e in zip(counts, epochs)) > budget:  # forced minimum of 1 overshot the shares
+    while (
+        sum(c * e for c, e in zip(counts[:-1], epochs, strict=True)) > budget
+    ):  # forced minimum of 1 overshot the shares
         r = max(i for i, e in enumerate(epochs) if e > 1)
         epochs[r] -= 1
-    epochs.append(budget - sum(c * e for c, e in zip(counts, epochs)))  # the survivor takes the rest
-    return list(zip(counts, epochs))
+    epochs.append(budget - sum(c * e for c, e in zip(counts[:-1], epochs, strict=True)))  # the survivor takes the rest
+    return list(zip(counts, epochs, strict=True))
 
 
 def successive_halving(ids: list[int], budget: int, train: Callable[[int, int], float],
@@ -190,8 +195,11 @@ def pareto_front(rows: list[dict], indicator: str = "macs") -> list[int]:
     for a in rows:
         ca, aa = _cost(a, indicator), float(a["val_acc"])
         dominated = any(
-            _cost(b, indicator) <= ca and float(b["val_acc"]) >= aa and (_cost(b, indicator) < ca or float(b["val_acc"]) > aa)
-            for b in rows if b is not a
+            _cost(b, indicator) <= ca
+            and float(b["val_acc"]) >= aa
+            and (_cost(b, indicator) < ca or float(b["val_acc"]) > aa)
+            for b in rows
+            if b is not a
         )
         if not dominated:
             front.append(a)
@@ -240,10 +248,12 @@ def choose(rows: list[dict], policy: str, *, teacher_macs: int, bound: int | Non
             best = min(rows, key=lambda r: (int(r["macs"]), -float(r["val_acc"]), int(r["id"])))
             need = 1.0 - bound / teacher_macs if teacher_macs else 0.0
             raise SelectionError(
-                f"no candidate fits the MACs budget ({bound / 1e6:.3g}M, {_pct(bound, teacher_macs)}): the best available "
+                f"no candidate fits the MACs budget ({bound / 1e6:.3g}M, {_pct(bound, teacher_macs)}): the best "
+                f"available "
                 f"trade-off is {best['name']} ({best['macs'] / 1e6:.3g}M, {_pct(int(best['macs']), teacher_macs)}, "
                 f"{float(best['val_acc']):.2f}% val acc); add a level of at least {need:.2f} to select.levels or lower "
-                f"select.min_reduction (or raise select.max_macs)")
+                f"select.min_reduction (or raise select.max_macs)"
+            )
         return max(feasible, key=_budget_key)
     if policy == "tolerance":
         if min_acc is None:
@@ -254,9 +264,12 @@ def choose(rows: list[dict], policy: str, *, teacher_macs: int, bound: int | Non
             short = min_acc - float(best["val_acc"])
             tol = f"{(tolerance or 0.0) + short:.2f}"
             raise SelectionError(
-                f"no candidate reaches {min_acc:.2f}% val acc (teacher − select.tolerance): the best available trade-off is "
+                f"no candidate reaches {min_acc:.2f}% val acc (teacher − select.tolerance): the best available "
+                f"trade-off is "
                 f"{best['name']} ({_pct(int(best['macs']), teacher_macs)}, {float(best['val_acc']):.2f}% val acc); "
-                f"raise select.tolerance to at least {tol}, add a lower level to select.levels or raise select.budget_epochs")
+                f"raise select.tolerance to at least {tol}, add a lower level to select.levels or raise "
+                f"select.budget_epochs"
+            )
         return max(feasible, key=lambda r: _tolerance_key(r, indicator))
     raise SelectionError(f"unknown selection policy '{policy}'; use select.policy=budget or select.policy=tolerance")
 
@@ -273,15 +286,23 @@ class Candidate:
     keep: dict[str, torch.Tensor]
 
 
-def cut_candidates(model: nn.Module, groups: list, cost: Any, plan: Callable[[float], dict[str, torch.Tensor]],
-                   levels: list[float], masks: dict[str, torch.Tensor] | None = None) -> tuple[list[Candidate], list[dict]]:
-    """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped levels)."""
+def cut_candidates(
+    model: nn.Module,
+    groups: list,
+    cost: Any,
+    plan: Callable[[float], dict[str, torch.Tensor]],
+    levels: list[float],
+    masks: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[Candidate], list[dict]]:
+    """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
     from amas.cost import count
     from amas.prune import PruneError, kept_counts, prune_model
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:
-        raise SelectionError(f"select.levels must be MACs reductions between 0 and 1 (e.g. [0.3, 0.5, 0.7]), got {levels}")
+        raise SelectionError(
+            f"select.levels must be MACs reductions between 0 and 1 (e.g. [0.3, 0.5, 0.7]), got {levels}"
+        )
     shape = cost.input_shape
     total_channels = sum(g.size for g in groups)
     out: list[Candidate] = []
@@ -309,7 +330,9 @@ def cut_candidates(model: nn.Module, groups: list, cost: Any, plan: Callable[[fl
         }
         out.append(Candidate(row, pruned, keep))
     if not out:
-        raise SelectionError(f"no level of select.levels={levels} could be cut ({skipped[0]['reason']}); choose other levels")
+        raise SelectionError(
+            f"no level of select.levels={levels} could be cut ({skipped[0]['reason']}); choose other levels"
+        )
     return out, skipped
 
 
@@ -360,7 +383,9 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         if not groups:
             raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
         cost = CostModel(source, groups, shape)
-        cands, skipped = cut_candidates(source, groups, cost, lambda lv: planner(lv, source, groups, cost), sel.levels, masks)
+        cands, skipped = cut_candidates(
+            source, groups, cost, lambda lv: planner(lv, source, groups, cost), sel.levels, masks
+        )
         rows = []
         for c in cands:
             c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device)["acc"]
@@ -387,8 +412,17 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     def train(cid: int, until: int) -> float:
         row = by_id[cid]
         model, obj = load_pruned(out_dir / f"{row['name']}_cut.pt", device)
-        trainer = finetune_trainer(model, teacher, fin, horizon, data, out_dir, row["name"], device,
-                                   on_epoch_end=(lambda e, rec, s=row["name"]: on_epoch_end(s, e, rec)) if on_epoch_end else None)
+        trainer = finetune_trainer(
+            model,
+            teacher,
+            fin,
+            horizon,
+            data,
+            out_dir,
+            row["name"],
+            device,
+            on_epoch_end=(lambda e, rec, s=row["name"]: on_epoch_end(s, e, rec)) if on_epoch_end else None,
+        )
         try:
             history = trainer.fit(resume=True, until_epoch=until)
         finally:
@@ -406,8 +440,11 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         for c in rec["dropped"]:
             by_id[c]["status"] = f"dropped after round {rec['round']}"
         accs = ", ".join(f"{by_id[int(c)]['name']} {a:.2f}%" for c, a in rec["val_acc"].items() if a is not None)
-        log(f"candidates: round {rec['round']} ({rec['epochs_each']} epoch(s) each, to epoch {rec['until_epoch']}): {accs}"
-            + (f"; dropped {', '.join(by_id[c]['name'] for c in rec['dropped'])}" if rec["dropped"] else ""))
+        log(
+            f"candidates: round {rec['round']} ({rec['epochs_each']} epoch(s) each, to epoch "
+            f"{rec['until_epoch']}): {accs}"
+            + (f"; dropped {', '.join(by_id[c]['name'] for c in rec['dropped'])}" if rec["dropped"] else "")
+        )
 
     sh = successive_halving(trainable, sel.budget_epochs, train, score, on_round)
     by_id[sh["survivor"]]["status"] = "survivor"
@@ -452,8 +489,11 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
     if cfg.policy == "budget":
         rule = f"highest val acc with MACs <= {bound} ({_pct(bound, tmacs)}); ties: fewer MACs, fewer params, lower id"
     else:
-        rule = (f"fewest {'kept channels' if cfg.indicator == 'channels' else 'MACs'} with val acc >= {min_acc:.3f}% "
-                f"(teacher {teacher['val_acc']:.3f}% - {cfg.tolerance}); ties: higher val acc, fewer MACs, fewer params, lower id")
+        rule = (
+            f"fewest {'kept channels' if cfg.indicator == 'channels' else 'MACs'} with val acc >= {min_acc:.3f}% "
+            f"(teacher {teacher['val_acc']:.3f}% - {cfg.tolerance}); ties: higher val acc, fewer MACs, fewer "
+            f"params, lower id"
+        )
     result = {
         "policy": cfg.policy, "indicator": cfg.indicator, "rule": rule, "bound_macs": bound, "min_acc": min_acc,
         "teacher": teacher, "front": front, "winner": winner["id"], "winner_name": winner["name"],
@@ -470,11 +510,22 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
     try:
         writer.add_figure("select/pareto", fig, close=True)
         for r in rows:
-            hp = {"candidate": r["name"], "level": float(r["level"]), "macs_M": r["macs"] / 1e6, "params_M": r["params"] / 1e6,
-                  "kept_channels": int(r["channels"]), "epochs": int(r["epochs"]), "status": r["status"],
-                  "on_front": r["id"] in front, "selected": r["id"] == winner["id"]}
-            writer.add_hparams(hp, {"hparam/val_acc": float(r["val_acc"]), "hparam/macs_reduction": float(r["macs_reduction"])},
-                               run_name=r["name"])
+            hp = {
+                "candidate": r["name"],
+                "level": float(r["level"]),
+                "macs_M": r["macs"] / 1e6,
+                "params_M": r["params"] / 1e6,
+                "kept_channels": int(r["channels"]),
+                "epochs": int(r["epochs"]),
+                "status": r["status"],
+                "on_front": r["id"] in front,
+                "selected": r["id"] == winner["id"],
+            }
+            writer.add_hparams(
+                hp,
+                {"hparam/val_acc": float(r["val_acc"]), "hparam/macs_reduction": float(r["macs_reduction"])},
+                run_name=r["name"],
+            )
         writer.flush()
     finally:
         if own:
@@ -485,7 +536,7 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
 
 def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, indicator: str = "macs", *,
                bound: int | None = None, min_acc: float | None = None) -> Any:
-    """Matplotlib figure: candidates (cost vs val acc), the Pareto front, the teacher, the policy's limit, the winner."""
+    """Matplotlib figure: candidates (cost vs val acc), Pareto front, teacher, the policy's limit, the winner."""
     from matplotlib.figure import Figure
 
     scale, label = (1.0, "kept channels") if indicator == "channels" else (1e-6, "MACs (M)")
@@ -494,12 +545,27 @@ def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, i
     ax = fig.add_subplot(1, 1, 1)
     ax.scatter([x(r) for r in rows], [r["val_acc"] for r in rows], c="tab:blue", label="candidates", zorder=3)
     for r in rows:
-        ax.annotate(f"{r['name']} ({r['epochs']} ep)", (x(r), r["val_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(
+            f"{r['name']} ({r['epochs']} ep)",
+            (x(r), r["val_acc"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     fr = sorted((r for r in rows if r["id"] in front), key=lambda r: (x(r), r["id"]))
-    ax.plot([x(r) for r in fr], [r["val_acc"] for r in fr], "-", c="tab:orange", drawstyle="steps-post", label="Pareto front",
-            zorder=2)
+    ax.plot(
+        [x(r) for r in fr],
+        [r["val_acc"] for r in fr],
+        "-",
+        c="tab:orange",
+        drawstyle="steps-post",
+        label="Pareto front",
+        zorder=2,
+    )
     w = next(r for r in rows if r["id"] == winner)
-    ax.scatter([x(w)], [w["val_acc"]], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, label="selected", zorder=4)
+    ax.scatter(
+        [x(w)], [w["val_acc"]], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, label="selected", zorder=4
+    )
     tx = teacher["channels"] if indicator == "channels" else teacher["macs"] * scale
     ax.scatter([tx], [teacher["val_acc"]], marker="*", s=140, c="black", label="teacher", zorder=3)
     if bound is not None and indicator == "macs":

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from amas.checkpoint import model_record, save_model
 from amas import distributed
+from amas.checkpoint import model_record, save_model
 from amas.config import Config, TrainConfig, atomic_write_text, load_config, save_config, to_dict
 from amas.data import DataBundle, build_data
 from amas.engine import Trainer, evaluate, resolve_device
@@ -29,7 +29,9 @@ def seed_everything(seed: int) -> None:
 def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, marker: str) -> None:
     """Create run_dir; refuse to overwrite an earlier run unless resuming."""
     if (run_dir / marker).exists() and not resume:
-        raise AmasError(f"run directory '{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+        raise AmasError(
+            f"run directory '{run_dir}' already holds a run; pass --resume to continue it or choose another --out"
+        )
     distributed.barrier()  # every rank checks before rank 0 writes
     if distributed.context().is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

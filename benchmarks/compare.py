@@ -198,20 +198,47 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
     pruned = pruned.cpu().eval()
     macs, params = count(pruned, shape)
     lat = _latency(pruned, shape, args.latency_iters)
-    return {"method": method, "target": target, "seed": seed, "acc_before": round(before, 3), "acc_after": round(after, 3),
-            "macs": int(macs), "params": int(params), "macs_reduction": round(1.0 - macs / cost.total_macs, 4),
-            "round_to": round_to, **lat, "plan_s": round(plan_s, 2), "finetune_s": round(ft_s, 2), "wall_s": round(plan_s + ft_s, 2), **extra}
+    return {
+        "method": method,
+        "target": target,
+        "seed": seed,
+        "acc_before": round(before, 3),
+        "acc_after": round(after, 3),
+        "macs": int(macs),
+        "params": int(params),
+        "macs_reduction": round(1.0 - macs / cost.total_macs, 4),
+        "round_to": round_to,
+        **lat,
+        "plan_s": round(plan_s, 2),
+        "finetune_s": round(ft_s, 2),
+        "wall_s": round(plan_s + ft_s, 2),
+        **extra,
+    }
 
 
-def amas_cut(target: float, seed: int, groups: list, cost: CostModel, args: argparse.Namespace, prune_cfg: Any,
-             device: torch.device, extra_overrides: list[str] | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
+def amas_cut(
+    target: float,
+    seed: int,
+    groups: list,
+    cost: CostModel,
+    args: argparse.Namespace,
+    prune_cfg: Any,
+    device: torch.device,
+    extra_overrides: list[str] | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there."""
     from amas.adversarial import search
     from amas.checkpoint import load_masked
 
-    overrides = [*(extra_overrides or []), f"seed={seed}", f"search.target_reduction={target}", f"data.val_size={args.val_size}",
-                 f"data.train_subset={args.train_subset}", f"search.train.device={args.device}",
-                 "search.train.progress=false"]
+    overrides = [
+        *(extra_overrides or []),
+        f"seed={seed}",
+        f"search.target_reduction={target}",
+        f"data.val_size={args.val_size}",
+        f"data.train_subset={args.train_subset}",
+        f"search.train.device={args.device}",
+        "search.train.progress=false",
+    ]
     if args.amas_search_epochs:
         overrides.append(f"search.train.epochs={args.amas_search_epochs}")
     acfg = load_config(args.amas_config, overrides)
@@ -221,8 +248,11 @@ def amas_cut(target: float, seed: int, groups: list, cost: CostModel, args: argp
     scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
     keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
     pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
-    info = {"search_epochs": int(acfg.search.train.epochs), "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
-            "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3)}
+    info = {
+        "search_epochs": int(acfg.search.train.epochs),
+        "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
+        "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),
+    }
     return pruned, keep, info
 
 
@@ -308,7 +338,15 @@ def summarise(runs: list[dict], methods: list[str], targets: list[float]) -> lis
             if not rows:
                 continue
             entry = {"target": t, "method": m, "seeds": len(rows)}
-            for k in ("acc_before", "acc_after", "macs_reduction", "params", "latency_b64_ms", "latency_b1_ms", "wall_s"):
+            for k in (
+                "acc_before",
+                "acc_after",
+                "macs_reduction",
+                "params",
+                "latency_b64_ms",
+                "latency_b1_ms",
+                "wall_s",
+            ):
                 entry[k] = _stats([r.get(k) for r in rows])
             out.append(entry)
     return out
@@ -325,14 +363,21 @@ def _fmt(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
 def markdown(result: dict) -> str:
     """The comparison as Markdown tables, one per target."""
     t = result["teacher"]
-    lines = [f"# Pruning methods compared: {t['model']} on {t['dataset']}", "",
-             f"Command: `{result['command']}`", "",
-             f"Teacher: test acc {t['test_acc']:.2f}%, {t['macs'] / 1e6:.3f}M MACs, {t['params'] / 1e6:.4f}M params, "
-             f"latency {t['latency_b64_ms']:.2f} ms (batch 64) / {t['latency_b1_ms']:.3f} ms (batch 1).", "",
-             f"Fine-tuning for every method: {result['settings']['epochs']} epochs, SGD lr {result['settings']['lr']} cosine, "
-             f"batch {result['settings']['batch_size']}; seeds "
-             f"{result['settings']['seeds']}; train images {result['settings']['train_images']}, test images "
-             f"{result['settings']['test_images']}. Values: mean ± sample sd over seeds.", ""]
+    lines = [
+        f"# Pruning methods compared: {t['model']} on {t['dataset']}",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Teacher: test acc {t['test_acc']:.2f}%, {t['macs'] / 1e6:.3f}M MACs, {t['params'] / 1e6:.4f}M params, "
+        f"latency {t['latency_b64_ms']:.2f} ms (batch 64) / {t['latency_b1_ms']:.3f} ms (batch 1).",
+        "",
+        f"Fine-tuning for every method: {result['settings']['epochs']} epochs, SGD lr "
+        f"{result['settings']['lr']} cosine, "
+        f"batch {result['settings']['batch_size']}; seeds "
+        f"{result['settings']['seeds']}; train images {result['settings']['train_images']}, test images "
+        f"{result['settings']['test_images']}. Values: mean ± sample sd over seeds.",
+        "",
+    ]
     rt = result["settings"].get("latency_retimed")
     if rt:
         lines += [f"Latency: re-timed after the runs with nothing else running ({rt['threads']} thread(s), CPU, "
@@ -346,13 +391,20 @@ def markdown(result: dict) -> str:
         rows = [s for s in result["summary"] if s["target"] == target]
         rows.sort(key=lambda s: -(s["acc_after"]["mean"] if s["acc_after"] else -math.inf))
         for s in rows:
-            delta = None if s["acc_after"] is None else dict(s["acc_after"], mean=s["acc_after"]["mean"] - t["test_acc"])
+            delta = (
+                None if s["acc_after"] is None else dict(s["acc_after"], mean=s["acc_after"]["mean"] - t["test_acc"])
+            )
             during = any(r.get("latency_source") == "during the run" for r in result["runs"]
                          if r["method"] == s["method"] and r["target"] == target)
-            lines.append(f"| {s['method']}{' †' if rt and during else ''} | {_fmt(s['macs_reduction'], 1, 100)} | {_fmt(s['params'], 4, 1e-6)} | "
-                         f"{_fmt(s['acc_before'])} | {_fmt(s['acc_after'])} | {_fmt(delta)} | "
-                         f"{_fmt(s['latency_b64_ms'])} | {_fmt(s['latency_b1_ms'], 3)} | {_fmt(s['wall_s'], 1)} |")
-        tp_rt = {r.get("tp_round_to") for r in result["runs"] if r["method"] == "tp_magnitude" and r["target"] == target}
+            lines.append(
+                f"| {s['method']}{' †' if rt and during else ''} | {_fmt(s['macs_reduction'], 1, 100)} | "
+                f"{_fmt(s['params'], 4, 1e-6)} | "
+                f"{_fmt(s['acc_before'])} | {_fmt(s['acc_after'])} | {_fmt(delta)} | "
+                f"{_fmt(s['latency_b64_ms'])} | {_fmt(s['latency_b1_ms'], 3)} | {_fmt(s['wall_s'], 1)} |"
+            )
+        tp_rt = {
+            r.get("tp_round_to") for r in result["runs"] if r["method"] == "tp_magnitude" and r["target"] == target
+        }
         if tp_rt and tp_rt != {rt}:
             lines += ["", f"tp_magnitude: Torch-Pruning rounds remaining channels down to round_to and skips a layer "
                           f"that would reach zero, so it could not reach this target at round_to {rt}; it ran with "
@@ -422,10 +474,14 @@ def merge(paths: list[str], out_dir: Path, name: str | None, retime: bool = Fals
         try:
             parts.append(json.loads(Path(p).read_text()))
         except (OSError, ValueError) as e:
-            raise AmasError(f"--merge {p}: cannot read it as a compare result ({e}); pass files this script wrote")
+            raise AmasError(
+                f"--merge {p}: cannot read it as a compare result ({e}); pass files this script wrote"
+            ) from None
     teachers = {json.dumps(r["teacher"].get("path")) for r in parts}
     if len(teachers) > 1:
-        raise AmasError(f"--merge: the files come from different teachers ({', '.join(sorted(teachers))}); merge one teacher's runs")
+        raise AmasError(
+            f"--merge: the files come from different teachers ({', '.join(sorted(teachers))}); merge one teacher's runs"
+        )
     result = copy.deepcopy(parts[0])
     settings = result["settings"]
     runs: dict[tuple, dict] = {}

@@ -9,8 +9,8 @@ Each run takes a copy of one dense teacher to a MACs-reduction target and trains
 * ``tp_magnitude``: Torch-Pruning's MagnitudePruner (L2, uniform per-layer ratio) at the same round_to, only where its
   rounding can reach the target (otherwise the cell is skipped and the table says so), then fine-tuned for E;
 * ``amas``: the mask search from the teacher to the target for S = round(E × f) epochs
-  (``--amas-search-fraction``; at least 1, at most E − 1; the recipe's search section), the searched student cut at the target by its masks
-  (folded in), then fine-tuned for E − S epochs.
+  (``--amas-search-fraction``; at least 1, at most E − 1; the recipe's search section), the searched student cut at the
+  target by its masks (folded in), then fine-tuned for E − S epochs.
 
 Fine-tuning is the pipeline's (amas.select.finetune_trainer: CE + KD + adversarial against the same teacher, the
 recipe's ``finetune`` section, cosine schedule) for every method; ``--finetune-lr METHOD=LR`` sets one method's
@@ -83,8 +83,16 @@ def _val(model: nn.Module, data: Any, device: torch.device) -> float | None:
     return None if data.val is None else evaluate(model, data.val, data.info.num_classes, device)["acc"]
 
 
-def amas_search_cut(target: float, seed: int, epochs: int, groups: list, cost: CostModel, cfg: Any, args: argparse.Namespace,
-                    device: torch.device) -> tuple[nn.Module, dict]:
+def amas_search_cut(
+    target: float,
+    seed: int,
+    epochs: int,
+    groups: list,
+    cost: CostModel,
+    cfg: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> tuple[nn.Module, dict]:
     """AMAS search for `epochs` epochs from the teacher to the target, its student cut there by the masks."""
     ns = argparse.Namespace(amas_config=args.config, amas_search_epochs=epochs, val_size=args.val_size,
                             train_subset=args.train_subset, device=args.device, teacher=args.teacher)
@@ -120,8 +128,9 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
         pruned, extra = amas_search_cut(target, seed, spent, groups, cost, cfg, args, device)
     elif method == "tp_magnitude":
         try:
-            pruned, ratio, used, took = compare.tp_magnitude_prune(copy.deepcopy(teacher).requires_grad_(True), groups, target, shape,
-                                                                   cfg.prune.round_to, fallback=False)
+            pruned, ratio, used, took = compare.tp_magnitude_prune(
+                copy.deepcopy(teacher).requires_grad_(True), groups, target, shape, cfg.prune.round_to, fallback=False
+            )
         except PruneError as e:
             print(f"tp_magnitude target {target}: skipped ({e})", flush=True)
             return None
@@ -141,7 +150,9 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
     curve: list[float] = []
     if ft_epochs > 0:
         with tempfile.TemporaryDirectory(prefix="amas_equal_") as tmp:
-            trainer = finetune_trainer(pruned, copy.deepcopy(teacher), ft, ft_epochs, data, Path(tmp), "finetune", device)
+            trainer = finetune_trainer(
+                pruned, copy.deepcopy(teacher), ft, ft_epochs, data, Path(tmp), "finetune", device
+            )
             history = trainer.fit()
             trainer.objective.close()
             pruned = trainer.model
@@ -151,14 +162,27 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
     val_acc = _val(pruned, data, device)
     pruned = pruned.cpu().eval()
     macs, params = count(pruned, shape)
-    return {"method": method, "target": target, "budget_epochs": budget, "seed": seed, "test_acc": round(test_acc, 3),
-            "val_acc": None if val_acc is None else round(val_acc, 3),
-            "macs_reduction": round(1.0 - macs / cost.total_macs, 4), "params": int(params),
-            **compare._latency(pruned, shape, args.latency_iters), "wall_s": round(wall, 1),
-            "macs": int(macs), "search_epochs": spent if method == "amas" else 0, "scoring_epochs": 0 if method == "amas" else spent,
-            "finetune_epochs": ft_epochs, "finetune_lr": ft.train.lr,
-            "val_before_ft": None if val_before is None else round(val_before, 3), "val_curve": curve,
-            "round_to": cfg.prune.round_to, **extra}
+    return {
+        "method": method,
+        "target": target,
+        "budget_epochs": budget,
+        "seed": seed,
+        "test_acc": round(test_acc, 3),
+        "val_acc": None if val_acc is None else round(val_acc, 3),
+        "macs_reduction": round(1.0 - macs / cost.total_macs, 4),
+        "params": int(params),
+        **compare._latency(pruned, shape, args.latency_iters),
+        "wall_s": round(wall, 1),
+        "macs": int(macs),
+        "search_epochs": spent if method == "amas" else 0,
+        "scoring_epochs": 0 if method == "amas" else spent,
+        "finetune_epochs": ft_epochs,
+        "finetune_lr": ft.train.lr,
+        "val_before_ft": None if val_before is None else round(val_before, 3),
+        "val_curve": curve,
+        "round_to": cfg.prune.round_to,
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------- summary, table, plot
@@ -186,32 +210,50 @@ def markdown(result: dict) -> str:
     """Tables per (budget, target), methods by mean test accuracy."""
     t = result["teacher"]
     s = result["settings"]
-    lines = [f"# Pruning methods at equal compute: {t['model']} on {t['dataset']}", "",
-             f"Commands: `{result['command']}`", "",
-             f"Teacher: test {t['test_acc']:.2f}%, val {t['val_acc']:.2f}%, {t['macs'] / 1e6:.2f}M MACs, "
-             f"{t['params'] / 1e6:.4f}M params, latency {t['latency_b64_ms']:.2f} ms (batch 64) / "
-             f"{t['latency_b1_ms']:.3f} ms (batch 1).", "",
-             f"Every method trains E epochs in all (AMAS: search S = round(E × {s['amas_search_fraction']}) + fine-tune "
-             f"E − S); fine-tuning: CE + KD + adversarial against the teacher, cosine, lr {s['finetune_lr']} "
-             f"unless a row's method has its own ({s['finetune_lr_by_method'] or 'none'}); kept channels rounded to "
-             f"multiples of {s['round_to']} (per target: {s.get('round_to_by_target')}); train images {s['train_images']}, val {s['val_images']}, test "
-             f"{s['test_images']}. Mean ± sample sd over seeds.", ""]
+    lines = [
+        f"# Pruning methods at equal compute: {t['model']} on {t['dataset']}",
+        "",
+        f"Commands: `{result['command']}`",
+        "",
+        f"Teacher: test {t['test_acc']:.2f}%, val {t['val_acc']:.2f}%, {t['macs'] / 1e6:.2f}M MACs, "
+        f"{t['params'] / 1e6:.4f}M params, latency {t['latency_b64_ms']:.2f} ms (batch 64) / "
+        f"{t['latency_b1_ms']:.3f} ms (batch 1).",
+        "",
+        f"Every method trains E epochs in all (AMAS: search S = round(E × {s['amas_search_fraction']}) + fine-tune "
+        f"E − S); fine-tuning: CE + KD + adversarial against the teacher, cosine, lr {s['finetune_lr']} "
+        f"unless a row's method has its own ({s['finetune_lr_by_method'] or 'none'}); kept channels rounded to "
+        f"multiples of {s['round_to']} (per target: {s.get('round_to_by_target')}); train images "
+        f"{s['train_images']}, val {s['val_images']}, test "
+        f"{s['test_images']}. Mean ± sample sd over seeds.",
+        "",
+    ]
     if s.get("latency_retimed"):
         lt = s["latency_retimed"]
-        lines += [f"Latency re-timed after the runs on an idle machine ({lt['threads']} threads, CPU, channels-last).", ""]
+        lines += [
+            f"Latency re-timed after the runs on an idle machine ({lt['threads']} threads, CPU, channels-last).",
+            "",
+        ]
     for budget in sorted({x["budget_epochs"] for x in result["summary"]}):
         for target in sorted({x["target"] for x in result["summary"] if x["budget_epochs"] == budget}):
             cell = [x for x in result["summary"] if (x["budget_epochs"], x["target"]) == (budget, target)]
             cell.sort(key=lambda x: -(x["test_acc"]["mean"] if x["test_acc"] else -math.inf))
-            lines += [f"## E = {budget} epochs, target −{100 * target:.0f}% MACs", "",
-                      "| method | seeds | MACs ↓ % | params (M) | val before FT % | val % | test % | Δ test vs teacher | "
-                      "latency b64 ms | latency b1 ms | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## E = {budget} epochs, target −{100 * target:.0f}% MACs",
+                "",
+                "| method | seeds | MACs ↓ % | params (M) | val before FT % | val % | test % | Δ test vs teacher | "
+                "latency b64 ms | latency b1 ms | wall s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for x in cell:
-                delta = None if x["test_acc"] is None else dict(x["test_acc"], mean=x["test_acc"]["mean"] - t["test_acc"])
+                delta = (
+                    None if x["test_acc"] is None else dict(x["test_acc"], mean=x["test_acc"]["mean"] - t["test_acc"])
+                )
                 f = compare._fmt
-                lines.append(f"| {x['method']} | {x['seeds']} | {f(x['macs_reduction'], 1, 100)} | {f(x['params'], 4, 1e-6)} | "
-                             f"{f(x['val_before_ft'])} | {f(x['val_acc'])} | {f(x['test_acc'])} | {f(delta)} | "
-                             f"{f(x['latency_b64_ms'])} | {f(x['latency_b1_ms'], 3)} | {f(x['wall_s'], 0)} |")
+                lines.append(
+                    f"| {x['method']} | {x['seeds']} | {f(x['macs_reduction'], 1, 100)} | {f(x['params'], 4, 1e-6)} | "
+                    f"{f(x['val_before_ft'])} | {f(x['val_acc'])} | {f(x['test_acc'])} | {f(delta)} | "
+                    f"{f(x['latency_b64_ms'])} | {f(x['latency_b1_ms'], 3)} | {f(x['wall_s'], 0)} |"
+                )
             skipped = [m for m in s.get("skipped", {}).get(f"{budget}/{target}", [])]
             if skipped:
                 lines += ["", f"Not run here: {', '.join(skipped)} (cannot reach the target at this round_to)."]
@@ -229,7 +271,7 @@ def plot(result: dict, path: Path) -> None:
     budgets = sorted({x["budget_epochs"] for x in result["summary"]})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
     t = result["teacher"]
-    for ax, budget in zip(axes[0], budgets):
+    for ax, budget in zip(axes[0], budgets, strict=True):
         cells = [x for x in result["summary"] if x["budget_epochs"] == budget and x["test_acc"]]
         for m in dict.fromkeys(x["method"] for x in cells):
             pts = sorted((x["macs_reduction"]["mean"] * 100, x["test_acc"]["mean"], x["test_acc"]["sd"])
@@ -266,7 +308,9 @@ def write(result: dict, out_dir: Path, name: str, md: bool = True, png: bool = F
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default=str(compare.DEFAULT_TEACHER), help="dense amas model file (amas train's model.pt)")
+    p.add_argument(
+        "--teacher", default=str(compare.DEFAULT_TEACHER), help="dense amas model file (amas train's model.pt)"
+    )
     p.add_argument("--config", default=str(compare.DEFAULT_AMAS_CONFIG),
                    help="recipe whose search, finetune, prune and criteria sections every run uses")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="MACs reduction targets")
@@ -286,7 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="equal_compute", help="output file stem")
     p.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON and skip them")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into --name")
-    p.add_argument("--retime-latency", action="store_true", help="with --merge: re-time every architecture now (idle machine)")
+    p.add_argument(
+        "--retime-latency", action="store_true", help="with --merge: re-time every architecture now (idle machine)"
+    )
     p.add_argument("--plot", action="store_true", help="also write NAME.png")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides for every run")
     args = p.parse_args(argv)
@@ -308,7 +354,9 @@ def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, 
         try:
             parts.append(json.loads(Path(p).read_text()))
         except (OSError, ValueError) as e:
-            raise AmasError(f"--merge {p}: cannot read it as an equal-compute result ({e}); pass files this script wrote")
+            raise AmasError(
+                f"--merge {p}: cannot read it as an equal-compute result ({e}); pass files this script wrote"
+            ) from None
     if len({r["teacher"]["path"] for r in parts}) > 1:
         raise AmasError("--merge: the files come from different teachers; merge one teacher's runs")
     result = copy.deepcopy(parts[0])
@@ -317,7 +365,9 @@ def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, 
         for row in r["rows"]:
             rows[(row["method"], row["target"], row["budget_epochs"], row["seed"])] = row
         for k, v in r["settings"].get("skipped", {}).items():
-            result["settings"].setdefault("skipped", {})[k] = sorted(set(result["settings"]["skipped"].get(k, [])) | set(v))
+            result["settings"].setdefault("skipped", {})[k] = sorted(
+                set(result["settings"]["skipped"].get(k, [])) | set(v)
+            )
         result["settings"]["finetune_lr_by_method"].update(r["settings"].get("finetune_lr_by_method", {}))
     result["rows"] = sorted(rows.values(), key=lambda r: (r["budget_epochs"], r["target"], r["method"], r["seed"]))
     result["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
@@ -349,7 +399,9 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     cost = CostModel(teacher, groups, shape)
     # round_to halved where a target is out of reach at the recipe's (e.g. ResNet-20 inner channels past -70% at 8),
     # for every method alike
-    args.round_tos = {t: compare.feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets}
+    args.round_tos = {
+        t: compare.feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets
+    }
     bs, ebs = cfg.finetune.train.batch_size, cfg.finetune.train.eval_batch_size
     datas = {s: build_data(cfg.data, bs, ebs, device=device, seed=s, channels_last=True) for s in args.seeds}
     d0 = datas[args.seeds[0]]
@@ -361,20 +413,42 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     command = "python benchmarks/equal_compute.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result: dict[str, Any] = {
         "command": command,
-        "teacher": {"method": "teacher", "path": str(teacher_path), "model": rec["name"], "dataset": rec["data"]["name"],
-                    "test_acc": round(t_test, 3), "val_acc": None if t_val is None else round(t_val, 3),
-                    "macs_reduction": 0.0, "macs": int(macs), "params": int(params),
-                    **compare._latency(teacher, shape, args.latency_iters)},
-        "settings": {"config": str(args.config), "overrides": list(args.overrides), "targets": args.targets,
-                     "budgets": args.budgets, "seeds": args.seeds, "methods": methods,
-                     "amas_search_fraction": args.amas_search_fraction, "finetune_lr": cfg.finetune.train.lr,
-                     "finetune_lr_by_method": dict(args.finetune_lr), "round_to": cfg.prune.round_to,
-                     "round_to_by_target": {str(t): r for t, r in args.round_tos.items()},
-                     "train_images": d0.train.num_samples, "val_images": d0.val.num_samples if d0.val else 0,
-                     "test_images": d0.test.num_samples, "device": str(device), "torch": torch.__version__,
-                     "threads": torch.get_num_threads(), "finetune": to_dict(cfg.finetune), "search": to_dict(cfg.search),
-                     "skipped": {}},
-        "rows": [], "summary": [],
+        "teacher": {
+            "method": "teacher",
+            "path": str(teacher_path),
+            "model": rec["name"],
+            "dataset": rec["data"]["name"],
+            "test_acc": round(t_test, 3),
+            "val_acc": None if t_val is None else round(t_val, 3),
+            "macs_reduction": 0.0,
+            "macs": int(macs),
+            "params": int(params),
+            **compare._latency(teacher, shape, args.latency_iters),
+        },
+        "settings": {
+            "config": str(args.config),
+            "overrides": list(args.overrides),
+            "targets": args.targets,
+            "budgets": args.budgets,
+            "seeds": args.seeds,
+            "methods": methods,
+            "amas_search_fraction": args.amas_search_fraction,
+            "finetune_lr": cfg.finetune.train.lr,
+            "finetune_lr_by_method": dict(args.finetune_lr),
+            "round_to": cfg.prune.round_to,
+            "round_to_by_target": {str(t): r for t, r in args.round_tos.items()},
+            "train_images": d0.train.num_samples,
+            "val_images": d0.val.num_samples if d0.val else 0,
+            "test_images": d0.test.num_samples,
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "finetune": to_dict(cfg.finetune),
+            "search": to_dict(cfg.search),
+            "skipped": {},
+        },
+        "rows": [],
+        "summary": [],
     }
     jpath = out_dir / f"{args.name}.json"
     if args.resume and jpath.is_file():
@@ -396,9 +470,12 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                         continue
                     result["rows"].append(row)
                     write(result, out_dir, args.name)
-                    print(f"{method:>12} E={budget} target {target:.2f} seed {seed}: -{100 * row['macs_reduction']:.1f}% "
-                          f"MACs, val {row['val_before_ft']} -> {row['val_acc']}, test {row['test_acc']:.2f}, "
-                          f"{row['wall_s']:.0f} s", flush=True)
+                    print(
+                        f"{method:>12} E={budget} target {target:.2f} seed {seed}: -{100 * row['macs_reduction']:.1f}% "
+                        f"MACs, val {row['val_before_ft']} -> {row['val_acc']}, test {row['test_acc']:.2f}, "
+                        f"{row['wall_s']:.0f} s",
+                        flush=True,
+                    )
     write(result, out_dir, args.name, png=args.plot)
     print(markdown(result))
     return 0

@@ -56,9 +56,18 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, t
     macs, params = count(pruned, shape)
     assert macs == cost.macs(counts), "pruned MACs differ from the plan"
     plan = {
-        "model": name, "input_shape": list(shape), "target_reduction": args.target, "round_to": args.round_to,
-        "residual_channels": args.residual, "dense_macs": dense_macs, "pruned_macs": macs, "dense_params": dense_params, "pruned_params": params,
-        "macs_ratio": dense_macs / macs, "kept": counts, "group_sizes": {g.name: g.size for g in groups},
+        "model": name,
+        "input_shape": list(shape),
+        "target_reduction": args.target,
+        "round_to": args.round_to,
+        "residual_channels": args.residual,
+        "dense_macs": dense_macs,
+        "pruned_macs": macs,
+        "dense_params": dense_params,
+        "pruned_params": params,
+        "macs_ratio": dense_macs / macs,
+        "kept": counts,
+        "group_sizes": {g.name: g.size for g in groups},
     }
     return dense, pruned, shape, plan
 
@@ -71,7 +80,14 @@ def measure(dense: torch.nn.Module, pruned: torch.nn.Module, shape: tuple[int, i
         d.append(latency(dense, shape, batch_size=batch, warmup=2, iters=iters)["median_ms"])
         p.append(latency(pruned, shape, batch_size=batch, warmup=2, iters=iters)["median_ms"])
     dm, pm = statistics.median(d), statistics.median(p)
-    return {"batch": batch, "dense_ms": dm, "pruned_ms": pm, "speedup": dm / pm, "dense_rounds_ms": d, "pruned_rounds_ms": p}
+    return {
+        "batch": batch,
+        "dense_ms": dm,
+        "pruned_ms": pm,
+        "speedup": dm / pm,
+        "dense_rounds_ms": d,
+        "pruned_rounds_ms": p,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,14 +60,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search_cost.json"))
-    ap.add_argument("overrides", nargs="*", metavar="key.path=value", help="search config overrides (search.kd=kl, ...)")
+    ap.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="search config overrides (search.kd=kl, ...)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = INFOS["fashion_mnist"]
-    cfg = load_config(None, ["data.name=fashion_mnist", f"search.train.device={args.device}", "search.train.progress=false",
-                             "search.target_reduction=0.5", "search.controller_every=1", *args.overrides])
+    cfg = load_config(
+        None,
+        [
+            "data.name=fashion_mnist",
+            f"search.train.device={args.device}",
+            "search.train.progress=false",
+            "search.target_reduction=0.5",
+            "search.controller_every=1",
+            *args.overrides,
+        ],
+    )
     tcfg = cfg.search.train
     torch.manual_seed(0)
     teacher = create_model(args.model, num_classes=info.num_classes, in_channels=info.in_channels).to(device).eval()
@@ -124,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_step_ms_all": [round(1000 * t, 2) for t in times["plain"]],
         "search_step_ms_all": [round(1000 * t, 2) for t in times["search"]],
         "channel_groups": len(groups),
-        "search_options": {k: getattr(cfg.search, k) for k in ("kd", "d_input", "d_steps", "fista", "target_reduction")},
+        "search_options": {
+            k: getattr(cfg.search, k) for k in ("kd", "d_input", "d_steps", "fista", "target_reduction")
+        },
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

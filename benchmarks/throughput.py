@@ -35,7 +35,9 @@ def _step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer):
 
 def measure(name: str, steps: int, batch: int, blocks: int, device: torch.device, channels_last: bool) -> dict:
     """Images/s of one model's training step under both feeds."""
-    data = build_data(DataConfig(name="fashion_mnist", val_size=0), batch, batch, device=device, channels_last=channels_last)
+    data = build_data(
+        DataConfig(name="fashion_mnist", val_size=0), batch, batch, device=device, channels_last=channels_last
+    )
     info = data.info
     model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
     if channels_last:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from amas.adversarial import (
     BudgetController,
@@ -22,7 +23,6 @@ from amas.config import load_config
 from amas.data import build_data
 from amas.engine import Trainer
 from amas.models import create_model
-from conftest import tiny_overrides
 
 
 def search_overrides(**extra: str) -> list[str]:
@@ -183,12 +183,14 @@ def test_discriminator_separates_teacher_from_a_random_student(teacher_path):
 def test_controller_moves_lambda_toward_the_target():
     c = BudgetController(1.0, target=0.5, ki=0.5, kp=1.0, lam_min=1e-3, lam_max=10.0)
     lams = [c.update(0.0) for _ in range(5)]
-    assert all(b > a for a, b in zip(lams, lams[1:])) and lams[0] > 1.0  # under target: lambda rises
+    assert all(b > a for a, b in zip(lams[:-1], lams[1:], strict=True)) and lams[0] > 1.0  # under target: lambda rises
     for _ in range(100):
         c.update(0.0)
     assert c.lam == pytest.approx(10.0)  # clamped (anti-windup)
     falling = [c.update(0.9) for _ in range(5)]
-    assert all(b < a for a, b in zip(falling, falling[1:])) and falling[-1] < 10.0  # overshoot: lambda falls
+    assert (
+        all(b < a for a, b in zip(falling[:-1], falling[1:], strict=True)) and falling[-1] < 10.0
+    )  # overshoot: lambda falls
     at = c.integral
     c.update(0.5)
     assert c.integral == at  # on target: the integral holds
@@ -223,7 +225,7 @@ def test_masks_shrink_under_positive_lambda(teacher_path, tmp_path):
     trainer.fit()
     steps = trainer.global_step
     assert steps > 0
-    for v, c in zip(_masks(obj), obj.costs):  # no other pull: exactly steps soft-thresholds of lr·lam·cost
+    for v, c in zip(_masks(obj), obj.costs, strict=True):  # no other pull: exactly steps soft-thresholds of lr·lam·cost
         assert c > 0
         assert torch.allclose(v, torch.full_like(v, max(0.0, 1.0 - steps * lr * lam * c)), atol=1e-5)
 
@@ -301,7 +303,7 @@ def test_search_resume_equals_unbroken_run(teacher_path, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     for x, y in zip(_masks(fobj) + [p.detach() for p in fobj.masks.masks],
-                    _masks(robj) + [p.detach() for p in robj.masks.masks]):
+                    _masks(robj) + [p.detach() for p in robj.masks.masks], strict=True):
         assert torch.equal(x, y)
     for k, v in fobj.discriminator.state_dict().items():
         assert torch.equal(v, robj.discriminator.state_dict()[k]), k
@@ -360,7 +362,9 @@ def test_residual_search_masks_stages_and_exports(teacher_path, tmp_path, capsys
 def test_search_runner_returns_metrics(teacher_path, tmp_path):
     cfg = load_config(None, search_overrides(**{"search.target_reduction": "0.3", "search.d_input": "features"}))
     result = search(cfg, tmp_path / "run", teacher_path)
-    assert 0.0 <= result["macs_reduction"] < 1.0 and 0 <= result["val_acc"] <= 100 and 0 < result["teacher_val_acc"] <= 100
+    assert (
+        0.0 <= result["macs_reduction"] < 1.0 and 0 <= result["val_acc"] <= 100 and 0 < result["teacher_val_acc"] <= 100
+    )
     assert (tmp_path / "run" / "search.pt").is_file() and (tmp_path / "run" / "search_metrics.json").is_file()
 
 

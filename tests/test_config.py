@@ -9,7 +9,9 @@ from amas.config import Config, ConfigError, load_config, save_config
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  epochs: 3\nmodel:\n  name: resnet56\n")
-    cfg = load_config(f, ["train.lr=0.2", "data.train_subset=100", "train.milestones=[0.3, 0.6]", "train.weight_decay=1e-4"])
+    cfg = load_config(
+        f, ["train.lr=0.2", "data.train_subset=100", "train.milestones=[0.3, 0.6]", "train.weight_decay=1e-4"]
+    )
     assert cfg.train.weight_decay == 1e-4
     assert isinstance(cfg, Config)
     assert cfg.train.epochs == 3 and cfg.model.name == "resnet56"

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from torch import nn
 
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
 from amas.cost import count
-from amas.criteria import METHODS, CriteriaError, channel_scores, plan_for_method
-from amas.criteria import blend, srr
+from amas.criteria import METHODS, CriteriaError, blend, channel_scores, plan_for_method, srr
 from amas.criteria.common import aggregate
 from amas.data import build_data
 from amas.engine import Trainer
 from amas.masks import CostModel, find_groups
 from amas.models import create_model
 from amas.prune import prune_model
-
-from conftest import tiny_overrides
 
 SHAPE = (1, 8, 8)
 
@@ -39,7 +37,10 @@ def ascending(scores: torch.Tensor) -> list[int]:
 
 def random_batches(n: int = 2, batch: int = 16, shape: tuple[int, ...] = SHAPE, classes: int = 3) -> list:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(batch, *shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen)) for _ in range(n)]
+    return [
+        (torch.randn(batch, *shape, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 # ---------------------------------------------------------------- orderings on hand-made weights
@@ -185,7 +186,9 @@ def test_spearman_clustering_groups_agreeing_criteria() -> None:
     assert float(rho[0, 3]) == pytest.approx(-1.0) and float(rho[0, 4]) == 0.0
     clusters = blend.cluster_criteria(rho, 0.8)
     assert sorted(map(sorted, clusters)) == [[0, 1, 2], [3], [4]]
-    assert torch.equal(blend.average_ranks(torch.tensor([3.0, 1.0, 3.0])), torch.tensor([2.5, 1.0, 2.5], dtype=torch.float64))
+    assert torch.equal(
+        blend.average_ranks(torch.tensor([3.0, 1.0, 3.0])), torch.tensor([2.5, 1.0, 2.5], dtype=torch.float64)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +199,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                               "train.device": "cpu"}))
     data = build_data(cfg.data, cfg.train.batch_size, 32, seed=0)
     model = create_model("resnet20", num_classes=4, in_channels=1)
-    Trainer(model, data.train, cfg.train, tmp_path_factory.mktemp("teacher"), num_classes=4, device=torch.device("cpu")).fit()
+    Trainer(
+        model, data.train, cfg.train, tmp_path_factory.mktemp("teacher"), num_classes=4, device=torch.device("cpu")
+    ).fit()
     model.eval()
     groups = find_groups(model, data.info.input_shape)
     return {"model": model, "data": data, "groups": groups, "cost": CostModel(model, groups, data.info.input_shape),
@@ -204,7 +209,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_blend_search_improves_held_out_fitness(trained: dict) -> None:
-    cfg = CriteriaConfig(batches=2, blend_population=6, blend_generations=4, blend_val_batches=2, blend_layer_scales=True)
+    cfg = CriteriaConfig(
+        batches=2, blend_population=6, blend_generations=4, blend_val_batches=2, blend_layer_scales=True
+    )
     res = blend.search(trained["model"], trained["groups"], trained["cost"], 0.75, train=trained["data"].train,
                        val=trained["data"].val, cfg=cfg, prune_cfg=PruneConfig(round_to=1), num_classes=4, seed=0)
     assert len(res.history) == 4
@@ -245,7 +252,9 @@ def test_bn_sparsity_training_shrinks_gamma_in_place(trained: dict) -> None:
     assert after < before
     assert torch.allclose(scores[groups[0].name], model.get_submodule(groups[0].producers[0]).weight.abs().detach())
     again = channel_scores("bn_scale", copy.deepcopy(model), groups, trained["data"].train, cfg, num_classes=4)
-    assert all(torch.equal(scores[k], again[k]) for k in scores)  # a sparsified model (or its copy) is not trained twice
+    assert all(
+        torch.equal(scores[k], again[k]) for k in scores
+    )  # a sparsified model (or its copy) is not trained twice
 
 
 def test_plan_accepts_a_whole_config(trained: dict) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from amas.config import DataConfig
-from amas.data import DataError, INFOS, TensorBatches, build_data, split_indices
+from amas.data import INFOS, DataError, TensorBatches, build_data, split_indices
 
 
 def _batches(seed=0, **kw):
@@ -20,8 +20,8 @@ def test_augmentation_is_deterministic_under_seed():
     xa = [x for x, _ in a]
     xb = [x for x, _ in b]
     xc = [x for x, _ in c]
-    assert all(torch.equal(p, q) for p, q in zip(xa, xb))
-    assert not all(torch.equal(p, q) for p, q in zip(xa, xc))
+    assert all(torch.equal(p, q) for p, q in zip(xa, xb, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(xa, xc, strict=True))
     a.set_epoch(4)
     assert not torch.equal(next(iter(a))[0], xa[0])
 
@@ -62,8 +62,11 @@ def test_sharded_ranks_partition_the_global_batch():
     x = torch.randint(0, 255, (40, 1, 4, 4), generator=g, dtype=torch.uint8)
     y = torch.arange(40)
     full = TensorBatches(x, y, INFOS["fashion_mnist"], 8, train=True, augment=False)
-    parts = [TensorBatches(x, y, INFOS["fashion_mnist"], 4, train=True, augment=False, rank=r, world_size=2) for r in range(2)]
-    for (_, yf), (_, y0), (_, y1) in zip(full, *parts):
+    parts = [
+        TensorBatches(x, y, INFOS["fashion_mnist"], 4, train=True, augment=False, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    for (_, yf), (_, y0), (_, y1) in zip(full, *parts, strict=True):
         assert sorted(torch.cat([y0, y1]).tolist()) == sorted(yf.tolist())
 
 
@@ -89,7 +92,9 @@ def test_truncated_idx_file(tmp_path):
         _read_idx(p)
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="Fashion-MNIST not installed")
+@pytest.mark.skipif(
+    not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="Fashion-MNIST not installed"
+)
 def test_fashion_mnist_from_system_dir():
     from amas.data import load_tensors
 

@@ -5,10 +5,10 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_overrides
 
 from amas.config import load_config
 from amas.distributed import CrossRankBatchNorm
-from conftest import tiny_overrides
 
 
 def _free_port() -> int:

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from amas.config import load_config
 from amas.data import build_data
 from amas.engine import Objective, StepOutput, Stopped, Trainer, TrainingError, evaluate, make_scheduler
 from amas.models import create_model
-from conftest import tiny_overrides
 
 
 def _setup(tmp_path, name="run", **extra):

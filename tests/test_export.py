@@ -155,7 +155,9 @@ def test_export_cli_end_to_end(tmp_path, capsys) -> None:
     assert report["dataset"] == "synthetic" and 0.0 <= report["test_acc"] <= 100.0
     assert 0.5 <= report["macs_reduction"] < 0.6 and report["latency_b64_ms"] > 0
     assert (out / "report.md").read_text().startswith("# amas export: resnet20")
-    expected = {"pruned.pt", "pruned.pt2", "report.json", "report.md"} | ({"pruned.onnx"} if onnx_available() else set())
+    expected = {"pruned.pt", "pruned.pt2", "report.json", "report.md"} | (
+        {"pruned.onnx"} if onnx_available() else set()
+    )
     assert {p.name for p in out.iterdir()} == expected  # nothing else (no temp or external-data files)
     # the exported checkpoint evaluates with the same table as a dense one
     assert main(["eval", "--checkpoint", str(out / "pruned.pt"), "--latency-iters", "2", "data.val_size=64"]) == 0

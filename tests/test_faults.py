@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from amas.checkpoint import load_file
-from conftest import tiny_overrides
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -74,7 +74,10 @@ BAD_INPUTS = [
     (["train", "--config", "{cfg}", "train.epochz=1"], "did you mean 'epochs'"),
     (["train", "--config", "{cfg}", "train.batch_size=0"], "out of range"),
     (["train", "--config", "{cfg}", "model.name=resnet21"], "unknown model"),
-    (["train", "--config", "{cfg}", "data.name=fashion_mnist", "data.root={empty}", "data.download=false"], "Fashion-MNIST"),
+    (
+        ["train", "--config", "{cfg}", "data.name=fashion_mnist", "data.root={empty}", "data.download=false"],
+        "Fashion-MNIST",
+    ),
     (["train", "--config", "{cfg}", "data.name=imagefolder", "data.root={empty}"], "ImageFolder"),
     (["eval", "--checkpoint", "{garbage}"], "not an amas checkpoint"),
     (["eval", "--checkpoint", "{truncated}"], "truncated"),
@@ -98,7 +101,9 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, args, needle, monke
     truncated.write_bytes(good.read_bytes()[:200])
     empty = tmp_path / "empty"
     empty.mkdir()
-    subs = dict(missing=tmp_path / "missing.yaml", bad_yaml=bad_yaml, cfg=cfg, garbage=garbage, truncated=truncated, empty=empty)
+    subs = dict(
+        missing=tmp_path / "missing.yaml", bad_yaml=bad_yaml, cfg=cfg, garbage=garbage, truncated=truncated, empty=empty
+    )
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep.txt").write_text("precious")

@@ -11,7 +11,6 @@ from amas.masks import ChannelMasks, CostModel, MaskError, find_groups, prox_non
 from amas.models import create_model
 
 
-
 def test_prox_nonneg_l1_exact() -> None:
     x = torch.tensor([-1.0, 0.0, 0.25, 0.5, 0.75, 2.0])
     assert torch.equal(prox_nonneg_l1(x, 0.5), torch.tensor([0.0, 0.0, 0.0, 0.0, 0.25, 1.5]))

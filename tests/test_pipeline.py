@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_overrides
 
 from amas.config import load_config
 from amas.pipeline import PipelineError, run_pipeline
 from amas.select import SelectionError
-from conftest import tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +158,10 @@ def test_unknown_method_and_missing_teacher_are_one_line_errors(tmp_path, capsys
     assert main(["prune", "--config", str(cfg_file), "--out", str(tmp_path / "r"), "--method", "nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--method" in err
-    assert main(["prune", "--config", str(cfg_file), "--out", str(tmp_path / "r"), "--teacher", str(tmp_path / "no.pt")]) == 1
+    assert (
+        main(["prune", "--config", str(cfg_file), "--out", str(tmp_path / "r"), "--teacher", str(tmp_path / "no.pt")])
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no.pt" in err
 

@@ -12,7 +12,6 @@ from amas.models import create_model
 from amas.prune import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 
 
-
 def randomize(model: nn.Module, gen: torch.Generator) -> None:
     """Random BN statistics/affine parameters and biases, so removed channels are not trivially zero."""
     with torch.no_grad():
@@ -63,7 +62,9 @@ def test_removal_equals_masking(name: str, shape: tuple[int, int, int], residual
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
     randomize(model, gen)
-    groups = find_groups(model, shape, residual=residual)  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
+    groups = find_groups(
+        model, shape, residual=residual
+    )  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
     assert groups
     cost = CostModel(model, groups, shape)
     model.double()

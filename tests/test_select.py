@@ -19,10 +19,17 @@ from amas.select import (
 )
 
 
-
 def row(i, macs, acc, params=None, channels=None):
-    return {"id": i, "name": f"cand{i}", "level": 0.5, "macs": macs, "params": params if params is not None else macs // 10,
-            "channels": channels if channels is not None else macs // 100, "val_acc": acc, "macs_reduction": 0.0}
+    return {
+        "id": i,
+        "name": f"cand{i}",
+        "level": 0.5,
+        "macs": macs,
+        "params": params if params is not None else macs // 10,
+        "channels": channels if channels is not None else macs // 100,
+        "val_acc": acc,
+        "macs_reduction": 0.0,
+    }
 
 
 TEACHER_MACS = 1000
@@ -105,7 +112,7 @@ def test_policy_winner_is_on_the_front():
     torch.manual_seed(0)
     for _ in range(50):
         rows = [row(i, int(m), round(float(a), 1)) for i, (m, a) in
-                enumerate(zip(torch.randint(100, 1000, (6,)), 85 + 10 * torch.rand(6)))]
+                enumerate(zip(torch.randint(100, 1000, (6,)), 85 + 10 * torch.rand(6), strict=True))]
         front = pareto_front(rows)
         assert choose(rows, "budget", teacher_macs=TEACHER_MACS, bound=2000)["id"] in front
         assert choose(rows, "tolerance", teacher_macs=TEACHER_MACS, min_acc=0.0)["id"] in front

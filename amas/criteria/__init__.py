@@ -31,8 +31,16 @@ from amas.errors import AmasError
 from amas.masks import ChannelGroup, CostModel
 from amas.prune import plan_keep
 
-__all__ = ["METHODS", "SCORE_METHODS", "DATA_METHODS", "CriteriaError", "channel_scores", "plan_for_method", "check_method",
-           "prepare_model"]
+__all__ = [
+    "METHODS",
+    "SCORE_METHODS",
+    "DATA_METHODS",
+    "CriteriaError",
+    "channel_scores",
+    "plan_for_method",
+    "check_method",
+    "prepare_model",
+]
 
 METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr")
 SCORE_METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random")
@@ -59,7 +67,9 @@ def _criteria_cfg(cfg: Any) -> CriteriaConfig:
     inner = getattr(cfg, "criteria", None)
     if isinstance(inner, CriteriaConfig):
         return inner
-    raise CriteriaError(f"criteria settings must be a CriteriaConfig (config section 'criteria'), got {type(cfg).__name__}")
+    raise CriteriaError(
+        f"criteria settings must be a CriteriaConfig (config section 'criteria'), got {type(cfg).__name__}"
+    )
 
 
 _SPARSIFIED = "_amas_bn_sparsified"
@@ -67,7 +77,7 @@ _SPARSIFIED = "_amas_bn_sparsified"
 
 def prepare_model(method: str, model: nn.Module, groups: list[ChannelGroup], train: Batches | None, cfg: CriteriaConfig,
                   *, num_classes: int) -> nn.Module:
-    """In-place preparation a method needs before planning (bn_scale with bn_sparsity: sparsity training); runs once per model."""
+    """In-place preparation a method needs before planning (bn_scale + bn_sparsity: sparsity training), once."""
     check_method(method)
     cfg = _criteria_cfg(cfg)
     if method == "bn_scale" and cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):

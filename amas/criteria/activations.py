@@ -21,7 +21,8 @@ Coupled groups take the mean over their producers (``amas.criteria.common``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,9 @@ def _channel_terms(module: nn.Module, grads: dict[str, torch.Tensor]) -> torch.T
     return t
 
 
-def taylor_scores(model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig) -> dict[str, torch.Tensor]:
+def taylor_scores(
+    model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig
+) -> dict[str, torch.Tensor]:
     """Taylor first-order importance (Σ g·w)² per channel, averaged over cfg.batches batches."""
     members = {g.name: _taylor_members(model, g, cfg.taylor_on) for g in groups}
     layers = sorted({name for ms in members.values() for name, _ in ms})
@@ -89,20 +92,22 @@ def taylor_scores(model: nn.Module, groups: list[ChannelGroup], batches: Batches
                 loss = F.cross_entropy(model(x).float(), y)
                 grads = torch.autograd.grad(loss, [p for _, _, p in params], allow_unused=True)
                 by_layer: dict[str, dict[str, torch.Tensor]] = {}
-                for (name, pname, p), gr in zip(params, grads):
+                for (name, pname, p), gr in zip(params, grads, strict=True):
                     by_layer.setdefault(name, {})[pname] = torch.zeros_like(p) if gr is None else gr.detach()
                 for name in layers:
                     term = _channel_terms(model.get_submodule(name), by_layer[name]).double().cpu() ** 2
                     sums[name] = sums[name] + term if name in sums else term
                 n += 1
     finally:
-        for (_, _, p), f in zip(params, flags):
+        for (_, _, p), f in zip(params, flags, strict=True):
             p.requires_grad_(f)
     if n == 0:
         raise ValueError("the training batches are empty")
     out = {}
     for g in groups:
-        per = [(to_group(sums[name] / n, g, name) if via_index else sums[name] / n) for name, via_index in members[g.name]]
+        per = [
+            (to_group(sums[name] / n, g, name) if via_index else sums[name] / n) for name, via_index in members[g.name]
+        ]
         out[g.name] = aggregate(per, normalise=True)
     return out
 
@@ -152,13 +157,17 @@ def _zero_fraction(maps: torch.Tensor) -> torch.Tensor:
     return (maps == 0).to(torch.float64).flatten(2).mean(2) if maps.dim() > 2 else (maps == 0).to(torch.float64)
 
 
-def hrank_scores(model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig) -> dict[str, torch.Tensor]:
+def hrank_scores(
+    model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig
+) -> dict[str, torch.Tensor]:
     """HRank: mean matrix rank of each channel's rectified feature maps over cfg.batches batches."""
     stats = _producer_stats(model, groups, batches, cfg.batches, feature_rank)
     return {g.name: aggregate([to_group(stats[p], g, p) for p in g.producers], normalise=True) for g in groups}
 
 
-def apoz_scores(model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig) -> dict[str, torch.Tensor]:
+def apoz_scores(
+    model: nn.Module, groups: list[ChannelGroup], batches: Batches, cfg: CriteriaConfig
+) -> dict[str, torch.Tensor]:
     """1 − APoZ: one minus the average fraction of zeros after ReLU of each channel over cfg.batches batches."""
     stats = _producer_stats(model, groups, batches, cfg.batches, _zero_fraction)
     return {g.name: aggregate([1.0 - to_group(stats[p], g, p) for p in g.producers], normalise=False) for g in groups}

@@ -81,7 +81,7 @@ def spearman_matrix(scores: torch.Tensor) -> torch.Tensor:
 
 
 def cluster_criteria(rho: torch.Tensor, threshold: float) -> list[list[int]]:
-    """Complete-linkage clusters of criteria (ρ ≥ threshold between all members), each list led by its representative."""
+    """Complete-linkage clusters of criteria (ρ ≥ threshold between all members), each led by its representative."""
     clusters = [[i] for i in range(rho.shape[0])]
     while len(clusters) > 1:
         best, pair = -math.inf, None
@@ -113,7 +113,9 @@ class _GroupBlend:
     clusters: list[list[int]]
 
 
-def _prepare(pool_scores: list[dict[str, torch.Tensor]], groups: list[ChannelGroup], rho: float) -> dict[str, _GroupBlend]:
+def _prepare(
+    pool_scores: list[dict[str, torch.Tensor]], groups: list[ChannelGroup], rho: float
+) -> dict[str, _GroupBlend]:
     """Per group: Spearman clustering of the pool, representatives and their calibrated scores."""
     out = {}
     for g in groups:
@@ -212,7 +214,7 @@ def search(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, 
         if generation == cfg.blend_generations - 1:
             break
 
-        def tournament() -> torch.Tensor:
+        def tournament(population: list[torch.Tensor] = population, fits: list = fits) -> torch.Tensor:
             i, j = torch.randint(len(population), (2,), generator=gen).tolist()
             return population[i] if (fits[i], -i) >= (fits[j], -j) else population[j]
 

@@ -5,8 +5,8 @@
   filters nearest it (the most replaceable ones) score lowest and go first.
 - random: i.i.d. uniform scores from a generator seeded with ``seed`` (same seed, same scores).
 
-A filter is the layer's kernel weights (biases are left out, as in the papers). Coupled groups aggregate their members as described in
-``amas.criteria.common`` (per-layer mean normalisation, then the mean over members).
+A filter is the layer's kernel weights (biases are left out, as in the papers). Coupled groups aggregate their
+members as described in ``amas.criteria.common`` (per-layer mean normalisation, then the mean over members).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def fpgm_distance_sums(w: torch.Tensor) -> torch.Tensor:
 
 
 def fpgm_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """FPGM: per-channel sum of distances to the layer's other filters (normalised per layer, mean over coupled layers)."""
+    """FPGM: per-channel sum of distances to the layer's other filters (per-layer normalised, mean over members)."""
     return {g.name: aggregate([fpgm_distance_sums(w) for w in _members(model, g)], normalise=True) for g in groups}
 
 

@@ -39,7 +39,15 @@ from amas.criteria.norms import filters, l1_scores
 from amas.masks import ChannelGroup, CostModel
 from amas.prune import PruneError, rounded_count
 
-__all__ = ["group_filters", "connected_components", "covering_number", "redundancy", "layer_redundancy", "plan", "auto_gamma"]
+__all__ = [
+    "group_filters",
+    "connected_components",
+    "covering_number",
+    "redundancy",
+    "layer_redundancy",
+    "plan",
+    "auto_gamma",
+]
 
 
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ def connected_components(adj: torch.Tensor) -> int:
 
 
 def covering_number(adj: torch.Tensor, ell: int = 1) -> int:
-    """Greedy ℓ-covering number: vertices picked (most newly covered first) until every vertex is within ℓ hops of one."""
+    """Greedy ℓ-covering number: vertices picked (most newly covered first) until all are within ℓ hops of one."""
     n = adj.shape[0]
     if n == 0:
         return 0
@@ -143,9 +151,11 @@ def layer_redundancy(model: nn.Module, groups: list[ChannelGroup], cfg: Criteria
 
 def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, target_reduction: float,
          cfg: CriteriaConfig, prune_cfg: PruneConfig) -> dict[str, torch.Tensor]:
-    """Kept channels per group: remove smallest-L1 filters one at a time from the most redundant group until the MACs target."""
+    """Kept channels per group: remove smallest-L1 filters one by one from the most redundant group to the target."""
     if not 0.0 <= float(target_reduction) < 1.0:
-        raise PruneError(f"target MACs reduction must be in [0, 1), got {target_reduction}; e.g. 0.5 removes half the MACs")
+        raise PruneError(
+            f"target MACs reduction must be in [0, 1), got {target_reduction}; e.g. 0.5 removes half the MACs"
+        )
     min_ch, round_to = int(prune_cfg.min_channels), int(prune_cfg.round_to)
     budget = (1.0 - float(target_reduction)) * cost_model.total_macs
     l1 = l1_scores(model, groups)

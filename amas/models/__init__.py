@@ -1,10 +1,9 @@
 """Model zoo: CIFAR ResNets, VGG-16-BN, GoogLeNet, MobileNetV2, and any torchvision classifier."""
 
-from amas.models.registry import create_model, list_models, register_model
-
 # Importing each family registers its constructors.
 from amas.models import cifar_resnet, googlenet, mobilenetv2, vgg  # noqa: E402,F401
 from amas.models.cifar_resnet import ShortcutA, ShortcutAPruner  # noqa: E402
+from amas.models.registry import create_model, list_models, register_model
 
 # Torch-Pruning pruners for the zoo's own channel-routing modules (they also define fold_out_scale for masks)
 CUSTOM_PRUNERS = {ShortcutA: ShortcutAPruner()}

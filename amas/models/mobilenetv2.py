@@ -39,7 +39,9 @@ class InvertedResidual(nn.Module):
             if in_planes == out_planes:
                 self.shortcut = nn.Identity()
             else:
-                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes))
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
@@ -74,5 +75,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
     try:
         inspect.signature(fn).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
-        raise AmasError(f"model {name!r} does not accept these options ({exc}); remove them from the model config") from None
+        raise AmasError(
+            f"model {name!r} does not accept these options ({exc}); remove them from the model config"
+        ) from None
     return fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
