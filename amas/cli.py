@@ -7,8 +7,8 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from amas.console import print_table
 from amas.errors import AmasError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
@@ -81,7 +81,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         default="amas",
         help="amas (searched masks, default) or a criterion of amas.criteria (l1, fpgm, ...)",
     )
-    p.add_argument("--redo", choices=["teacher", "search", "candidates", "select", "final", "export"],
+    from amas.stage_table import STAGE_NAMES
+
+    p.add_argument("--redo", choices=STAGE_NAMES,
                    help="redo this stage and every stage after it (after changing their settings)")
     p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size in the report")
 
@@ -103,20 +105,6 @@ def run_dir_for(args: argparse.Namespace) -> Path:
     if getattr(args, "out", None):
         return Path(args.out)
     return Path("runs") / Path(args.config).stem
-
-
-def print_table(rows: list[tuple[str, Any]], title: str = "") -> None:
-    """Print a two-column summary table (on rank 0 only under torchrun)."""
-    from amas.distributed import context
-
-    if not context().is_main:
-        return
-    if title:
-        print(title)
-    width = max((len(k) for k, _ in rows), default=0)
-    for k, v in rows:
-        v = f"{v:.4g}" if isinstance(v, float) else v
-        print(f"  {k:<{width}}  {v}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from amas.errors import AmasError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,13 @@ def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     if context().enabled:
         dist.barrier()
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run fn on rank 0 only (the one writer of files), then wait for every rank; fn's result on rank 0, else None."""
+    out = fn(*args, **kwargs) if context().is_main else None
+    barrier()
+    return out
 
 
 class CrossRankBatchNorm(nn.BatchNorm2d):

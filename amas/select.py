@@ -356,6 +356,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
     """
     from amas.cost import count
+    from amas.distributed import barrier, context, on_main
     from amas.engine import evaluate
     from amas.export import load_pruned, save_pruned
     from amas.masks import CostModel, find_groups
@@ -363,7 +364,9 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    on_main(out_dir.mkdir, parents=True, exist_ok=True)
+    if not context().is_main:
+        log = _quiet
     sel, fin = cfg.select, cfg.finetune
     info = data.info
     shape = info.input_shape
@@ -374,7 +377,9 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     teacher_val = evaluate(teacher, data.val, info.num_classes, device)["acc"]
 
     cut_path = out_dir / "cut.json"
-    if cut_path.is_file():  # cut earlier in this run: the cut files hold the architectures and starting weights
+    cut_before = cut_path.is_file()
+    barrier()  # every rank has looked before rank 0 writes cut.json
+    if cut_before:  # cut earlier in this run: the cut files hold the architectures and starting weights
         cut = json.loads(cut_path.read_text())
         rows, skipped = cut["rows"], cut["skipped"]
     else:
@@ -390,10 +395,10 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         for c in cands:
             c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device)["acc"]
             meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
-            save_pruned(out_dir / f"{c.row['name']}_cut.pt", c.model, make_recipe(record, shape, c.keep), meta)
+            on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, make_recipe(record, shape, c.keep), meta)
             rows.append(c.row)
         cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
-        atomic_write_text(cut_path, json.dumps(cut, indent=2))
+        on_main(atomic_write_text, cut_path, json.dumps(cut, indent=2))
     total_channels = int(cut["total_channels"])
 
     bound = budget_bound(sel, teacher_macs) if sel.policy == "budget" else None
@@ -430,7 +435,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         acc = _val_acc_at(history, until)
         row.update(val_acc=acc, epochs=until)
         meta = dict(obj["metadata"], val_acc=acc, epochs=until)
-        save_pruned(out_dir / f"{row['name']}.pt", trainer.model, obj["recipe"], meta)
+        on_main(save_pruned, out_dir / f"{row['name']}.pt", trainer.model, obj["recipe"], meta)
         return acc
 
     def score(cid: int, acc: float) -> tuple:
@@ -455,8 +460,12 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         "policy": sel.policy, "bound_macs": bound, "min_acc": min_acc,
         "rows": rows, "skipped": skipped, "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_text(out_dir / "candidates.json", json.dumps(result, indent=2))
+    on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
     return result
+
+
+def _quiet(line: str) -> None:
+    """The progress log of ranks other than 0."""
 
 
 def _metadata(record: dict, shape: tuple, row: dict, teacher_macs: int, teacher_params: int, cfg: Any,

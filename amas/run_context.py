@@ -1,0 +1,182 @@
+"""The run context of one pipeline run: device and rank, sharded data per training section, the teacher (loaded
+once), the stage log, and the one writer of files (rank 0, with the barriers that needs)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from amas import distributed
+from amas.config import Config, atomic_write_text, save_config
+from amas.errors import AmasError
+
+__all__ = ["PipelineError", "RunContext", "StageLog"]
+
+
+class PipelineError(AmasError):
+    """A pipeline run that cannot continue as asked (other settings in the run directory, unknown method)."""
+
+
+def now() -> str:
+    """The local time to the second, as the stage log records it."""
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+class StageLog:
+    """pipeline.json: stage records and events; every rank keeps it in memory, rank 0 rewrites it atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = {"stages": {}, "events": []}
+        if path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise PipelineError(
+                    f"'{path}' is damaged; delete it to rebuild the stage log from the artefacts"
+                ) from None
+
+    def stage(self, name: str) -> dict | None:
+        """The record of stage name, or None."""
+        return self.data["stages"].get(name)
+
+    def set(self, name: str, record: dict | None) -> None:
+        """Replace (or, with None, drop) the record of stage name."""
+        if record is None:
+            self.data["stages"].pop(name, None)
+        else:
+            self.data["stages"][name] = record
+        self.save()
+
+    def event(self, stage: str, event: str, **extra: Any) -> None:
+        """Append an event (start, done, skip, redo, ...)."""
+        self.data["events"].append({"time": now(), "stage": stage, "event": event, **extra})
+        self.save()
+
+    def save(self) -> None:
+        """Write pipeline.json (rank 0 only)."""
+        if distributed.context().is_main:
+            atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+class RunContext:
+    """What the stages of one run share, built once: paths, device, rank, sharded data, the teacher, the log.
+
+    teacher: a model.pt path, or None to train one in the run directory (stage ``teacher``).
+    teacher_model: an in-memory (model, file record) pair used instead of loading ``teacher``.
+    data: an in-memory DataBundle used for every section instead of building it from cfg.data.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, teacher: str | Path | None = None, method: str = "amas",
+                 latency_iters: int = 20, hooks: dict[str, Callable] | None = None,
+                 teacher_model: tuple[nn.Module, dict] | None = None, data: Any = None) -> None:
+        from amas.engine import resolve_device
+
+        self.cfg, self.dir, self.method = cfg, Path(run_dir), method
+        self.teacher_arg = None if teacher is None else str(teacher)
+        self.latency_iters, self.hooks = latency_iters, dict(hooks or {})
+        self.dist = distributed.context()
+        self.device = distributed.device_for(self.dist, resolve_device(cfg.finetune.train.device))
+        self._teacher = None
+        if teacher_model is not None:
+            self._teacher = (teacher_model[0].to(self.device).eval().requires_grad_(False), teacher_model[1])
+        self._given_data = data
+        self._data: dict[tuple[str, bool], Any] = {}
+        self.log = StageLog(self.dir / "pipeline.json")
+        distributed.barrier()  # every rank has read the log before rank 0 rewrites it
+
+    # ---------------------------------------------------------------- files
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files."""
+        return self.dist.is_main
+
+    @property
+    def teacher_path(self) -> Path:
+        """The teacher checkpoint: the one given, else the teacher stage's model.pt."""
+        return Path(self.teacher_arg) if self.teacher_arg else self.dir / "teacher" / "model.pt"
+
+    def path(self, rel: str) -> Path:
+        """An artefact path of the stage table: '{teacher}' is the teacher checkpoint, the rest is run-dir relative."""
+        return self.teacher_path if rel == "{teacher}" else self.dir / rel
+
+    def write(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run fn on rank 0 only, then wait for every rank (the one writer of the run)."""
+        return distributed.on_main(fn, *args, **kwargs)
+
+    def remove(self, rels: tuple[str, ...]) -> None:
+        """Delete these run-dir files or folders (rank 0), as --redo does."""
+
+        def rm() -> None:
+            for rel in rels:
+                p = self.path(rel)
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+
+        self.write(rm)
+
+    def prepare_dir(self) -> None:
+        """Create the run directory and write the resolved config (rank 0)."""
+
+        def make() -> None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.dir / "config.yaml")
+
+        self.write(make)
+
+    def read_json(self, rel: str) -> dict:
+        """A JSON artefact of an earlier stage."""
+        return json.loads(self.path(rel).read_text())
+
+    # ---------------------------------------------------------------- shared inputs
+
+    def data(self, section: str = "finetune", sharded: bool = True) -> Any:
+        """The data for a training section (its batch sizes); sharded over the ranks unless sharded=False."""
+        if self._given_data is not None:
+            return self._given_data
+        sharded = sharded and self.dist.enabled
+        key = (section, sharded)
+        if key not in self._data:
+            from amas.data import build_data
+            from amas.stages import stage_data
+
+            cfg = self.cfg
+            t = getattr(cfg, section).train
+            if sharded:
+                bundle = stage_data(cfg, t, self.device)
+            else:
+                bundle = build_data(cfg.data, t.batch_size, t.eval_batch_size, device=self.device, seed=cfg.seed,
+                                    channels_last=t.channels_last)
+            if bundle.val is None:
+                raise PipelineError("selection needs a held-out validation split; set data.val_size > 0")
+            self._data[key] = bundle
+        return self._data[key]
+
+    @property
+    def teacher(self) -> tuple[nn.Module, dict]:
+        """The frozen teacher and its file record, loaded once and checked against the configured data."""
+        if self._teacher is None:
+            from amas.adversarial import check_teacher_matches
+            from amas.checkpoint import load_model
+            from amas.data import dataset_info
+
+            model, obj = load_model(self.teacher_path, self.device)
+            check_teacher_matches(obj["model"], dataset_info(self.cfg.data), self.teacher_path, self.cfg.data.name)
+            self._teacher = (model.eval().requires_grad_(False), obj)
+        return self._teacher
+
+    def epoch_hook(self, stage: str | None = None) -> Callable | None:
+        """The on_epoch_end hook for a trainer: f(epoch, record), or f(stage, epoch, record) when stage is None."""
+        hook = self.hooks.get("on_epoch_end")
+        if hook is None or stage is None:
+            return hook
+        return lambda e, rec: hook(stage, e, rec)
