@@ -1,16 +1,12 @@
-"""Shipping a pruned model: amas `pruned.pt` checkpoints, torch.export `.pt2`, ONNX, and a JSON/Markdown report.
+"""Shipping a pruned model: torch.export `.pt2`, ONNX, a JSON/Markdown report, and the `amas export` command.
 
-``pruned.pt`` holds only tensors and plain containers (it loads with ``torch.load(weights_only=True)``):
-the state_dict, the recipe that rebuilds the pruned architecture (base model name and arguments plus
-the kept channel count of every pruned group, see amas.prune), and metadata (dataset, input shape,
-normalisation, class count, accuracy, MACs, params, amas and format versions). ``pruned.pt2`` is a
-``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
+``pruned.pt2`` is a ``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
+The ``pruned.pt`` file format (save_pruned, load_pruned) is amas.pruned_file.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import os
@@ -22,101 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_file
-from amas.errors import AmasError
+from amas.checkpoint import CheckpointError, load_file
+from amas.pruned_file import ExportError, load_any_model, load_pruned, peek_format, save_pruned
 
 __all__ = [
     "ExportError", "save_pruned", "load_pruned", "load_any_model", "export_pt2", "export_onnx", "onnx_available",
     "build_report", "write_report", "export_checkpoint", "make_test_evaluator",
 ]
-
-
-class ExportError(AmasError):
-    """A model or file that cannot be exported as asked."""
-
-
-# ---------------------------------------------------------------- pruned.pt
-
-
-def _plain(value: Any, where: str) -> Any:
-    """value as weights_only-loadable plain data (tuples become lists), or ExportError."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _plain(dataclasses.asdict(value), where)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _plain(value.item(), where)
-    raise ExportError(f"metadata {where} is a {type(value).__name__}; use numbers, strings, lists or dicts")
-
-
-def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadata: dict) -> None:
-    """Write a pruned checkpoint (state_dict + recipe + metadata) atomically as an amas 'pruned' file."""
-    from amas import __version__
-
-    meta = _plain(dict(metadata), "metadata")
-    meta.setdefault("amas_version", __version__)
-    meta.setdefault("format_version", FORMAT_VERSION)
-    record = dict(_plain(recipe["model"], "recipe.model"))
-    if "data" in meta:
-        record["data"] = meta["data"]
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save(
-        {
-            "amas_format": "pruned",
-            "format_version": FORMAT_VERSION,
-            "amas_version": __version__,
-            "model": record,
-            "recipe": _plain(recipe, "recipe"),
-            "metadata": meta,
-            "state_dict": state,
-        },
-        path,
-    )
-
-
-def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by save_pruned (weights_only load); returns (model in eval mode, the file's contents)."""
-    from amas.prune import model_from_recipe
-
-    obj = load_file(path, "pruned")
-    try:
-        model = model_from_recipe(obj["recipe"])
-    except KeyError:
-        raise CheckpointError(f"'{path}' has no pruning recipe; re-export it with amas export") from None
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except (RuntimeError, KeyError):
-        raise CheckpointError(f"'{path}' does not match the architecture its recipe describes; re-export it") from None
-    return model.to(device).eval(), obj
-
-
-def _peek_format(path: str | os.PathLike) -> str | None:
-    """The amas_format of a file (cheap memory-mapped look), or None when it cannot be read that way."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return obj.get("amas_format") if isinstance(obj, dict) else None
-
-
-def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a dense 'model' or a 'pruned' amas file; returns (model, file contents with a 'model' record)."""
-    from amas.checkpoint import load_model
-
-    if _peek_format(path) == "pruned":
-        model, obj = load_pruned(path, device)
-        if "data" not in obj["model"]:
-            raise CheckpointError(
-                f"'{path}' does not say which dataset it was trained on; re-export it with amas export"
-            )
-        return model, obj
-    return load_model(path, device)
 
 
 # ---------------------------------------------------------------- torch.export and ONNX
@@ -340,7 +248,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     from amas.prune import kept_counts, l1_scores, make_recipe, plan_keep, prune_model
 
     t0 = time.perf_counter()
-    fmt = _peek_format(checkpoint)
+    fmt = peek_format(checkpoint)
     masks: dict[str, torch.Tensor] | None = None
     if fmt == "pruned":
         load_file(checkpoint, "pruned")  # a newer format version says so first

@@ -46,7 +46,7 @@ import torch_pruning as tp
 from torch import nn
 
 from amas.errors import AmasError
-from amas.models import CUSTOM_PRUNERS
+from amas.shortcut_pruner import CUSTOM_PRUNERS
 
 __all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "find_groups", "prox_nonneg_l1"]
 

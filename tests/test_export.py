@@ -171,3 +171,51 @@ def test_export_cli_end_to_end(tmp_path, capsys) -> None:
     assert "--criterion l1" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--criterion", "l1", "--no-eval",
                  "--target-flops", "0.3", "--latency-iters", "2"]) == 0
+
+
+def test_old_pruned_file_without_layer_shapes_still_loads(pruned_file, tmp_path) -> None:
+    d, pruned, _ = pruned_file
+    obj = torch.load(d / "pruned.pt", weights_only=True)
+    assert obj["recipe"]["layers"]  # new files store the pruned layers' widths
+    del obj["recipe"]["layers"]  # as written before they did: rebuilt by pruning the base model again
+    torch.save(obj, tmp_path / "old.pt")
+    model, _ = load_pruned(tmp_path / "old.pt")
+    x = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(model(x), pruned(x))
+
+
+def test_fresh_process_loads_pruned_resnet56_without_tracing(tmp_path) -> None:
+    """load_pruned rebuilds from the stored widths: no Torch-Pruning, training or data stack, and fast."""
+    shape = (3, 32, 32)
+    torch.manual_seed(0)
+    model = create_model("resnet56", num_classes=10, in_channels=3).eval()
+    groups = find_groups(model, shape, residual=True)
+    masks = {g.name: torch.rand(g.size) for g in groups}
+    keep = plan_keep(masks, CostModel(model, groups, shape), 0.5, round_to=8)
+    pruned = prune_model(model, groups, keep, masks=masks).eval()
+    record = model_record("resnet56", 10, 3, INFOS["cifar10"])
+    save_pruned(tmp_path / "pruned.pt", pruned, make_recipe(record, shape, keep), {"data": INFOS["cifar10"]})
+    x = torch.randn(2, *shape)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, time
+        import torch
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        import amas
+        model, _ = amas.load_pruned({str(tmp_path / "pruned.pt")!r})
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            y = model(torch.load({str(tmp_path / "x.pt")!r}))
+        loaded = [m for m in ("torch_pruning", "amas.engine", "amas.data", "amas.prune", "amas.masks")
+                  if m in sys.modules]
+        torch.save({{"y": y, "seconds": seconds, "loaded": loaded}}, {str(tmp_path / "out.pt")!r})
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, check=True, timeout=240)
+    out = torch.load(tmp_path / "out.pt")
+    assert out["loaded"] == []
+    with torch.no_grad():
+        assert torch.equal(out["y"], pruned(x))
+    assert out["seconds"] < 0.5, out["seconds"]

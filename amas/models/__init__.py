@@ -2,10 +2,7 @@
 
 # Importing each family registers its constructors.
 from amas.models import cifar_resnet, googlenet, mobilenetv2, vgg  # noqa: E402,F401
-from amas.models.cifar_resnet import ShortcutA, ShortcutAPruner  # noqa: E402
+from amas.models.cifar_resnet import ShortcutA  # noqa: E402
 from amas.models.registry import create_model, list_models, register_model
 
-# Torch-Pruning pruners for the zoo's own channel-routing modules (they also define fold_out_scale for masks)
-CUSTOM_PRUNERS = {ShortcutA: ShortcutAPruner()}
-
-__all__ = ["CUSTOM_PRUNERS", "ShortcutA", "create_model", "list_models", "register_model"]
+__all__ = ["ShortcutA", "create_model", "list_models", "register_model"]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from amas.models.registry import register_model
@@ -16,7 +13,7 @@ class ShortcutA(nn.Module):
 
     Unpruned, input channel i goes to output channel i + (out_planes - in_planes) // 2 (the zero-pad of He et al.).
     ``route[j]`` is the input channel that output j copies (``in_planes`` = a zero channel) and ``scale[j]`` its factor;
-    channel pruning (``ShortcutAPruner``) and mask folding edit them, so stage channels of a pruned net stay exact.
+    channel pruning (``amas.shortcut_pruner``) and mask folding edit them, so stage channels of a pruned net stay exact.
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
@@ -51,40 +48,6 @@ class ShortcutA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_planes={self.in_planes}, out_planes={self.out_planes}, stride={self.stride}"
-
-
-class ShortcutAPruner(tp.pruner.function.BasePruningFunc):
-    """Torch-Pruning pruner for ShortcutA: input and output channels are pruned independently, the routing follows."""
-
-    TARGET_MODULES = (ShortcutA,)
-
-    def prune_out_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
-        """Drop output channels idxs."""
-        keep = torch.tensor(sorted(set(range(layer.out_planes)) - {int(i) for i in idxs}), dtype=torch.long,
-                            device=layer.route.device)
-        layer.route = layer.route[keep]
-        layer.scale = layer.scale[keep]
-        layer.out_planes = int(keep.numel())
-        return layer
-
-    def prune_in_channels(self, layer: ShortcutA, idxs: Sequence[int]) -> ShortcutA:
-        """Drop input channels idxs; outputs that copied them become zero channels."""
-        dropped = {int(i) for i in idxs}
-        kept = [i for i in range(layer.in_planes) if i not in dropped]
-        new_in = len(kept)
-        remap = torch.full((layer.in_planes + 1,), new_in, dtype=torch.long)
-        remap[torch.tensor(kept, dtype=torch.long)] = torch.arange(new_in)
-        layer.route = remap.to(layer.route.device)[layer.route]
-        layer.in_planes = new_in
-        return layer
-
-    def get_out_channels(self, layer: ShortcutA) -> int:
-        """Output channels."""
-        return layer.out_planes
-
-    def get_in_channels(self, layer: ShortcutA) -> int:
-        """Input channels."""
-        return layer.in_planes
 
 
 class BasicBlock(nn.Module):
