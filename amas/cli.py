@@ -101,21 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_dir_for(args: argparse.Namespace) -> Path:
-    """The run directory: --out, else runs/<config stem>."""
-    if getattr(args, "out", None):
-        return Path(args.out)
-    return Path("runs") / Path(args.config).stem
+    """The run directory: --out, else runs/<config stem>; refuses an --out that names a file."""
+    return _out_dir(Path(args.out) if getattr(args, "out", None) else Path("runs") / Path(args.config).stem)
+
+
+def _out_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise AmasError(f"--out '{path}' is a file, not a directory; choose another --out")
+    return path
+
+
+def _check_resume(args: argparse.Namespace, run_dir: Path, marker: str) -> None:
+    """--resume needs a run to continue: the stage's saved training state."""
+    if getattr(args, "resume", False) and not (run_dir / marker).is_file():
+        raise AmasError(f"nothing to resume in '{run_dir}' (no {marker}); drop --resume to start a new run there")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a dense model from a config and save it as model.pt in the run directory."""
-    from amas.config import load_config, save_config
+    from amas.config import load_config
     from amas.stages import train_dense
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)
-    result = train_dense(cfg, run_dir, resume=args.resume)
-    save_config(cfg, run_dir / "config.yaml")
+    _check_resume(args, run_dir, "train_state.pt")
+    result = train_dense(cfg, run_dir, resume=args.resume)  # writes config.yaml too (rank 0)
     print_table(
         [("model", cfg.model.name), ("dataset", cfg.data.name), ("val acc %", result.get("val_acc", float("nan"))),
          ("test acc %", result["test_acc"]), ("MACs", f"{result['macs'] / 1e6:.2f}M"),
@@ -141,6 +151,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)
+    _check_resume(args, run_dir, "search_state.pt")
     result = search(cfg, run_dir, args.teacher, resume=args.resume)
     print_table(
         [("teacher", args.teacher), ("dataset", cfg.data.name),
@@ -165,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     target = prune.target_reduction if args.target_flops is None else args.target_flops
     round_to = prune.round_to if args.round_to is None else args.round_to
     min_channels = prune.min_channels if args.min_channels is None else args.min_channels
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"
+    out = _out_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / "export")
     evaluate_on = None if args.no_eval else make_test_evaluator(args.config, args.overrides)
     r = export_checkpoint(
         args.checkpoint,

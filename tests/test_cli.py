@@ -50,3 +50,39 @@ def test_bad_checkpoint_via_cli_is_one_line(tmp_path):
     p = _amas("eval", "--checkpoint", str(bogus))
     assert p.returncode == 1
     assert len(p.stderr.strip().splitlines()) == 1 and "x.pt" in p.stderr
+
+
+def test_out_naming_a_file_is_one_line_and_leaves_it_alone(tmp_path, capsys):
+    from amas.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model:\n  name: resnet20\n")
+    out = tmp_path / "taken.txt"
+    out.write_text("keep me")
+    for argv in (["train", "--config", str(cfg)], ["search", "--config", str(cfg), "--teacher", str(cfg)],
+                 ["prune", "--config", str(cfg)]):
+        assert main([*argv, "--out", str(out), *tiny_overrides()]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file" in err and "--out" in err, (argv, err)
+    assert out.read_text() == "keep me"
+
+
+def test_resume_with_nothing_to_resume_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from amas.cli import main
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model:\n  name: resnet20\n")
+    run = tmp_path / "empty"
+    run.mkdir()
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--resume", *tiny_overrides()]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing to resume" in err and "drop --resume" in err
+    assert list(run.iterdir()) == []
+
+
+def test_python_dash_m_amas_is_the_amas_command():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    p = subprocess.run([sys.executable, "-m", "amas", "prune", "--help"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "--redo {teacher,search,candidates,select,final,export}" in p.stdout
