@@ -76,12 +76,11 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher", help="trained dense model.pt (default: train one with the config's model and train settings)"
     )
-    p.add_argument(
-        "--method",
-        default="amas",
-        help="amas (searched masks, default) or a criterion of amas.criteria (l1, fpgm, ...)",
-    )
+    from amas.criteria import METHODS
     from amas.stage_table import STAGE_NAMES
+
+    p.add_argument("--method", default="amas", metavar="METHOD",
+                   help=f"amas (searched masks, default) or a baseline criterion: {', '.join(METHODS)}")
 
     p.add_argument("--redo", choices=STAGE_NAMES,
                    help="redo this stage and every stage after it (after changing their settings)")

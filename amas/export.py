@@ -243,9 +243,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     evaluate_on: None, or a callable (model, record) -> test accuracy in %.
     """
     from amas.checkpoint import load_masked, load_model
+    from amas.config import CriteriaConfig
     from amas.cost import count
+    from amas.criteria import channel_scores
     from amas.masks import CostModel, find_groups
-    from amas.prune import kept_counts, l1_scores, make_recipe, plan_keep, prune_model
+    from amas.prune import kept_counts, make_recipe, plan_keep, prune_model
 
     t0 = time.perf_counter()
     fmt = peek_format(checkpoint)
@@ -280,7 +282,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
         source = "masks"
     else:
-        scores = l1_scores(model, groups)
+        scores = channel_scores("l1", model, groups, None, CriteriaConfig())  # the L1 of `amas prune --method l1`
         source = "l1"
     cost = CostModel(model, groups, shape)
     keep = plan_keep(scores, cost, target_reduction, min_channels=min_channels, round_to=round_to)

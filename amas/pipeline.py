@@ -36,12 +36,10 @@ __all__ = ["PipelineError", "STAGES", "STAGE_NAMES", "run_pipeline", "stage_fing
 
 
 def _check_method(method: str) -> None:
-    if method == "amas":
-        return
-    from amas.criteria import METHODS
+    from amas.criteria import REGISTRY
 
-    if method not in METHODS:
-        raise PipelineError(f"unknown --method '{method}'; choose amas or one of {', '.join(sorted(METHODS))}")
+    if method not in REGISTRY:
+        raise PipelineError(f"unknown --method '{method}'; choose one of {', '.join(REGISTRY)}")
 
 
 def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None, method: str = "amas",

@@ -10,10 +10,9 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
-from amas.run_context import PipelineError, RunContext
+from amas.run_context import RunContext
 
 Rows = list[tuple[str, Any]]
 
@@ -50,40 +49,40 @@ def run_search(ctx: RunContext) -> Rows:
     ]
 
 
+def _teacher_copy(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """A trainable copy of the teacher (Torch-Pruning traces the channel groups through autograd), no masks."""
+    return copy.deepcopy(ctx.teacher[0]).requires_grad_(True), None
+
+
+def _searched_student(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """The search stage's student and its masks (folded into the cut)."""
+    from amas.checkpoint import load_masked
+
+    student, masks, _ = load_masked(ctx.dir / "search" / "search.pt", ctx.device)
+    return student, masks
+
+
+_SOURCES = {"teacher": _teacher_copy, "search": _searched_student}
+
+
 def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
-    """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices)."""
-    from amas.prune import plan_keep
+    """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices) of ctx.method."""
+    from amas.criteria import get
 
-    pc = ctx.cfg.prune
-    if ctx.method == "amas":
-        from amas.checkpoint import load_masked
-
-        student, masks, _ = load_masked(ctx.dir / "search" / "search.pt", ctx.device)
-
-        def plan_masks(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
-            names = {g.name for g in groups}
-            unknown = [n for n in masks if n not in names]
-            if unknown:
-                raise PipelineError(f"the searched masks name group {unknown[0]!r}, which the student does not have; "
-                                    "redo the search with --redo search")
-            scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
-            return plan_keep(scores, cost, level, min_channels=pc.min_channels, round_to=pc.round_to)
-
-        return student, masks, plan_masks
-    from amas.criteria import plan_for_method, prepare_model
-
-    teacher, _ = ctx.teacher
+    criterion = get(ctx.method)
+    source, masks = _SOURCES[criterion.source](ctx)
     # every rank plans on the whole (unsharded) data, so data-driven criteria cut the same channels everywhere
-    data = ctx.data("finetune", sharded=False)
+    data = ctx.data("finetune", sharded=False) if criterion.reads_data else None
+    train, val = (data.train, data.val) if data is not None else (None, None)
+    num_classes = ctx.data("finetune").info.num_classes
 
-    def plan_criterion(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
+    def plan(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
         # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
-        prepare_model(ctx.method, model, groups, data.train, ctx.cfg, num_classes=data.info.num_classes)
-        return plan_for_method(ctx.method, copy.deepcopy(model), groups, cost, level, train=data.train, val=data.val,
-                               cfg=ctx.cfg, prune_cfg=pc, num_classes=data.info.num_classes, seed=ctx.cfg.seed)
+        criterion.prepare(model, groups, train, ctx.cfg.criteria, num_classes=num_classes)
+        return criterion.plan(copy.deepcopy(model), groups, cost, level, train=train, val=val, cfg=ctx.cfg.criteria,
+                              prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed, masks=masks)
 
-    # a trainable copy: Torch-Pruning traces the channel groups through autograd
-    return copy.deepcopy(teacher).requires_grad_(True), None, plan_criterion
+    return source, masks, plan
 
 
 def run_candidates(ctx: RunContext) -> Rows:

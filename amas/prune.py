@@ -29,7 +29,7 @@ from torch import nn
 from amas.errors import AmasError
 from amas.masks import ChannelGroup, CostModel, _build_graph, find_groups, remove_mask_hooks
 
-__all__ = ["PruneError", "plan_keep", "prune_model", "make_recipe", "model_from_recipe", "kept_counts", "l1_scores"]
+__all__ = ["PruneError", "plan_keep", "prune_model", "make_recipe", "model_from_recipe", "kept_counts"]
 
 RECIPE_VERSION = 1
 
@@ -255,17 +255,3 @@ def model_from_recipe(recipe: dict) -> nn.Module:
             )
     keep = {n: torch.arange(k) for n, k in counts.items()}
     return prune_model(model, list(groups.values()), keep, input_shape=shape).eval()
-
-
-def l1_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
-    """Per-channel L1 norm of the filters producing each group's channels (summed over its conv/linear layers)."""
-    scores = {}
-    for g in groups:
-        s = torch.zeros(g.size, dtype=torch.float64)
-        for layer in g.out_layers:
-            w = model.get_submodule(layer).weight.detach().double().cpu()
-            per_out = w.abs().flatten(1).sum(1)
-            if per_out.numel() == g.size:  # layers with a one-to-one channel map (identity in residual groups)
-                s += per_out
-        scores[g.name] = s.float()
-    return scores

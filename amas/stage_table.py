@@ -41,6 +41,13 @@ class Settings:
     root: dict
 
     @property
+    def searched(self) -> bool:
+        """Whether the method cuts from the searched student (the mask search runs)."""
+        from amas.criteria import get
+
+        return get(self.method).source == "search"
+
+    @property
     def residual(self) -> bool:
         """prune.residual_channels (recorded only when set, so runs from before it keep their hashes)."""
         return bool(self.d["prune"].get("residual_channels", False))
@@ -53,11 +60,11 @@ def _candidate_settings(s: Settings) -> dict:
     finetune = copy.deepcopy(s.d["finetune"])
     finetune["train"].pop("epochs")  # only the final fine-tune uses finetune.train.epochs
     return {"method": s.method, "prune": s.d["prune"], "select": {k: sel[k] for k in ("levels", "budget_epochs",
-            "policy", *own)}, "finetune": finetune, "criteria": s.d.get("criteria") if s.method != "amas" else None}
+            "policy", *own)}, "finetune": finetune, "criteria": None if s.searched else s.d.get("criteria")}
 
 
 def _search_settings(s: Settings) -> dict:
-    if s.method != "amas":
+    if not s.searched:
         return {"method": s.method}
     return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {})}
 
@@ -72,18 +79,20 @@ class Stage:
     owns: tuple[str, ...]
     settings: Callable[[Settings], Any]
     run: Callable[[RunContext], list[tuple[str, Any]]]
-    methods: str = "all"  # "amas": only the mask search runs it; other methods plan on the teacher
+    source: str | None = None  # runs only for methods that cut from this source (amas.criteria: "search")
 
     def applies(self, method: str) -> bool:
         """Whether the stage runs for this --method."""
-        return self.methods == "all" or self.methods == method
+        from amas.criteria import get
+
+        return self.source is None or get(method).source == self.source
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", reads=(), writes=("{teacher}",), owns=("teacher",),
           settings=lambda s: {**s.root, "data": s.d["data"], "seed": s.d["seed"]}, run=run.run_teacher),
     Stage("search", reads=("{teacher}",), writes=("search/search.pt",), owns=("search",),
-          settings=_search_settings, run=run.run_search, methods="amas"),
+          settings=_search_settings, run=run.run_search, source="search"),
     Stage("candidates", reads=("{teacher}", "search/search.pt"), writes=("candidates/candidates.json",),
           owns=("candidates",), settings=_candidate_settings, run=run.run_candidates),
     Stage("select", reads=("candidates/candidates.json",), writes=("pareto.png", "selection.json"),

@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from amas.checkpoint import load_model  # noqa: E402
-from amas.config import atomic_write_text  # noqa: E402
+from amas.config import CriteriaConfig, atomic_write_text  # noqa: E402
 from amas.cost import count, latency  # noqa: E402
+from amas.criteria import channel_scores  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
 from amas.models import create_model  # noqa: E402
-from amas.prune import kept_counts, l1_scores, plan_keep, prune_model  # noqa: E402
+from amas.prune import kept_counts, plan_keep, prune_model  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, tuple[int, int, int], dict]:
@@ -49,7 +50,8 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, t
     dense.eval()
     groups = find_groups(dense, shape, residual=args.residual)
     cost = CostModel(dense, groups, shape)
-    keep = plan_keep(l1_scores(dense, groups), cost, args.target, round_to=args.round_to)
+    scores = channel_scores("l1", dense, groups, None, CriteriaConfig())  # amas' one L1 criterion
+    keep = plan_keep(scores, cost, args.target, round_to=args.round_to)
     pruned = prune_model(dense, groups, keep, input_shape=shape).eval()
     counts = kept_counts(keep)
     dense_macs, dense_params = count(dense, shape)

@@ -1,7 +1,8 @@
 """Baseline pruning criteria on amas' removal path: per-channel scores per group, or a plan at a MACs target.
 
-Methods (``METHODS``): l1, l2, fpgm, random (``norms``), bn_scale (``bn_scale``), taylor, hrank, apoz
-(``activations``), blend (``blend``, He et al. 2021) and srr (``srr``, Wang et al. 2021). Every score is
+Methods (``METHODS``, from the registry in ``amas.criteria.registry``): l1, l2, fpgm, random (``norms``), bn_scale
+(``bn_scale``), taylor, hrank, apoz (``activations``), blend (``blend``, He et al. 2021) and srr (``srr``, Wang et
+al. 2021); ``amas`` (the searched masks as scores) is registered too, cut from the searched student. Every score is
 "higher = keep". Score-based methods plan through ``prune.plan_keep`` (global ranking by score per MAC saved,
 ``prune.min_channels``, ``prune.round_to``); blend evolves a blend of the others and plans each candidate the
 same way; srr removes filters layer by layer from the most redundant layer until the MACs target.
@@ -19,113 +20,173 @@ they are given). ``cfg`` may also be a whole ``Config`` (its ``criteria`` sectio
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import nn
 
 from amas.config import CriteriaConfig, PruneConfig
-from amas.data import Batches
-from amas.errors import AmasError
+from amas.criteria.registry import (
+    REGISTRY,
+    CriteriaError,
+    Criterion,
+    check_name,
+    criteria_cfg,
+    get,
+    need_batches,
+    register,
+)
 from amas.masks import ChannelGroup, CostModel
-from amas.prune import plan_keep
 
-__all__ = [
-    "METHODS",
-    "SCORE_METHODS",
-    "DATA_METHODS",
-    "CriteriaError",
-    "channel_scores",
-    "plan_for_method",
-    "check_method",
-    "prepare_model",
-]
+__all__ = ["METHODS", "CriteriaError", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
+           "prepare_model", "register"]
 
-METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr")
-SCORE_METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random")
-DATA_METHODS: tuple[str, ...] = ("taylor", "hrank", "apoz")
+Scores = dict[str, torch.Tensor]
 
 
-class CriteriaError(AmasError):
-    """A pruning method that is unknown or lacks what it needs."""
+class _Filters(Criterion):
+    """A data-free score of each channel's producing filters (amas.criteria.norms)."""
+
+    def __init__(self, name: str, fn: str) -> None:
+        self.name, self._fn = name, fn
+
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
+               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+        """The filters' norm (or FPGM distance sum) per channel."""
+        from amas.criteria import norms
+
+        return getattr(norms, self._fn)(model, groups)
 
 
-def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
-    """Return method if it is one of allowed, else raise a one-line CriteriaError with the closest name."""
-    if method in allowed:
-        return method
-    close = difflib.get_close_matches(str(method), allowed, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise CriteriaError(f"unknown pruning method '{method}'{hint}; choose one of {', '.join(allowed)}")
+class _Random(Criterion):
+    name = "random"
 
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
+               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+        """Seeded uniform scores."""
+        from amas.criteria.norms import random_scores
 
-def _criteria_cfg(cfg: Any) -> CriteriaConfig:
-    """The criteria section: a CriteriaConfig as is, or a whole Config's .criteria."""
-    if isinstance(cfg, CriteriaConfig):
-        return cfg
-    inner = getattr(cfg, "criteria", None)
-    if isinstance(inner, CriteriaConfig):
-        return inner
-    raise CriteriaError(
-        f"criteria settings must be a CriteriaConfig (config section 'criteria'), got {type(cfg).__name__}"
-    )
+        return random_scores(groups, seed)
 
 
 _SPARSIFIED = "_amas_bn_sparsified"
 
 
-def prepare_model(method: str, model: nn.Module, groups: list[ChannelGroup], train: Batches | None, cfg: CriteriaConfig,
+class _BnScale(Criterion):
+    name, reads_data = "bn_scale", True  # its sparsity training (criteria.bn_sparsity) reads training batches
+
+    def prepare(self, model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig, *,
+                num_classes: int) -> None:
+        """Network slimming's sparsity training (criteria.bn_sparsity), in place and once per model."""
+        if cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):
+            from amas.criteria.bn_scale import sparsity_train
+
+            sparsity_train(model, groups, need_batches("bn_scale with criteria.bn_sparsity", train), cfg, num_classes)
+            setattr(model, _SPARSIFIED, True)  # deep copies carry it: planning on a copy does not train again
+
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
+               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+        """|γ| of each channel's BatchNorm (after the sparsity training, when set)."""
+        from amas.criteria.bn_scale import bn_scale_scores
+
+        self.prepare(model, groups, batches, cfg, num_classes=num_classes or _num_classes(model))
+        return bn_scale_scores(model, groups)
+
+
+class _Activations(Criterion):
+    """A data-driven score from forward (and backward) passes (amas.criteria.activations)."""
+
+    reads_data = True
+
+    def __init__(self, name: str, fn: str) -> None:
+        self.name, self._fn = name, fn
+
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
+               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+        """Scores from the criterion's statistics over cfg.batches training batches."""
+        from amas.criteria import activations
+
+        return getattr(activations, self._fn)(model, groups, need_batches(self.name, batches), cfg)
+
+
+class _Blend(Criterion):
+    name, reads_data, scores_channels = "blend", True, False
+
+    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
+             val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
+             masks: Scores | None = None) -> Scores:
+        """He et al.'s blended criteria: an evolutionary search of blend weights on held-out accuracy."""
+        from amas.criteria import blend
+
+        scorers = [get(c, _SCORERS) for c in cfg.blend_pool]
+        if any(c.reads_data for c in scorers):
+            need_batches("blend (its pool has data-driven criteria)", train)
+        held_out = need_batches("blend", val, "held-out validation")
+        return blend.search(model, groups, cost, target, train=train, val=held_out, cfg=cfg, prune_cfg=prune_cfg,
+                            num_classes=num_classes, seed=seed).keep
+
+
+class _Srr(Criterion):
+    name, scores_channels = "srr", False
+
+    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
+             val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
+             masks: Scores | None = None) -> Scores:
+        """Wang et al.'s structural redundancy reduction, layer by layer from the most redundant one."""
+        from amas.criteria import srr
+
+        return srr.plan(model, groups, cost, target, cfg, prune_cfg)
+
+
+class SearchedMasks(Criterion):
+    """The mask search's result as a criterion: |mask| per channel, cut from the searched student (masks folded)."""
+
+    name, source = "amas", "search"
+
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
+               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+        """|m| of the searched masks, for the groups the model has."""
+        if masks is None:
+            raise CriteriaError("method 'amas' scores channels by searched masks, but none were given; run the search")
+        names = {g.name for g in groups}
+        unknown = [n for n in masks if n not in names]
+        if unknown:
+            raise CriteriaError(f"the searched masks name group {unknown[0]!r}, which the student does not have; "
+                                "redo the search with --redo search")
+        return {n: torch.as_tensor(m).abs() for n, m in masks.items()}
+
+
+for _c in (_Filters("l1", "l1_scores"), _Filters("l2", "l2_scores"), _Filters("fpgm", "fpgm_scores"), _BnScale(),
+           _Activations("taylor", "taylor_scores"), _Activations("hrank", "hrank_scores"),
+           _Activations("apoz", "apoz_scores"), _Random(), _Blend(), _Srr(), SearchedMasks()):
+    register(_c)
+
+# the baselines: every criterion that plans on the teacher
+METHODS: tuple[str, ...] = tuple(n for n, c in REGISTRY.items() if c.source == "teacher")
+_SCORERS: tuple[str, ...] = tuple(n for n in METHODS if REGISTRY[n].scores_channels)
+
+
+def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
+    """Return method if it is one of allowed, else raise a one-line CriteriaError with the closest name."""
+    return check_name(method, allowed)
+
+
+def prepare_model(method: str, model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig,
                   *, num_classes: int) -> nn.Module:
     """In-place preparation a method needs before planning (bn_scale + bn_sparsity: sparsity training), once."""
-    check_method(method)
-    cfg = _criteria_cfg(cfg)
-    if method == "bn_scale" and cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):
-        from amas.criteria.bn_scale import sparsity_train
-
-        data = _need_batches("bn_scale with criteria.bn_sparsity", train)
-        sparsity_train(model, groups, data, cfg, num_classes)
-        setattr(model, _SPARSIFIED, True)  # deep copies carry it: planning on a copy does not train again
+    get(method).prepare(model, groups, train, criteria_cfg(cfg), num_classes=num_classes)
     return model
 
 
-def _need_batches(method: str, batches: Batches | None, what: str = "training") -> Batches:
-    if batches is None:
-        raise CriteriaError(f"method '{method}' reads {what} batches but none were given; pass the data split "
-                            f"or choose a data-free method (l1, l2, fpgm, bn_scale, random, srr)")
-    return batches
-
-
-def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], batches: Batches | None,
-                   cfg: CriteriaConfig, *, seed: int = 0, num_classes: int | None = None) -> dict[str, torch.Tensor]:
+def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], batches: Any,
+                   cfg: CriteriaConfig, *, seed: int = 0, num_classes: int | None = None) -> Scores:
     """Per-channel importance per group (higher = keep) for a score-based method."""
-    check_method(method)
-    cfg = _criteria_cfg(cfg)
-    if method in ("blend", "srr"):
-        raise CriteriaError(f"method '{method}' plans its channels itself rather than scoring them; "
-                            f"use plan_for_method or one of {', '.join(SCORE_METHODS)}")
+    criterion, cfg = get(method, METHODS), criteria_cfg(cfg)
+    if not criterion.scores_channels:
+        criterion.scores(model, groups, batches, cfg)  # says it plans itself
     if not groups:
         return {}
-    if method == "l1":
-        from amas.criteria.norms import l1_scores
-        return l1_scores(model, groups)
-    if method == "l2":
-        from amas.criteria.norms import l2_scores
-        return l2_scores(model, groups)
-    if method == "fpgm":
-        from amas.criteria.norms import fpgm_scores
-        return fpgm_scores(model, groups)
-    if method == "random":
-        from amas.criteria.norms import random_scores
-        return random_scores(groups, seed)
-    if method == "bn_scale":
-        from amas.criteria.bn_scale import bn_scale_scores
-        prepare_model(method, model, groups, batches, cfg, num_classes=num_classes or _num_classes(model))
-        return bn_scale_scores(model, groups)
-    from amas.criteria.activations import apoz_scores, hrank_scores, taylor_scores
-    data = _need_batches(method, batches)
-    fn = {"taylor": taylor_scores, "hrank": hrank_scores, "apoz": apoz_scores}[method]
-    return fn(model, groups, data, cfg)
+    return criterion.scores(model, groups, batches, cfg, seed=seed, num_classes=num_classes)
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -140,22 +201,8 @@ def _num_classes(model: nn.Module) -> int:
 
 
 def plan_for_method(method: str, model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel,
-                    target_reduction: float, *, train: Batches | None, val: Batches | None, cfg: CriteriaConfig,
-                    prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+                    target_reduction: float, *, train: Any, val: Any, cfg: CriteriaConfig,
+                    prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> Scores:
     """Kept channel indices per group at the MACs target, chosen by the given method."""
-    check_method(method)
-    cfg = _criteria_cfg(cfg)
-    if method == "srr":
-        from amas.criteria import srr
-        return srr.plan(model, groups, cost_model, target_reduction, cfg, prune_cfg)
-    if method == "blend":
-        from amas.criteria import blend
-        for c in cfg.blend_pool:
-            check_method(c, SCORE_METHODS)
-        if any(c in DATA_METHODS for c in cfg.blend_pool):
-            _need_batches("blend (its pool has data-driven criteria)", train)
-        held_out = _need_batches("blend", val, "held-out validation")
-        return blend.search(model, groups, cost_model, target_reduction, train=train, val=held_out, cfg=cfg,
-                            prune_cfg=prune_cfg, num_classes=num_classes, seed=seed).keep
-    scores = channel_scores(method, model, groups, train, cfg, seed=seed, num_classes=num_classes)
-    return plan_keep(scores, cost_model, target_reduction, prune_cfg.min_channels, prune_cfg.round_to)
+    return get(method, METHODS).plan(model, groups, cost_model, target_reduction, train=train, val=val,
+                                     cfg=criteria_cfg(cfg), prune_cfg=prune_cfg, num_classes=num_classes, seed=seed)
