@@ -145,8 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_search(args: argparse.Namespace) -> None:
     """Search soft channel masks for a student copy of the teacher and save search.pt in the run directory."""
-    from amas.adversarial import search
     from amas.config import load_config
+    from amas.search_stage import search
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)

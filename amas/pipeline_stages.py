@@ -35,8 +35,8 @@ def run_teacher(ctx: RunContext) -> Rows:
 
 
 def run_search(ctx: RunContext) -> Rows:
-    """Search channel masks for a copy of the teacher (amas.adversarial.search) into search/."""
-    from amas.adversarial import search
+    """Search channel masks for a copy of the teacher (amas.search_stage.search) into search/."""
+    from amas.search_stage import search
 
     r = search(ctx.cfg, ctx.dir / "search", ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"))
     return [
@@ -87,7 +87,7 @@ def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
 
 def run_candidates(ctx: RunContext) -> Rows:
     """Cut candidates at select.levels and fine-tune them by successive halving (amas.select) into candidates/."""
-    from amas.select import run_candidates as cut_and_finetune
+    from amas.candidates import run_candidates as cut_and_finetune
 
     teacher, obj = ctx.teacher
     source, masks, planner = _planner(ctx)
@@ -120,8 +120,8 @@ def run_select(ctx: RunContext) -> Rows:
 
 def run_final(ctx: RunContext) -> Rows:
     """Fine-tune the selected candidate for finetune.train.epochs into final/final.pt."""
+    from amas.candidates import finetune_trainer
     from amas.export import load_pruned, save_pruned
-    from amas.select import finetune_trainer
 
     sel = ctx.read_json("selection.json")
     name = sel["winner_name"]

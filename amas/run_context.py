@@ -165,9 +165,9 @@ class RunContext:
     def teacher(self) -> tuple[nn.Module, dict]:
         """The frozen teacher and its file record, loaded once and checked against the configured data."""
         if self._teacher is None:
-            from amas.adversarial import check_teacher_matches
             from amas.checkpoint import load_model
             from amas.data import dataset_info
+            from amas.search_stage import check_teacher_matches
 
             model, obj = load_model(self.teacher_path, self.device)
             check_teacher_matches(obj["model"], dataset_info(self.cfg.data), self.teacher_path, self.cfg.data.name)

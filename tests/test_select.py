@@ -6,17 +6,10 @@ import math
 import pytest
 import torch
 
+from amas.alignment import AlignmentObjective
 from amas.config import FinetuneConfig, load_config
-from amas.select import (
-    FinetuneObjective,
-    SelectionError,
-    budget_bound,
-    choose,
-    halving_schedule,
-    halving_score,
-    pareto_front,
-    successive_halving,
-)
+from amas.halving import halving_schedule, successive_halving
+from amas.select import SelectionError, budget_bound, choose, halving_score, pareto_front
 
 
 def row(i, macs, acc, params=None, channels=None):
@@ -170,7 +163,7 @@ def test_tolerance_halving_score_prefers_cheap_candidates_that_meet_the_threshol
 # ---------------------------------------------------------------- fine-tuning objective and config
 
 
-def test_finetune_objective_has_no_masks_and_finite_terms():
+def test_fine_tuning_uses_the_alignment_objective_on_every_weight():
     from amas.masks import find_groups
     from amas.models import create_model
     from amas.prune import prune_model
@@ -180,14 +173,14 @@ def test_finetune_objective_has_no_masks_and_finite_terms():
     groups = find_groups(teacher, (1, 16, 16))
     keep = {g.name: torch.arange(g.size // 2) for g in groups}
     student = prune_model(teacher, groups, keep, input_shape=(1, 16, 16)).train()
-    obj = FinetuneObjective(teacher, FinetuneConfig(), student, (1, 16, 16), 4)
+    obj = AlignmentObjective(teacher, FinetuneConfig(), (1, 16, 16), 4, student=student, section="finetune")
     obj.setup(student, torch.device("cpu"))
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
     out = obj.compute(student, x, y)
     out.loss.backward()
-    assert set(out.terms) >= {"ce", "kd", "adv", "d_loss"} and float(out.terms["sparsity"]) == 0.0
+    assert set(out.terms) >= {"ce", "kd", "adv", "d_loss"} and "sparsity" not in out.terms  # no mask penalty
     assert all(bool(torch.isfinite(v).all()) for v in out.terms.values())
-    assert obj.lam == 0.0 and obj.scalars() == {} and len(list(obj.masks.parameters())) == 0
+    assert obj.scalars() == {} and not hasattr(obj, "masks")
     params = {id(p) for g in obj.param_groups(student) for p in g["params"]}
     assert params == {id(p) for p in student.parameters()}
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
