@@ -30,6 +30,12 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.epochs=5")
 
 
+def _config_latency_overrides(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
 @command("train", "train a dense model (e.g. the teacher) with the one engine")
 def _train_args(p: argparse.ArgumentParser) -> None:
     _common(p)
@@ -39,9 +45,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("eval", "evaluate a checkpoint on the test set: accuracy, MACs, params, latency")
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt or pruned.pt written by amas")
-    p.add_argument("--config", help="optional YAML for data settings (data.root, ...)")
-    p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    _config_latency_overrides(p, "optional YAML for data settings (data.root, ...)")
 
 
 @command("search", "search channel masks for a copy of a trained teacher (AMAS: KD + adversarial + sparsity)")
@@ -65,9 +69,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output directory (default: <checkpoint dir>/export)")
     p.add_argument("--onnx", action="store_true", help="also write pruned.onnx, checked with onnxruntime")
     p.add_argument("--no-eval", action="store_true", help="skip the test-set accuracy")
-    p.add_argument("--config", help="optional YAML for data and prune settings")
-    p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    _config_latency_overrides(p, "optional YAML for data and prune settings")
 
 
 @command("prune", "the whole pipeline: teacher -> search -> candidates -> selection -> final fine-tune -> export")

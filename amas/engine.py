@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -21,6 +20,8 @@ from amas.checkpoint import FORMAT_VERSION, atomic_save, load_file
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.errors import AmasError
+from amas.schedules import make_scheduler
+from amas.stopping import Stopped, StopRequest
 
 
 class TrainingError(AmasError):
@@ -80,64 +81,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise AmasError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
     return torch.device(name)
-
-
-def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step learning-rate schedule named by cfg.schedule."""
-    total = max(1, total_steps)
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total + 1, pct_start=0.25,
-            cycle_momentum=False,
-        )
-    warm = int(cfg.warmup_epochs / max(cfg.epochs, 1) * total)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-        if cfg.schedule == "step":
-            return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag checked between steps."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class Stopped(AmasError):
-    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 def evaluate(
@@ -227,7 +170,7 @@ class Trainer:
         self.history: list[dict] = []
         self._writer = writer
         self._own_writer = writer is None
-        self.stop = _StopRequest()
+        self.stop = StopRequest()
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask the run to stop after the current step, as SIGTERM would."""
@@ -328,7 +271,7 @@ class Trainer:
                 self._writer = None
         return self.history
 
-    def _agree(self, out: StepOutput, stop: _StopRequest) -> None:
+    def _agree(self, out: StepOutput, stop: StopRequest) -> None:
         """Stop every rank together on a non-finite loss or a stop request seen by any rank."""
         finite = torch.isfinite(out.loss.detach())
         if not self.dist.enabled:
@@ -356,7 +299,7 @@ class Trainer:
             f"{last}; lower train.lr or the loss weights"
         )
 
-    def _train_epoch(self, stop: _StopRequest) -> None:
+    def _train_epoch(self, stop: StopRequest) -> None:
         from tqdm import tqdm
 
         cfg = self.cfg

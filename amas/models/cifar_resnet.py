@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -118,25 +120,15 @@ def _resnet(depth: int, num_classes: int, in_channels: int) -> CifarResNet:
     return CifarResNet((depth - 2) // 6, num_classes=num_classes, in_channels=in_channels)
 
 
-@register_model
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """CIFAR ResNet-20 (3 blocks per stage)."""
-    return _resnet(20, num_classes, in_channels)
+def _register(depth: int) -> Callable[..., CifarResNet]:
+    """Register resnet<depth> (timm style: a constructor named after the model)."""
+
+    def build(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+        return _resnet(depth, num_classes, in_channels)
+
+    build.__name__ = build.__qualname__ = f"resnet{depth}"
+    build.__doc__ = f"CIFAR ResNet-{depth} ({(depth - 2) // 6} blocks per stage)."
+    return register_model(build)
 
 
-@register_model
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """CIFAR ResNet-32 (5 blocks per stage)."""
-    return _resnet(32, num_classes, in_channels)
-
-
-@register_model
-def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """CIFAR ResNet-56 (9 blocks per stage)."""
-    return _resnet(56, num_classes, in_channels)
-
-
-@register_model
-def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """CIFAR ResNet-110 (18 blocks per stage)."""
-    return _resnet(110, num_classes, in_channels)
+resnet20, resnet32, resnet56, resnet110 = (_register(d) for d in (20, 32, 56, 110))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amas.models.init import init_weights
 from amas.models.registry import register_model
 
 # (expansion, out_planes, num_blocks, stride); stride of the 24-channel stage is 1 for 32x32 inputs.
@@ -72,18 +73,7 @@ class MobileNetV2(nn.Module):
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(1280, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.bn1(self.conv1(x)))

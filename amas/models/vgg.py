@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amas.models.init import init_weights
 from amas.models.registry import register_model
 
 VGG16_CFG: tuple[int | str, ...] = (
@@ -40,19 +41,7 @@ class VGG(nn.Module):
             nn.ReLU(),
             nn.Linear(512, num_classes),
         )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)
