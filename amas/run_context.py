@@ -69,13 +69,10 @@ class RunContext:
     """What the stages of one run share, built once: paths, device, rank, sharded data, the teacher, the log.
 
     teacher: a model.pt path, or None to train one in the run directory (stage ``teacher``).
-    teacher_model: an in-memory (model, file record) pair used instead of loading ``teacher``.
-    data: an in-memory DataBundle used for every section instead of building it from cfg.data.
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, teacher: str | Path | None = None, method: str = "amas",
-                 latency_iters: int = 20, hooks: dict[str, Callable] | None = None,
-                 teacher_model: tuple[nn.Module, dict] | None = None, data: Any = None) -> None:
+                 latency_iters: int = 20, hooks: dict[str, Callable] | None = None) -> None:
         from amas.engine import resolve_device
 
         self.cfg, self.dir, self.method = cfg, Path(run_dir), method
@@ -83,10 +80,7 @@ class RunContext:
         self.latency_iters, self.hooks = latency_iters, dict(hooks or {})
         self.dist = distributed.context()
         self.device = distributed.device_for(self.dist, resolve_device(cfg.finetune.train.device))
-        self._teacher = None
-        if teacher_model is not None:
-            self._teacher = (teacher_model[0].to(self.device).eval().requires_grad_(False), teacher_model[1])
-        self._given_data = data
+        self._teacher: tuple[nn.Module, dict] | None = None
         self._data: dict[tuple[str, bool], Any] = {}
         self.log = StageLog(self.dir / "pipeline.json")
         distributed.barrier()  # every rank has read the log before rank 0 rewrites it
@@ -141,8 +135,6 @@ class RunContext:
 
     def data(self, section: str = "finetune", sharded: bool = True) -> Any:
         """The data for a training section (its batch sizes); sharded over the ranks unless sharded=False."""
-        if self._given_data is not None:
-            return self._given_data
         sharded = sharded and self.dist.enabled
         key = (section, sharded)
         if key not in self._data:
