@@ -59,8 +59,9 @@ def _candidate_settings(s: Settings) -> dict:
     own = ("min_reduction", "max_macs") if sel["policy"] == "budget" else ("tolerance", "indicator")
     finetune = copy.deepcopy(s.d["finetune"])
     finetune["train"].pop("epochs")  # only the final fine-tune uses finetune.train.epochs
-    return {"method": s.method, "prune": s.d["prune"], "select": {k: sel[k] for k in ("levels", "budget_epochs",
-            "policy", *own)}, "finetune": finetune, "criteria": None if s.searched else s.d.get("criteria")}
+    select = {k: sel[k] for k in ("levels", "budget_epochs", "policy", *own)}
+    criteria = None if s.searched else s.d.get("criteria")
+    return {"method": s.method, "prune": s.d["prune"], "select": select, "finetune": finetune, "criteria": criteria}
 
 
 def _search_settings(s: Settings) -> dict:
@@ -74,7 +75,7 @@ class Stage:
     """One stage: its artefacts, what --redo removes, the settings it depends on, and what it does."""
 
     name: str
-    reads: tuple[str, ...]
+    reads: tuple[str, ...]  # what run(ctx) reads (documentation: earlier stages' writes, or the given teacher)
     writes: tuple[str, ...]
     owns: tuple[str, ...]
     settings: Callable[[Settings], Any]
