@@ -112,6 +112,9 @@ class SearchConfig(AlignmentConfig):
     # the controller measures the MACs of the cut the planner would make (kept counts rounded as prune.round_to and
     # prune.min_channels round them), so the student at the end of the search is the model that gets cut
     count_rounded: bool = True
+    # the learning-rate schedule spans this many epochs (0 or fewer than train.epochs: the search's own), so a
+    # search stopped part-way leaves the rate where a fine-tune that continues the schedule picks it up
+    schedule_epochs: int = field(default=0, metadata=_range(0))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -67,10 +68,12 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
                                 total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
                                 min_channels=cfg.prune.min_channels)
-    trainer = Trainer(student, data.train, tcfg, run_dir, num_classes=info.num_classes, val=data.val,
+    # a schedule longer than the search stops it part-way, where the fine-tuning that follows can continue it
+    schedule = dataclasses.replace(tcfg, epochs=max(tcfg.epochs, cfg.search.schedule_epochs))
+    trainer = Trainer(student, data.train, schedule, run_dir, num_classes=info.num_classes, val=data.val,
                       objective=objective, stage="search", device=device, on_epoch_end=on_epoch_end)
     try:
-        history = trainer.fit(resume=resume)
+        history = trainer.fit(resume=resume, until_epoch=tcfg.epochs)
     except BaseException:
         objective.close()
         raise
@@ -95,6 +98,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         "total_channels": sum(g.size for g in groups),
         "kept": kept,
         "epochs": tcfg.epochs,
+        "final_lr": float(trainer.optimizer.param_groups[0]["lr"]),
         "wall_s": time.perf_counter() - t0,
     })
     if distributed.context().is_main:

@@ -252,6 +252,7 @@ def amas_cut(
         "search_epochs": int(acfg.search.train.epochs),
         "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
         "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),
+        "search_final_lr": rec.get("final_lr"),
     }
     return pruned, keep, info
 

@@ -87,6 +87,7 @@ def amas_search_cut(
     target: float,
     seed: int,
     epochs: int,
+    budget: int,
     groups: list,
     cost: CostModel,
     cfg: Any,
@@ -94,10 +95,12 @@ def amas_search_cut(
     device: torch.device,
 ) -> tuple[nn.Module, dict]:
     """AMAS search for `epochs` epochs from the teacher to the target, its student cut there by the masks."""
+    # with --amas-continue-schedule the search runs the first S epochs of one E-epoch schedule
+    cont = [f"search.schedule_epochs={budget}"] if args.amas_continue_schedule else []
     ns = argparse.Namespace(amas_config=args.config, amas_search_epochs=epochs, val_size=args.val_size,
                             train_subset=args.train_subset, device=args.device, teacher=args.teacher)
-    pruned, keep, info = compare.amas_cut(target, seed, groups, cost, ns, cfg.prune, device,
-                                          extra_overrides=[*args.overrides, f"prune.round_to={cfg.prune.round_to}"])
+    overrides = [*args.overrides, f"prune.round_to={cfg.prune.round_to}", *cont]
+    pruned, keep, info = compare.amas_cut(target, seed, groups, cost, ns, cfg.prune, device, extra_overrides=overrides)
     info["kept"] = {n: int(v.numel()) for n, v in keep.items()}
     return pruned, info
 
@@ -125,7 +128,7 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
     spent = 0
     if method == "amas":
         spent = search_epochs(budget, args.amas_search_fraction)
-        pruned, extra = amas_search_cut(target, seed, spent, groups, cost, cfg, args, device)
+        pruned, extra = amas_search_cut(target, seed, spent, budget, groups, cost, cfg, args, device)
     elif method == "tp_magnitude":
         try:
             pruned, ratio, used, took = compare.tp_magnitude_prune(
@@ -144,6 +147,8 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
     ft_epochs = budget - spent
     ft = copy.deepcopy(cfg.finetune)
     lr = args.finetune_lr.get(method)
+    if method == "amas" and args.amas_continue_schedule:
+        lr = extra["search_final_lr"]  # fine-tuning takes the search's schedule up where the search stopped
     if lr is not None:
         ft = dataclasses.replace(ft, train=dataclasses.replace(ft.train, lr=lr))
     ft = dataclasses.replace(ft, train=dataclasses.replace(ft.train, device=args.device, progress=False))
@@ -319,6 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
     p.add_argument("--amas-search-fraction", type=float, default=0.4,
                    help="share f of each budget E the AMAS search takes: S = round(E·f) epochs, the rest fine-tunes")
+    p.add_argument("--amas-continue-schedule", action="store_true",
+                   help="AMAS: search and fine-tuning share one E-epoch schedule (the search stops at epoch S, "
+                        "fine-tuning starts at the rate reached there) instead of two")
     p.add_argument("--finetune-lr", action="append", default=[], metavar="METHOD=LR",
                    help="fine-tuning learning rate for one method (repeatable); others use finetune.train.lr")
     p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")
@@ -433,6 +441,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "seeds": args.seeds,
             "methods": methods,
             "amas_search_fraction": args.amas_search_fraction,
+            "amas_continue_schedule": args.amas_continue_schedule,
             "finetune_lr": cfg.finetune.train.lr,
             "finetune_lr_by_method": dict(args.finetune_lr),
             "round_to": cfg.prune.round_to,

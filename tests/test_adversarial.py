@@ -389,3 +389,18 @@ def test_controller_measures_the_rounded_cut(teacher_path, tmp_path):
     assert obj.cost.macs({n: idx.numel() for n, idx in keep.items()}) <= rounded
     obj.cfg.count_rounded = False
     assert obj.effective_macs() == raw
+
+
+def test_search_stopped_part_way_through_a_longer_schedule(teacher_path, tmp_path):
+    """search.schedule_epochs > epochs: the search runs its epochs on the longer cosine and ends at its rate."""
+    import json
+    import math
+
+    cfg = load_config(None, search_overrides(**{"search.train.epochs": "1", "search.schedule_epochs": "4",
+                                                "search.train.schedule": "cosine"}))
+    result = search(cfg, tmp_path / "run", teacher_path)
+    epochs_run = len(json.loads((tmp_path / "run" / "search_metrics.json").read_text())["history"])
+    assert epochs_run == 1 and result["epochs"] == 1
+    assert result["final_lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi / 4)), rel=0.02)
+    plain = search(load_config(None, search_overrides()), tmp_path / "plain", teacher_path)
+    assert plain["final_lr"] < 1e-4  # its own cosine ends at zero
