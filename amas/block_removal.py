@@ -18,7 +18,7 @@ from torch import nn
 from amas.masks import ChannelGroup
 from amas.prune import PruneError, prune_model
 
-__all__ = ["RemovedBlock", "removable_groups", "prune_with_blocks"]
+__all__ = ["RemovedBlock", "removable_groups", "prune_with_blocks", "effective_counts"]
 
 
 class RemovedBlock(nn.Module):
@@ -59,6 +59,12 @@ def removable_groups(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, 
                 out[g.name] = path
                 break
     return out
+
+
+def effective_counts(kept: dict[str, int], blocks: dict[str, str]) -> dict[str, int]:
+    """Kept counts with every inner group of a removed block at 0 (a Bottleneck loses all its convs at once)."""
+    gone = {blocks[n] for n, k in kept.items() if k == 0 and n in blocks}
+    return {n: (0 if blocks.get(n) in gone else k) for n, k in kept.items()}
 
 
 def prune_with_blocks(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, Any],

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ from amas.timing import time_call
 
 TABLE_VERSION = 1
 
-__all__ = ["LatencyTable", "LayerShape", "build_table", "width_grid", "table_key", "validate", "random_plans"]
+Measure = Callable[[nn.Module, torch.Tensor], float]
+
+__all__ = ["Measure", "measure_on", "LatencyTable", "LayerShape", "build_table", "width_grid", "table_key", "validate",
+           "random_plans"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,13 @@ class LatencyTable:
         return cls(data["key"], layers, groups, data["measured"], data["dense_ms"])
 
 
+def measure_on(runtime: str = "eager", iters: int = 10) -> Measure:
+    """The measurement the table uses by default: median ms of a forward pass of module on x on runtime."""
+    def measure(module: nn.Module, x: torch.Tensor) -> float:
+        return time_call(make_runner(module.eval(), x, runtime), warmup=2, iters=iters)
+    return measure
+
+
 def _cache_file(cache_dir: str | Path, key: dict) -> Path:
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{key['model']}_b{key['batch_size']}_{key['runtime']}_{digest}.json"
@@ -224,8 +235,12 @@ def _cache_file(cache_dir: str | Path, key: dict) -> Path:
 
 def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple[int, ...], batch_size: int = 64,
                 runtime: str = "eager", model_name: str | None = None, cache_dir: str | Path | None = None,
-                grid_step: int = 8, grid_points: int = 5, iters: int = 10, progress: bool = True) -> LatencyTable:
-    """Measure (or load from cache_dir) the latency table of model on this machine at batch_size on runtime."""
+                grid_step: int = 8, grid_points: int = 5, iters: int = 10, progress: bool = True,
+                measure: Measure | None = None) -> LatencyTable:
+    """Measure (or load from cache_dir) the latency table of model on this machine at batch_size on runtime.
+
+    measure(module, x) -> ms replaces the timing on runtime (e.g. a table from an analytic cost).
+    """
     from amas.config import atomic_write_text
 
     input_shape = tuple(int(s) for s in input_shape)
@@ -238,6 +253,7 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
             data = None  # a damaged cache file: measure again and replace it
         if data is not None and data.get("key") == key:
             return LatencyTable.from_json(data, groups)
+    measure = measure or measure_on(runtime, iters)
     model = model.eval()
     layers = _trace_layers(model, input_shape)
     touched: dict[str, tuple[bool, bool]] = {n: (False, False) for n in layers}
@@ -271,13 +287,12 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
             for cout in outs:
                 unit, shape = _unit(s, cin, cout)
                 x = torch.randn((batch_size, *shape))
-                row.append(time_call(make_runner(unit.eval(), x, runtime), warmup=2, iters=iters))
+                row.append(float(measure(unit.eval(), x)))
                 if bar is not None:
                     bar.update()
             rows.append(row)
         measured[sig] = {"in": ins, "out": outs, "ms": rows}
-    dense_ms = time_call(make_runner(model, torch.randn((batch_size, *input_shape)), runtime), warmup=2,
-                         iters=iters)
+    dense_ms = float(measure(model, torch.randn((batch_size, *input_shape))))
     if bar is not None:
         bar.update()
         bar.close()
@@ -298,18 +313,19 @@ def random_plans(groups: list[ChannelGroup], n: int, seed: int = 0, low: float =
 
 
 def validate(table: LatencyTable, model: nn.Module, groups: list[ChannelGroup], plans: list[dict[str, int]],
-             rounds: int = 3, iters: int = 10) -> dict:
+             rounds: int = 3, iters: int = 10, measure: Measure | None = None) -> dict:
     """Predicted vs measured whole-model latency of each plan; median and max relative error."""
-    from amas.prune import prune_model
+    from amas.block_removal import prune_with_blocks
 
-    batch, runtime = table.key["batch_size"], table.key["runtime"]
+    batch = table.key["batch_size"]
+    measure = measure or measure_on(table.key["runtime"], iters)
     shape = tuple(table.key["input_shape"])
     rows = []
     for kept in plans:
         keep = {n: torch.arange(k) for n, k in kept.items()}
-        net = prune_model(model, groups, keep, input_shape=shape).eval()
-        run = make_runner(net, torch.randn((batch, *shape)), runtime)
-        measured = statistics.median(time_call(run, warmup=2, iters=iters) for _ in range(max(1, rounds)))
+        net = prune_with_blocks(model, groups, keep, input_shape=shape).eval()
+        x = torch.randn((batch, *shape))
+        measured = statistics.median(float(measure(net, x)) for _ in range(max(1, rounds)))
         predicted = table.predict(kept)
         rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": measured,
                      "error": abs(predicted - measured) / measured})

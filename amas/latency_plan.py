@@ -14,8 +14,8 @@ Rounding: each group's count is rounded up as ``amas.prune.rounded_count`` does,
 width, within one rounding step, that the table predicts fastest for the whole model (ties: more channels):
 widths the target runs fast are chosen, not only a fixed multiple.
 
-Block removal: groups in ``removable`` (the inner channels of residual blocks, amas.block_removal) may lose
-every channel; the block then becomes its shortcut.
+Block removal: the groups of ``blocks`` (inner group -> residual block, amas.block_removal.removable_groups)
+may lose every channel; the block then becomes its shortcut and all its inner groups count as empty.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from amas.block_removal import effective_counts
 from amas.latency_model import LatencyTable
 from amas.prune import PruneError, rounded_count
 
@@ -65,7 +66,7 @@ def _fast_width(table: LatencyTable, counts: dict[str, int], name: str, k: int, 
 
 
 def plan_counts_latency(scores: dict[str, torch.Tensor], table: LatencyTable, target_latency: float,
-                        min_channels: int = 1, round_to: int = 1, removable: set[str] | frozenset[str] = frozenset(),
+                        min_channels: int = 1, round_to: int = 1, blocks: dict[str, str] | None = None,
                         fast_rounding: bool = True) -> tuple[dict[str, int], dict[str, list[int]]]:
     """Kept count per group within target_latency × the dense predicted latency, and each group's ranking."""
     if not 0.0 < float(target_latency) <= 1.0:
@@ -75,7 +76,8 @@ def plan_counts_latency(scores: dict[str, torch.Tensor], table: LatencyTable, ta
     unknown = [n for n in scores if n not in table.sizes]
     if unknown:
         raise PruneError(f"scores name channel group {unknown[0]!r}, which the latency table does not have")
-    removable = set(removable)
+    blocks = dict(blocks or {})
+    removable = set(blocks)
     order, sorted_idx, dead = _ranking(scores, table, min_channels, removable)
     budget = float(target_latency) * table.predict({})
 
@@ -88,7 +90,7 @@ def plan_counts_latency(scores: dict[str, torch.Tensor], table: LatencyTable, ta
             size = table.sizes[n]
             k = size - removed.get(n, 0)
             out[n] = 0 if (k == 0 and n in removable) else rounded_count(k, size, round_to, min_channels, n in dead)
-        return out
+        return effective_counts(out, blocks)
 
     last, plan = None, None
     for prefix in range(len(order) + 1):
@@ -117,8 +119,8 @@ def plan_counts_latency(scores: dict[str, torch.Tensor], table: LatencyTable, ta
 
 def plan_keep_latency(scores: dict[str, torch.Tensor], table: LatencyTable, target_latency: float,
                       min_channels: int = 1, round_to: int = 1,
-                      removable: set[str] | frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                      blocks: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Kept channel indices per group (highest scores, sorted) whose predicted latency meets the budget."""
-    plan, ranked = plan_counts_latency(scores, table, target_latency, min_channels, round_to, removable)
+    plan, ranked = plan_counts_latency(scores, table, target_latency, min_channels, round_to, blocks)
     return {n: torch.tensor(sorted(ranked[n][len(ranked[n]) - k:] if k else []), dtype=torch.long)
             for n, k in plan.items()}
