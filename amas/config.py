@@ -140,6 +140,16 @@ class PruneConfig:
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
     residual_channels: bool = False
+    # what the planner cuts to: MACs (target_reduction) or predicted latency from a measured table (target_latency)
+    cost: Literal["macs", "latency"] = "macs"
+    # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime
+    target_latency: float = field(default=0.5, metadata=_range(0.01, 1))
+    latency_batch: int = field(default=1, metadata=_range(1))
+    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
+    # where measured latency tables are cached (one JSON per model, batch, threads, runtime, device, torch version)
+    latency_tables: str = "~/.cache/amas/latency"
+    # let the latency planner drop a residual block whole when all its inner channels go (API and benchmarks only)
+    block_removal: bool = False
 
 
 @dataclass
@@ -169,8 +179,13 @@ class SelectConfig:
         default=0, metadata=_range(0)
     )  # budget bound in MACs per image; overrides min_reduction when > 0
     tolerance: float = field(default=0.5, metadata=_range(0))  # accuracy points below the teacher's val acc
-    # cost axis of the Pareto front and of the tolerance policy: MACs or kept channels
-    indicator: Literal["macs", "channels"] = "macs"
+    # cost axis of the Pareto front and of the tolerance policy: MACs, kept channels or latency (ms, at
+    # latency_batch on latency_runtime, every candidate timed against the teacher in alternating rounds)
+    indicator: Literal["macs", "channels", "latency"] = "macs"
+    # budget bound on latency as a fraction of the teacher's (0: no latency bound, the MACs bound applies)
+    max_latency: float = field(default=0.0, metadata=_range(0, 1))
+    latency_batch: int = field(default=1, metadata=_range(1))
+    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
 
 
 def _sparsity_train() -> TrainConfig:
