@@ -38,8 +38,8 @@ TABLE_VERSION = 1
 
 Measure = Callable[[nn.Module, torch.Tensor], float]
 
-__all__ = ["Measure", "measure_on", "LatencyTable", "LayerShape", "build_table", "width_grid", "table_key", "validate",
-           "random_plans"]
+__all__ = ["Measure", "measure_on", "cache_file", "LatencyTable", "LayerShape", "build_table", "width_grid",
+           "table_key", "validate", "random_plans"]
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,8 @@ def measure_on(runtime: str = "eager", iters: int = 10) -> Measure:
     return measure
 
 
-def _cache_file(cache_dir: str | Path, key: dict) -> Path:
+def cache_file(cache_dir: str | Path, key: dict) -> Path:
+    """The cache file of the table with settings key under cache_dir."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{key['model']}_b{key['batch_size']}_{key['runtime']}_{digest}.json"
 
@@ -245,7 +246,7 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
 
     input_shape = tuple(int(s) for s in input_shape)
     key = table_key(model_name or type(model).__name__, input_shape, groups, batch_size, runtime, grid_step=grid_step)
-    path = _cache_file(cache_dir, key) if cache_dir else None
+    path = cache_file(Path(cache_dir).expanduser(), key) if cache_dir else None
     if path is not None and path.exists():
         try:
             data = json.loads(path.read_text())
@@ -298,7 +299,9 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
         bar.close()
     table = LatencyTable(key, layers, groups, measured, dense_ms)
     if path is not None:
-        atomic_write_text(path, json.dumps(table.to_json()) + "\n")
+        from amas.distributed import on_main
+
+        on_main(atomic_write_text, path, json.dumps(table.to_json()) + "\n")  # under torchrun only rank 0 writes
     return table
 
 

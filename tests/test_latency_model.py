@@ -127,3 +127,22 @@ def test_block_removal_lets_the_plan_go_below_the_width_floor() -> None:
     plan, _ = plan_counts_latency(scores, table, 0.1, round_to=8, blocks=blocks)
     assert table.predict(plan) <= 0.1 * table.predict({})
     assert any(k == 0 for k in plan.values())
+
+
+def test_latency_table_command_writes_the_cached_table_and_reports_it(tmp_path, capsys) -> None:
+    from amas.cli import main
+
+    cfg = tmp_path / "lt.yaml"
+    cfg.write_text("data: {name: synthetic}\nmodel: {name: resnet20}\n")
+    cache = tmp_path / "tables"
+    argv = ["latency-table", "--config", str(cfg), "--batch", "1", f"prune.latency_tables={cache}"]
+    assert main(argv) == 0
+    files = list(cache.iterdir())
+    assert len(files) == 1
+    key = json.loads(files[0].read_text())["key"]
+    assert key["batch_size"] == 1 and key["runtime"] == "eager" and key["torch"] == torch.__version__
+    assert str(files[0]) in capsys.readouterr().out
+    mtime = files[0].stat().st_mtime_ns
+    assert main(argv) == 0 and files[0].stat().st_mtime_ns == mtime  # the second call reads the cache
+    assert main([*argv, "prune.latency_runtime=tpu"]) == 1
+    assert "latency_runtime" in capsys.readouterr().err
