@@ -6,8 +6,10 @@ rounds (amas.timing) and says when the rounds' spread shows the machine was busy
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,7 +17,35 @@ from torch import nn
 from amas.runtimes import available_runtimes, make_runner
 from amas.timing import alternating_latency
 
-__all__ = ["table_for_config", "runtime_latency"]
+if TYPE_CHECKING:
+    from amas.latency_model import LatencyTable
+
+__all__ = ["table_for_config", "runtime_latency", "shared_table", "plan_by_latency"]
+
+
+def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg) -> LatencyTable:
+    """The latency table of prune_cfg's target, measured on rank 0 only and read from its cache by the other ranks."""
+    from amas.distributed import barrier, context
+    from amas.latency_model import build_table
+
+    kw = dict(batch_size=prune_cfg.latency_batch, runtime=prune_cfg.latency_runtime,
+              model_name=type(model).__name__, cache_dir=Path(prune_cfg.latency_tables).expanduser())
+    table = build_table(model, groups, tuple(input_shape), **kw) if context().is_main else None
+    barrier()
+    return table if table is not None else build_table(model, groups, tuple(input_shape), progress=False, **kw)
+
+
+def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg,
+                    target_latency: float) -> dict:
+    """Kept channel indices at target_latency × the dense predicted latency (prune.cost: latency)."""
+    from amas.errors import AmasError
+    from amas.latency_plan import plan_keep_latency
+
+    if prune_cfg.block_removal:
+        raise AmasError("prune.block_removal is not supported by amas prune yet (pruned.pt cannot store a removed "
+                        "block); set prune.block_removal=false, or use amas.block_removal / benchmarks/latency.py")
+    table = shared_table(copy.deepcopy(model).cpu().eval(), groups, input_shape, prune_cfg)
+    return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to)
 
 
 def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = None, validate_plans: int = 0,

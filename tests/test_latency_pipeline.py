@@ -1,0 +1,64 @@
+"""amas prune with prune.cost=latency and selection by latency: plans meet the predicted-latency levels, every
+candidate and the teacher carry a measured latency, the fastest within tolerance wins. No speed-up is asserted."""
+
+import json
+
+from test_pipeline import prune_overrides
+
+from amas.config import load_config
+from amas.pipeline import run_pipeline
+
+
+def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
+    tables = tmp_path / "tables"
+    cfg = load_config(None, prune_overrides(**{
+        "prune.cost": "latency", "prune.latency_batch": "1", "prune.latency_tables": str(tables),
+        "select.indicator": "latency", "select.policy": "tolerance", "select.tolerance": "100",
+        "select.latency_batch": "1",
+        "select.levels": "[0.2,0.4]", "select.budget_epochs": "2"}))
+    run = tmp_path / "run"
+    run_pipeline(cfg, run, teacher=str(teacher_path), method="l1", latency_iters=2)
+    assert len(list(tables.iterdir())) == 1  # one table, measured once for all levels
+    table = json.loads(next(tables.iterdir()).read_text())
+    assert table["key"]["batch_size"] == 1 and table["key"]["runtime"] == "eager"
+
+    cand = json.loads((run / "candidates" / "candidates.json").read_text())
+    assert cand["teacher"]["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in cand["rows"])
+    sel = json.loads((run / "selection.json").read_text())
+    assert sel["indicator"] == "latency" and "latency" in sel["rule"]
+    # any accuracy is within a 100-point tolerance: the fastest measured candidate wins
+    assert sel["winner"] == min(sel["candidates"], key=lambda r: (r["latency_ms"], -r["val_acc"]))["id"]
+    assert (run / "pruned.pt").is_file() and (run / "pareto.png").is_file()
+
+
+def test_latency_planned_cuts_meet_their_levels(tmp_path):
+    import torch
+
+    from amas.config import CriteriaConfig, PruneConfig
+    from amas.criteria import channel_scores
+    from amas.latency_model import LatencyTable
+    from amas.latency_report import plan_by_latency
+    from amas.masks import find_groups
+    from amas.models import create_model
+
+    model = create_model("resnet20", num_classes=4, in_channels=1).eval()
+    groups = find_groups(model, (1, 16, 16))
+    cfg = PruneConfig(cost="latency", latency_batch=1, latency_tables=str(tmp_path), round_to=1)
+    scores = channel_scores("l1", model, groups, None, CriteriaConfig())
+    keep = plan_by_latency(scores, model, groups, (1, 16, 16), cfg, 0.7)
+    table = LatencyTable.from_json(json.loads(next(tmp_path.iterdir()).read_text()), groups)
+    assert table.predict({n: int(v.numel()) for n, v in keep.items()}) <= 0.7 * table.predict({})
+    assert all(isinstance(v, torch.Tensor) for v in keep.values())
+
+
+def test_latency_settings_enter_the_fingerprints_only_when_used():
+    from amas.stage_table import stage_fingerprints
+
+    base = stage_fingerprints(load_config(None, []))
+    unused = stage_fingerprints(load_config(None, ["prune.latency_batch=64", "select.latency_runtime=onnx"]))
+    assert unused == base  # no effect on the run, no effect on its hashes (runs from before the keys resume)
+    used = stage_fingerprints(load_config(None, ["prune.cost=latency"]))
+    assert used["search"] == base["search"] and used["candidates"] != base["candidates"]
+    timed = stage_fingerprints(load_config(None, ["select.indicator=latency", "select.policy=tolerance"]))
+    tol = stage_fingerprints(load_config(None, ["select.policy=tolerance"]))
+    assert timed["candidates"] != tol["candidates"]
