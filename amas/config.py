@@ -150,6 +150,8 @@ class PruneConfig:
     latency_tables: str = "~/.cache/amas/latency"
     # let the latency planner drop a residual block whole when all its inner channels go (API and benchmarks only)
     block_removal: bool = False
+    # runtimes report.md times teacher and pruned model on, in alternating rounds at batch 1 and 64 (those installed)
+    report_runtimes: list[Literal["eager", "compiled", "onnx"]] = field(default_factory=lambda: ["eager"])
 
 
 @dataclass

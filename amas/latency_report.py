@@ -20,7 +20,7 @@ from amas.timing import alternating_latency
 if TYPE_CHECKING:
     from amas.latency_model import LatencyTable
 
-__all__ = ["table_for_config", "runtime_latency", "shared_table", "plan_by_latency"]
+__all__ = ["table_for_config", "runtime_latency", "shared_table", "plan_by_latency", "runtime_comparison"]
 
 
 def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg) -> LatencyTable:
@@ -90,3 +90,17 @@ def runtime_latency(models: dict[str, nn.Module], input_shape: Sequence[int], ba
                 out["busy"] = True
                 out["warnings"].append(f"{rt} batch {b}: {r['warning']}")
     return out
+
+
+def runtime_comparison(teacher: nn.Module, pruned: nn.Module, input_shape: Sequence[int], runtimes: Sequence[str],
+                       iters: int = 10) -> dict:
+    """Teacher vs pruned on each runtime at batch 1 and 64, timed in alternating rounds: ms, speed-ups, warnings."""
+    r = runtime_latency({"teacher": copy.deepcopy(teacher).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()},
+                        input_shape, batches=(1, 64), runtimes=runtimes, iters=iters)
+    rows = {}
+    for rt in r["runtimes"]:
+        t, p = r["ms"]["teacher"][rt], r["ms"]["pruned"][rt]
+        rows[rt] = {f"{who}_{b}_ms": round(d[b], 4) for who, d in (("teacher", t), ("pruned", p))
+                    for b in ("b1", "b64")}
+        rows[rt].update(speedup_b1=round(t["b1"] / p["b1"], 3), speedup_b64=round(t["b64"] / p["b64"], 3))
+    return {"by_runtime": rows, "busy": r["busy"], "warnings": r["warnings"]}

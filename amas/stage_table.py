@@ -127,6 +127,7 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d = _scrub(to_dict(cfg))
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
+    d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)
