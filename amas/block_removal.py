@@ -16,23 +16,10 @@ import torch
 from torch import nn
 
 from amas.masks import ChannelGroup
+from amas.models.removed_block import RemovedBlock
 from amas.prune import PruneError, prune_model
 
 __all__ = ["RemovedBlock", "removable_groups", "prune_with_blocks", "effective_counts"]
-
-
-class RemovedBlock(nn.Module):
-    """A residual block reduced to its shortcut: act(shortcut(x) + bias), bias the dropped branch's constant."""
-
-    def __init__(self, shortcut: nn.Module | None, bias: torch.Tensor, act: nn.Module) -> None:
-        super().__init__()
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
-        self.register_buffer("bias", bias.detach().clone().flatten())
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The shortcut plus the constant, through the block's activation."""
-        return self.act(self.shortcut(x) + self.bias.view(1, -1, 1, 1).to(x.dtype))
 
 
 def _parts(block: nn.Module) -> tuple[str, str, str] | None:

@@ -66,8 +66,9 @@ def cut_candidates(
     masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[Candidate], list[dict]]:
     """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
+    from amas.block_removal import prune_with_blocks
     from amas.cost import count
-    from amas.prune import PruneError, kept_counts, prune_model
+    from amas.prune import PruneError, kept_counts
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:
@@ -89,7 +90,8 @@ def cut_candidates(
         if key in seen:
             skipped.append({"level": level, "reason": f"same channels as cand{seen[key]}"})
             continue
-        pruned = prune_model(model, groups, keep, masks=masks, input_shape=shape).eval()
+        pruned = prune_with_blocks(model, groups, keep, masks=masks, input_shape=shape).eval()  # = prune_model
+        # unless a group keeps no channel (prune.block_removal): then its residual block becomes its shortcut
         macs, params = count(pruned, shape)
         counts = kept_counts(keep)
         cid = len(out)

@@ -148,7 +148,7 @@ class PruneConfig:
     latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
     # where measured latency tables are cached (one JSON per model, batch, threads, runtime, device, torch version)
     latency_tables: str = "~/.cache/amas/latency"
-    # let the latency planner drop a residual block whole when all its inner channels go (API and benchmarks only)
+    # with cost latency: the planner may drop a residual block whole (it becomes its shortcut)
     block_removal: bool = False
     # runtimes report.md times teacher and pruned model on, in alternating rounds at batch 1 and 64 (those installed)
     report_runtimes: list[Literal["eager", "compiled", "onnx"]] = field(default_factory=lambda: ["eager"])

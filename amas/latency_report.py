@@ -38,14 +38,12 @@ def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], pru
 def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg,
                     target_latency: float) -> dict:
     """Kept channel indices at target_latency × the dense predicted latency (prune.cost: latency)."""
-    from amas.errors import AmasError
+    from amas.block_removal import removable_groups
     from amas.latency_plan import plan_keep_latency
 
-    if prune_cfg.block_removal:
-        raise AmasError("prune.block_removal is not supported by amas prune yet (pruned.pt cannot store a removed "
-                        "block); set prune.block_removal=false, or use amas.block_removal / benchmarks/latency.py")
     table = shared_table(copy.deepcopy(model).cpu().eval(), groups, input_shape, prune_cfg)
-    return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to)
+    blocks = removable_groups(model, groups) if prune_cfg.block_removal else None
+    return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to, blocks)
 
 
 def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = None, validate_plans: int = 0,

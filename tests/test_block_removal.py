@@ -62,3 +62,26 @@ def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
     keep = {"conv1": torch.tensor([], dtype=torch.long)}
     with pytest.raises(PruneError, match="not the inner group of a residual block"):
         prune_with_blocks(model, groups, keep, input_shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("name,shape", [("resnet20", (1, 8, 8)), ("tv:resnet18", (3, 32, 32))])
+def test_a_model_with_removed_blocks_saves_and_loads_without_tracing(name, shape, tmp_path) -> None:
+    from amas.prune import make_recipe
+    from amas.pruned_file import load_pruned, save_pruned
+
+    model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
+    randomize(model, torch.Generator().manual_seed(5))
+    groups = find_groups(model, shape)
+    blocks = removable_groups(model, groups)
+    gone = list(blocks)[1]
+    keep = {g.name: (torch.tensor([], dtype=torch.long) if g.name == gone else torch.arange(g.size // 2 or 1))
+            for g in groups}
+    pruned = prune_with_blocks(model, groups, keep, input_shape=shape).eval()
+    record = {"name": name, "num_classes": 10, "in_channels": shape[0]}
+    save_pruned(tmp_path / "p.pt", pruned, make_recipe(record, shape, keep), {"data": {"name": "synthetic"}})
+    loaded, obj = load_pruned(tmp_path / "p.pt")
+    assert obj["recipe"]["removed_blocks"] == [blocks[gone]]
+    assert isinstance(loaded.get_submodule(blocks[gone]), RemovedBlock)
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))

@@ -28,8 +28,8 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
     cfg = load_config(None, prune_overrides(**{
         "prune.cost": "latency", "prune.latency_batch": "1", "prune.latency_tables": str(tables),
         "select.indicator": "latency", "select.policy": "tolerance", "select.tolerance": "100",
-        "select.latency_batch": "1", "prune.report_runtimes": "[eager,onnx]",
-        "select.levels": "[0.2,0.4]", "select.budget_epochs": "2"}))
+        "select.latency_batch": "1", "prune.report_runtimes": "[eager,onnx]", "prune.block_removal": "true",
+        "select.levels": "[0.2,0.85]", "select.budget_epochs": "2"}))
     run = tmp_path / "run"
     run_pipeline(cfg, run, teacher=str(teacher_path), method="l1", latency_iters=2)
     assert len(list(tables.iterdir())) == 1  # the cached table served every level
@@ -37,6 +37,12 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
     assert table["key"]["batch_size"] == 1 and table["key"]["runtime"] == "eager"
 
     cand = json.loads((run / "candidates" / "candidates.json").read_text())
+    deep = max(cand["rows"], key=lambda r: r["level"])
+    assert any(k == 0 for k in deep["kept"].values())  # 85% of the latency cannot go without removing blocks
+    from amas.pruned_file import load_pruned
+
+    cut, obj = load_pruned(run / "candidates" / f"{deep['name']}_cut.pt")
+    assert obj["recipe"]["removed_blocks"]
     assert cand["teacher"]["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in cand["rows"])
     sel = json.loads((run / "selection.json").read_text())
     assert sel["indicator"] == "latency" and "latency" in sel["rule"]
