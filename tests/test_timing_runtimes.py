@@ -46,3 +46,16 @@ def test_each_runtime_gives_the_eager_outputs(runtime):
 def test_an_unknown_runtime_is_one_line():
     with pytest.raises(AmasError, match="unknown runtime 'tpu'"):
         make_runner(_net(), torch.randn(1, 1, 6, 6), "tpu")
+
+
+def test_eval_shows_latency_on_each_runtime(teacher_path, capsys):
+    import json
+
+    from amas.cli import main
+
+    assert main(["eval", "--checkpoint", str(teacher_path), "--latency-iters", "2", "--runtimes", "eager,onnx"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    wanted = {f"latency_{rt}_{b}_ms" for rt in {"eager", "onnx"} & set(available_runtimes()) for b in ("b1", "b64")}
+    assert wanted <= set(result) and all(result[k] > 0 for k in wanted)
+    if "latency_warning" in result:  # only when the rounds' spread said so
+        assert "machine busy" in result["latency_warning"]
