@@ -112,6 +112,9 @@ class SearchConfig(AlignmentConfig):
     # the controller measures the MACs of the cut the planner would make (kept counts rounded as prune.round_to and
     # prune.min_channels round them), so the student at the end of the search is the model that gets cut
     count_rounded: bool = True
+    # what the sparsity penalty weights each channel by: the MACs it saves, or the latency it saves by the
+    # prune.latency_* table (the budget controller still steers MACs)
+    penalty_cost: Literal["macs", "latency"] = "macs"
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(

@@ -128,6 +128,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
     d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
+    if d["search"].get("penalty_cost", "macs") == "macs":
+        d["search"].pop("penalty_cost", None)
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)

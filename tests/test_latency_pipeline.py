@@ -83,3 +83,23 @@ def test_latency_settings_enter_the_fingerprints_only_when_used():
     timed = stage_fingerprints(load_config(None, ["select.indicator=latency", "select.policy=tolerance"]))
     tol = stage_fingerprints(load_config(None, ["select.policy=tolerance"]))
     assert timed["candidates"] != tol["candidates"]
+
+
+def test_search_penalty_can_weight_channels_by_predicted_latency(tmp_path):
+    import pytest
+
+    from amas.config import SearchConfig
+    from amas.mask_search import SearchObjective
+    from amas.masks import ChannelMasks, CostModel
+    from amas.search_stage import _penalty_costs
+
+    table, model, groups = analytic_table(tmp_path)
+    cfg = load_config(None, [f"prune.latency_tables={tmp_path}", "search.penalty_cost=latency"])
+    costs = _penalty_costs(cfg, model, groups, (1, 16, 16))
+    dense = table.predict({})
+    assert costs == pytest.approx({n: c / dense for n, c in table.channel_costs().items()})
+    assert _penalty_costs(load_config(None, []), model, groups, (1, 16, 16)) is None  # default: MACs
+    obj = SearchObjective(model, groups, ChannelMasks(groups), CostModel(model, groups, (1, 16, 16)), SearchConfig(),
+                          (1, 16, 16), 4, penalty_costs=costs)
+    assert float(obj.penalty()) == pytest.approx(sum(costs[g.name] * g.size for g in groups), rel=1e-6)
+    obj.close()
