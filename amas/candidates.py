@@ -31,7 +31,7 @@ from torch import nn
 from amas.alignment import AlignmentObjective
 from amas.config import FinetuneConfig, atomic_write_text
 from amas.halving import halving_schedule, successive_halving
-from amas.select import SelectionError, budget_bound, choose, halving_score
+from amas.select import SelectionError, budget_bound, choose, halving_score, latency_bound
 
 __all__ = ["Candidate", "cut_candidates", "finetune_trainer", "run_candidates"]
 
@@ -66,8 +66,9 @@ def cut_candidates(
     masks: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[Candidate], list[dict]]:
     """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
+    from amas.block_removal import prune_with_blocks
     from amas.cost import count
-    from amas.prune import PruneError, kept_counts, prune_model
+    from amas.prune import PruneError, kept_counts
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:
@@ -89,7 +90,8 @@ def cut_candidates(
         if key in seen:
             skipped.append({"level": level, "reason": f"same channels as cand{seen[key]}"})
             continue
-        pruned = prune_model(model, groups, keep, masks=masks, input_shape=shape).eval()
+        pruned = prune_with_blocks(model, groups, keep, masks=masks, input_shape=shape).eval()  # = prune_model
+        # unless a group keeps no channel (prune.block_removal): then its residual block becomes its shortcut
         macs, params = count(pruned, shape)
         counts = kept_counts(keep)
         cid = len(out)
@@ -166,17 +168,25 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
             on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, make_recipe(record, shape, c.keep), meta)
             rows.append(c.row)
         cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
+        if _times_latency(sel):
+            on_main(_time_candidates, cut, teacher, {c.row["name"]: c.model for c in cands}, shape, sel)
         on_main(atomic_write_text, cut_path, json.dumps(cut, indent=2))
+        if _times_latency(sel):  # rank 0 timed them: every rank selects on the same numbers
+            cut = json.loads(cut_path.read_text())
+            rows = cut["rows"]
     total_channels = int(cut["total_channels"])
 
     bound = budget_bound(sel, teacher_macs) if sel.policy == "budget" else None
+    teacher_lat = {"latency_ms": cut["teacher_latency_ms"]} if "teacher_latency_ms" in cut else {}
+    lat_bound = latency_bound(sel, teacher_lat) if sel.policy == "budget" else None
     min_acc = teacher_val - sel.tolerance if sel.policy == "tolerance" else None
     for r in rows:
         r["val_acc"], r["epochs"] = r["val_acc_cut"], 0
-        r["status"] = "over budget (not trained)" if bound is not None and r["macs"] > bound else "cut"
+        over = (r["latency_ms"] > lat_bound) if lat_bound is not None else (bound is not None and r["macs"] > bound)
+        r["status"] = "over budget (not trained)" if over else "cut"
     trainable = [r["id"] for r in rows if r["status"] == "cut"]
     if not trainable:  # the budget policy's feasibility is known before any training: fail before spending it
-        choose(rows, "budget", teacher_macs=teacher_macs, bound=bound)
+        choose(rows, "budget", teacher_macs=teacher_macs, bound=bound, latency_bound=lat_bound)
     by_id = {r["id"]: r for r in rows}
 
     schedule = halving_schedule(len(trainable), sel.budget_epochs)
@@ -224,12 +234,38 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     result = {
         "method": method,
         "teacher": {"val_acc": teacher_val, "macs": int(teacher_macs), "params": int(teacher_params),
-                    "channels": total_channels},
+                    "channels": total_channels, **teacher_lat},
         "policy": sel.policy, "bound_macs": bound, "min_acc": min_acc,
         "rows": rows, "skipped": skipped, "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
     }
     on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
     return result
+
+
+def _times_latency(sel: Any) -> bool:
+    """Whether selection needs every candidate's measured latency (select.indicator latency or a latency bound)."""
+    return sel.indicator == "latency" or sel.max_latency > 0
+
+
+def _time_candidates(cut: dict, teacher: nn.Module, models: dict[str, nn.Module], shape: tuple, sel: Any) -> None:
+    """Add latency_ms (teacher and candidates timed in alternating rounds on the CPU) to the cut's rows."""
+    import copy
+
+    from amas.latency_report import runtime_latency
+    from amas.runtimes import available_runtimes
+
+    if sel.latency_runtime not in available_runtimes():
+        raise SelectionError(f"select.latency_runtime={sel.latency_runtime} is not installed here; install the onnx "
+                             f"extra or use select.latency_runtime=eager")
+    nets = {name: copy.deepcopy(m).cpu().eval() for name, m in {"teacher": teacher, **models}.items()}
+    b, rt = sel.latency_batch, sel.latency_runtime
+    r = runtime_latency(nets, shape, batches=(b,), runtimes=[rt])
+    cut["teacher_latency_ms"] = r["ms"]["teacher"][rt][f"b{b}"]
+    for row in cut["rows"]:
+        row["latency_ms"] = r["ms"][row["name"]][rt][f"b{b}"]
+    cut["latency"] = {"batch": b, "runtime": rt, "busy": r["busy"], "warnings": r["warnings"]}
+    for w in r["warnings"]:
+        print(f"candidates: warning: {w}")
 
 
 def _quiet(line: str) -> None:

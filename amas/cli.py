@@ -45,7 +45,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("eval", "evaluate a checkpoint on the test set: accuracy, MACs, params, latency")
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt or pruned.pt written by amas")
+    p.add_argument("--runtimes", help="also time these runtimes in alternating rounds at batch 1 and 64, with a "
+                                      "busy-machine warning: eager,compiled,onnx (those installed)")
     _config_latency_overrides(p, "optional YAML for data settings (data.root, ...)")
+
+
+@command("latency-table", "measure (or load from the cache) the per-layer latency table of a config's model")
+def _latency_table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML recipe: model, data and the prune.latency_* settings")
+    p.add_argument("--batch", type=int, help="batch size (default: prune.latency_batch)")
+    p.add_argument("--runtime", choices=["eager", "compiled", "onnx"], help="default: prune.latency_runtime")
+    p.add_argument("--validate", type=int, default=0, metavar="N",
+                   help="also time N random plans as whole models and report the table's prediction error")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 @command("search", "search channel masks for a copy of a trained teacher (AMAS: KD + adversarial + sparsity)")
@@ -141,8 +153,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from amas.stages import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters)
+    if args.runtimes:
+        from amas.export import load_any_model
+        from amas.latency_report import runtime_latency
+
+        model, obj = load_any_model(args.checkpoint)
+        d = obj["model"]["data"]
+        shape = (d["in_channels"], d["image_size"], d["image_size"])
+        rt = runtime_latency({"model": model.eval()}, shape, runtimes=args.runtimes.split(","),
+                             iters=args.latency_iters)
+        for runtime, by_batch in rt["ms"]["model"].items():
+            for b, ms in by_batch.items():
+                result[f"latency_{runtime}_{b}_ms"] = round(ms, 3)
+        if rt["warnings"]:
+            result["latency_warning"] = "; ".join(rt["warnings"])
     print_table([(k, v) for k, v in result.items()], title=f"eval: {args.checkpoint}")
     print(json.dumps(result))
+
+
+def cmd_latency_table(args: argparse.Namespace) -> None:
+    """Build the latency table of the config's model and print where it is and how well it predicts."""
+    from amas.config import load_config
+    from amas.latency_report import table_for_config
+
+    cfg = load_config(args.config, args.overrides)
+    r = table_for_config(cfg, batch_size=args.batch, runtime=args.runtime, validate_plans=args.validate)
+    rows = [(k, v) for k, v in r.items()]
+    print_table(rows, title="latency-table: done")
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -222,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `amas` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = globals().get(f"cmd_{args.command}")
+    handler = globals().get(f"cmd_{args.command.replace('-', '_')}")
     from amas import distributed
     from amas.engine import Stopped
 

@@ -115,6 +115,9 @@ class SearchConfig(AlignmentConfig):
     # the learning-rate schedule spans this many epochs (0 or fewer than train.epochs: the search's own), so a
     # search stopped part-way leaves the rate where a fine-tune that continues the schedule picks it up
     schedule_epochs: int = field(default=0, metadata=_range(0))
+    # what the sparsity penalty weights each channel by: the MACs it saves, or the latency it saves by the
+    # prune.latency_* table (the budget controller still steers MACs)
+    penalty_cost: Literal["macs", "latency"] = "macs"
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(
@@ -143,6 +146,18 @@ class PruneConfig:
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
     residual_channels: bool = False
+    # what the planner cuts to: MACs (target_reduction) or predicted latency from a measured table (target_latency)
+    cost: Literal["macs", "latency"] = "macs"
+    # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime
+    target_latency: float = field(default=0.5, metadata=_range(0.01, 1))
+    latency_batch: int = field(default=1, metadata=_range(1))
+    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
+    # where measured latency tables are cached (one JSON per model, batch, threads, runtime, device, torch version)
+    latency_tables: str = "~/.cache/amas/latency"
+    # with cost latency: the planner may drop a residual block whole (it becomes its shortcut)
+    block_removal: bool = False
+    # runtimes report.md times teacher and pruned model on, in alternating rounds at batch 1 and 64 (those installed)
+    report_runtimes: list[Literal["eager", "compiled", "onnx"]] = field(default_factory=lambda: ["eager"])
 
 
 @dataclass
@@ -172,8 +187,13 @@ class SelectConfig:
         default=0, metadata=_range(0)
     )  # budget bound in MACs per image; overrides min_reduction when > 0
     tolerance: float = field(default=0.5, metadata=_range(0))  # accuracy points below the teacher's val acc
-    # cost axis of the Pareto front and of the tolerance policy: MACs or kept channels
-    indicator: Literal["macs", "channels"] = "macs"
+    # cost axis of the Pareto front and of the tolerance policy: MACs, kept channels or latency (ms, at
+    # latency_batch on latency_runtime, every candidate timed against the teacher in alternating rounds)
+    indicator: Literal["macs", "channels", "latency"] = "macs"
+    # budget bound on latency as a fraction of the teacher's (0: no latency bound, the MACs bound applies)
+    max_latency: float = field(default=0.0, metadata=_range(0, 1))
+    latency_batch: int = field(default=1, metadata=_range(1))
+    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
 
 
 def _sparsity_train() -> TrainConfig:

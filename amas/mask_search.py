@@ -149,7 +149,7 @@ class SearchObjective(AlignmentObjective):
 
     def __init__(self, teacher: nn.Module, groups: list, masks: Any, cost: Any, cfg: SearchConfig,
                  input_shape: tuple[int, int, int], num_classes: int, total_steps: int = 0, round_to: int = 1,
-                 min_channels: int = 1) -> None:
+                 min_channels: int = 1, penalty_costs: dict[str, float] | None = None) -> None:
         super().__init__(teacher, cfg, input_shape, num_classes, section="search")
         self.cfg: SearchConfig = cfg
         # how the planner rounds kept counts (prune.round_to, prune.min_channels): with cfg.count_rounded the
@@ -164,6 +164,8 @@ class SearchObjective(AlignmentObjective):
         ccost = cost.channel_costs()
         # MACs saved per channel as a fraction of the whole model: lam is scale-free (Σ over all masks at 1 ≈ O(1))
         self.costs = [float(ccost[n]) / total for n in self.names]
+        if penalty_costs is not None:  # e.g. ms saved per channel over the model's ms (search.penalty_cost latency)
+            self.costs = [float(penalty_costs[n]) for n in self.names]
         self.lam = float(cfg.lam)
         self.total_steps = int(total_steps)
         self.steps_done = 0

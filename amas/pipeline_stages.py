@@ -183,7 +183,13 @@ def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Modu
     pt2 = export_pt2(model.cpu(), shape, ctx.dir / "pruned.pt2")
     rp = build_report(model.cpu(), shape, meta, latency_iters=ctx.latency_iters, device="cpu")
     rt = build_report(teacher.cpu(), shape, {}, latency_iters=ctx.latency_iters, device="cpu")
-    write_comparison(comparison(ctx, meta, rp, rt, test_teacher, test_pruned, sel, cand, pt2), ctx.dir)
+    report = comparison(ctx, meta, rp, rt, test_teacher, test_pruned, sel, cand, pt2)
+    if ctx.cfg.prune.report_runtimes:
+        from amas.latency_report import runtime_comparison
+
+        report["runtimes"] = runtime_comparison(teacher, model, shape, ctx.cfg.prune.report_runtimes,
+                                                iters=ctx.latency_iters)
+    write_comparison(report, ctx.dir)
     reduction = 100 * (1 - rp["macs"] / rt["macs"])
     return [
         ("teacher test acc %", round(test_teacher, 3)),

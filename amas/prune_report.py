@@ -69,6 +69,23 @@ def comparison(run: RunContext, meta: dict, rp: dict, rt: dict, test_teacher: fl
     }
 
 
+def _runtime_lines(report: dict) -> list[str]:
+    """report.md's latency-by-runtime table (teacher and pruned timed in alternating rounds) and busy warnings."""
+    rts = report.get("runtimes")
+    if not rts or not rts["by_runtime"]:
+        return []
+    lines = ["## Latency by runtime (teacher and pruned timed in alternating rounds, ms)", "",
+             "| runtime | teacher b1 | pruned b1 | speed-up b1 | teacher b64 | pruned b64 | speed-up b64 |",
+             "|---|---|---|---|---|---|---|"]
+    for rt, r in rts["by_runtime"].items():
+        lines.append(f"| {rt} | {r['teacher_b1_ms']:.3f} | {r['pruned_b1_ms']:.3f} | {r['speedup_b1']:.2f}x | "
+                     f"{r['teacher_b64_ms']:.3f} | {r['pruned_b64_ms']:.3f} | {r['speedup_b64']:.2f}x |")
+    lines.append("")
+    if rts["busy"]:
+        lines += [f"**Warning**: {w}" for w in rts["warnings"]] + [""]
+    return lines
+
+
 def write_comparison(report: dict, out: Path) -> None:
     """report.md (teacher vs pruned, selection, files) and report.json, each atomically; JSON last (the marker)."""
     t, p = report["teacher"], report["pruned"]
@@ -116,6 +133,7 @@ def write_comparison(report: dict, out: Path) -> None:
         f"Latency measured on {report['latency_device']}. Test accuracy is evaluated once, after selection; "
         "the selection used the held-out validation split only.",
         "",
+        *_runtime_lines(report),
         "## Selection",
         "",
         f"- policy: {report['selection']['policy']} ({report['selection']['rule']})",

@@ -20,7 +20,8 @@ from torch import nn
 from amas.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_file
 from amas.errors import AmasError
 
-__all__ = ["ExportError", "save_pruned", "load_pruned", "load_any_model", "layer_shapes", "rebuild_from_shapes"]
+__all__ = ["ExportError", "save_pruned", "load_pruned", "load_any_model", "layer_shapes", "rebuild_from_shapes",
+           "removed_blocks"]
 
 # the layer attributes channel pruning changes (torch's conv/linear/BN, amas' option-A shortcut)
 _WIDTHS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "in_planes",
@@ -57,6 +58,9 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadat
     meta.setdefault("format_version", FORMAT_VERSION)
     recipe = dict(recipe)
     recipe.setdefault("layers", layer_shapes(model))
+    removed = removed_blocks(model)
+    if removed:  # residual blocks reduced to their shortcut (amas.block_removal); absent otherwise, as before
+        recipe.setdefault("removed_blocks", removed)
     record = dict(_plain(recipe["model"], "recipe.model"))
     if "data" in meta:
         record["data"] = meta["data"]
@@ -97,6 +101,13 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return model.to(device).eval(), obj
 
 
+def removed_blocks(model: nn.Module) -> list[str]:
+    """Names of the residual blocks of model that were removed (amas.models.removed_block.RemovedBlock)."""
+    from amas.models.removed_block import RemovedBlock
+
+    return [name for name, m in model.named_modules() if isinstance(m, RemovedBlock)]
+
+
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     """The width attributes of every layer that has them (conv, linear, BN, the option-A shortcut), by module name."""
     out = {}
@@ -114,6 +125,7 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor]) -> nn
 
     base = recipe["model"]
     model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
+    _remove_blocks(model, recipe.get("removed_blocks", []))
     modules = dict(model.named_modules())
     for name, attrs in recipe["layers"].items():
         if name not in modules:
@@ -132,6 +144,21 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor]) -> nn
             if module._buffers[attr].shape != tensor.shape:
                 module._buffers[attr] = torch.empty_like(tensor, device="cpu")
     return model
+
+
+def _remove_blocks(model: nn.Module, paths: list[str]) -> None:
+    """Replace each block named in paths by a RemovedBlock around its shortcut (sizes follow the state_dict)."""
+    from amas.models.removed_block import RemovedBlock
+
+    for path in paths:
+        try:
+            block = model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"the removed block '{path}' is not in this model; re-export the model") from None
+        shortcut = getattr(block, "shortcut", None) or getattr(block, "downsample", None)
+        act = getattr(block, "relu2", None) or getattr(block, "relu", None)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, RemovedBlock(shortcut, torch.zeros(1), act))
 
 
 def peek_format(path: str | os.PathLike) -> str | None:

@@ -67,7 +67,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     masks = ChannelMasks(groups, init=1.0)
     objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
                                 total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
-                                min_channels=cfg.prune.min_channels)
+                                min_channels=cfg.prune.min_channels, penalty_costs=_penalty_costs(cfg, student, groups,
+                                                                                                  info.input_shape))
     # a schedule longer than the search stops it part-way, where the fine-tuning that follows can continue it
     schedule = dataclasses.replace(tcfg, epochs=max(tcfg.epochs, cfg.search.schedule_epochs))
     trainer = Trainer(student, data.train, schedule, run_dir, num_classes=info.num_classes, val=data.val,
@@ -106,3 +107,14 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         atomic_write_text(run_dir / "search_metrics.json", json.dumps({"result": result, "history": history}, indent=2))
     distributed.barrier()
     return result
+
+
+def _penalty_costs(cfg: Config, model: Any, groups: list, input_shape: tuple) -> dict[str, float] | None:
+    """With search.penalty_cost latency: ms saved per channel over the dense ms, from the prune.latency_* table."""
+    if cfg.search.penalty_cost != "latency":
+        return None
+    from amas.latency_report import shared_table
+
+    table = shared_table(copy.deepcopy(model).cpu(), groups, input_shape, cfg.prune)
+    dense = table.predict({})
+    return {n: c / dense for n, c in table.channel_costs().items()}

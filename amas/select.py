@@ -2,11 +2,13 @@
 
 **Selection** uses accuracy on the held-out validation split only (never the test split).
 
-* The Pareto front over (cost, val acc), cost = MACs or kept channels (``select.indicator``): the candidates
+* The Pareto front over (cost, val acc), cost = MACs, kept channels or latency in ms (``select.indicator``; a row's
+  ``latency_ms``, measured at ``select.latency_batch`` on ``select.latency_runtime``): the candidates
   that no other candidate beats on both (lower-or-equal cost and higher-or-equal accuracy, one strictly).
 * ``budget``: the highest val acc among candidates with MACs ≤ bound (``select.max_macs``, else
   (1 − ``select.min_reduction``) × teacher MACs); ties → fewer MACs → fewer params → lower candidate id.
-  Candidates over the bound are cut and evaluated but not trained (they could never be chosen).
+  Candidates over the bound are cut and evaluated but not trained (they could never be chosen). With
+  ``select.max_latency`` > 0 the bound is on latency instead: latency_ms ≤ max_latency × the teacher's.
 * ``tolerance``: the lowest cost among candidates with val acc ≥ teacher val acc − ``select.tolerance``;
   ties → higher val acc → fewer MACs → fewer params → lower candidate id.
 * Accuracies are compared exactly (val acc on N images moves in steps of 100/N, so exact ties happen).
@@ -28,8 +30,8 @@ from typing import Any
 from amas.config import SelectConfig, atomic_write_text
 from amas.errors import AmasError
 
-__all__ = ["SelectionError", "pareto_front", "budget_bound", "choose", "halving_score", "select_candidates",
-           "plot_front"]
+__all__ = ["SelectionError", "pareto_front", "budget_bound", "latency_bound", "choose", "halving_score",
+           "select_candidates", "plot_front"]
 
 # names that moved to amas.candidates and amas.halving, still importable from here
 _MOVED = {"Candidate": "amas.candidates", "cut_candidates": "amas.candidates", "finetune_trainer": "amas.candidates",
@@ -49,8 +51,15 @@ class SelectionError(AmasError):
     """A selection that cannot be made: no feasible candidate, a budget too small, unusable levels."""
 
 
+_COST_KEY = {"channels": "channels", "macs": "macs", "latency": "latency_ms"}
+
+
 def _cost(row: dict, indicator: str) -> float:
-    return float(row["channels"] if indicator == "channels" else row["macs"])
+    key = _COST_KEY.get(indicator, "macs")
+    if key not in row:
+        raise SelectionError(f"candidate {row.get('name', row.get('id'))} has no {key}; select.indicator={indicator} "
+                             f"needs candidates timed at select.latency_batch (re-run the candidates stage)")
+    return float(row[key])
 
 
 def pareto_front(rows: list[dict], indicator: str = "macs") -> list[int]:
@@ -68,6 +77,18 @@ def pareto_front(rows: list[dict], indicator: str = "macs") -> list[int]:
         if not dominated:
             front.append(a)
     return [r["id"] for r in sorted(front, key=lambda r: (_cost(r, indicator), r["id"]))]
+
+
+_LABEL = {"channels": "kept channels", "macs": "MACs", "latency": "latency (ms)"}
+
+
+def latency_bound(cfg: SelectConfig, teacher: dict) -> float | None:
+    """The budget policy's latency bound in ms (select.max_latency × the teacher's latency_ms), None when unset."""
+    if cfg.max_latency <= 0:
+        return None
+    if "latency_ms" not in teacher:
+        raise SelectionError("select.max_latency needs the teacher's latency; re-run the candidates stage")
+    return float(cfg.max_latency) * float(teacher["latency_ms"])
 
 
 def budget_bound(cfg: SelectConfig, teacher_macs: int) -> int:
@@ -100,10 +121,20 @@ def _pct(macs: int, teacher_macs: int) -> str:
 
 
 def choose(rows: list[dict], policy: str, *, teacher_macs: int, bound: int | None = None, min_acc: float | None = None,
-           indicator: str = "macs", tolerance: float | None = None) -> dict:
+           indicator: str = "macs", tolerance: float | None = None, latency_bound: float | None = None) -> dict:
     """The row the policy selects (see the module docstring for the order and ties), or one-line SelectionError."""
     if not rows:
         raise SelectionError("there are no candidates to select from; check select.levels")
+    if policy == "budget" and latency_bound is not None:
+        feasible = [r for r in rows if _cost(r, "latency") <= latency_bound]
+        if not feasible:
+            best = min(rows, key=lambda r: (_cost(r, "latency"), -float(r["val_acc"]), int(r["id"])))
+            raise SelectionError(
+                f"no candidate fits the latency budget ({latency_bound:.3g} ms): the fastest is {best['name']} "
+                f"({best['latency_ms']:.3g} ms, {float(best['val_acc']):.2f}% val acc); add a higher level to "
+                f"select.levels or raise select.max_latency"
+            )
+        return max(feasible, key=lambda r: (float(r["val_acc"]), -_cost(r, "latency"), -int(r["macs"]), -int(r["id"])))
     if policy == "budget":
         if bound is None:
             raise SelectionError("the budget policy needs a MACs bound (select.min_reduction or select.max_macs)")
@@ -144,25 +175,31 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
     teacher = cand["teacher"]
     tmacs = int(teacher["macs"])
     bound = budget_bound(cfg, tmacs) if cfg.policy == "budget" else None
+    lat_bound = latency_bound(cfg, teacher) if cfg.policy == "budget" else None
     min_acc = float(teacher["val_acc"]) - cfg.tolerance if cfg.policy == "tolerance" else None
     front = pareto_front(rows, cfg.indicator)
     winner = choose(rows, cfg.policy, teacher_macs=tmacs, bound=bound, min_acc=min_acc, indicator=cfg.indicator,
-                    tolerance=cfg.tolerance)
-    if cfg.policy == "budget":
+                    tolerance=cfg.tolerance, latency_bound=lat_bound)
+    if lat_bound is not None:
+        rule = (f"highest val acc with latency <= {lat_bound:.4g} ms ({cfg.max_latency} x the teacher's at batch "
+                f"{cfg.latency_batch}, {cfg.latency_runtime}); ties: lower latency, fewer MACs, lower id")
+    elif cfg.policy == "budget":
         rule = f"highest val acc with MACs <= {bound} ({_pct(bound, tmacs)}); ties: fewer MACs, fewer params, lower id"
     else:
         rule = (
-            f"fewest {'kept channels' if cfg.indicator == 'channels' else 'MACs'} with val acc >= {min_acc:.3f}% "
+            f"fewest {_LABEL[cfg.indicator]} with val acc >= {min_acc:.3f}% "
             f"(teacher {teacher['val_acc']:.3f}% - {cfg.tolerance}); ties: higher val acc, fewer MACs, fewer "
             f"params, lower id"
         )
     result = {
         "policy": cfg.policy, "indicator": cfg.indicator, "rule": rule, "bound_macs": bound, "min_acc": min_acc,
+        "bound_latency_ms": lat_bound,
         "teacher": teacher, "front": front, "winner": winner["id"], "winner_name": winner["name"],
         "winner_row": winner, "on_front": winner["id"] in front, "candidates": rows, "split": "validation",
     }
     run_dir = Path(run_dir)
-    fig = plot_front(rows, front, winner["id"], teacher, cfg.indicator, bound=bound, min_acc=min_acc)
+    fig = plot_front(rows, front, winner["id"], teacher, cfg.indicator, bound=bound, min_acc=min_acc,
+                     latency_bound=lat_bound)
     _save_figure(fig, run_dir / "pareto.png")
     own = writer is None
     if own:
@@ -178,6 +215,7 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
                 "macs_M": r["macs"] / 1e6,
                 "params_M": r["params"] / 1e6,
                 "kept_channels": int(r["channels"]),
+                **({"latency_ms": float(r["latency_ms"])} if "latency_ms" in r else {}),
                 "epochs": int(r["epochs"]),
                 "status": r["status"],
                 "on_front": r["id"] in front,
@@ -197,11 +235,11 @@ def select_candidates(cand: dict, cfg: SelectConfig, run_dir: Path, writer: Any 
 
 
 def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, indicator: str = "macs", *,
-               bound: int | None = None, min_acc: float | None = None) -> Any:
+               bound: int | None = None, min_acc: float | None = None, latency_bound: float | None = None) -> Any:
     """Matplotlib figure: candidates (cost vs val acc), Pareto front, teacher, the policy's limit, the winner."""
     from matplotlib.figure import Figure
 
-    scale, label = (1.0, "kept channels") if indicator == "channels" else (1e-6, "MACs (M)")
+    scale, label = (1e-6, "MACs (M)") if indicator == "macs" else (1.0, _LABEL[indicator])
     x = lambda r: _cost(r, indicator) * scale  # noqa: E731
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
@@ -228,10 +266,12 @@ def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, i
     ax.scatter(
         [x(w)], [w["val_acc"]], s=160, facecolors="none", edgecolors="tab:red", linewidths=2, label="selected", zorder=4
     )
-    tx = teacher["channels"] if indicator == "channels" else teacher["macs"] * scale
+    tx = _cost(teacher, indicator) * scale
     ax.scatter([tx], [teacher["val_acc"]], marker="*", s=140, c="black", label="teacher", zorder=3)
     if bound is not None and indicator == "macs":
         ax.axvline(bound * scale, ls="--", c="gray", label="MACs budget")
+    if latency_bound is not None and indicator == "latency":
+        ax.axvline(latency_bound, ls="--", c="gray", label="latency budget")
     if min_acc is not None:
         ax.axhline(min_acc, ls=":", c="gray", label="teacher − tolerance")
     ax.set_xlabel(label)

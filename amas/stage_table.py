@@ -60,8 +60,15 @@ def _candidate_settings(s: Settings) -> dict:
     finetune = copy.deepcopy(s.d["finetune"])
     finetune["train"].pop("epochs")  # only the final fine-tune uses finetune.train.epochs
     select = {k: sel[k] for k in ("levels", "budget_epochs", "policy", *own)}
+    if sel.get("indicator") == "latency" or sel.get("max_latency", 0) > 0:  # candidates are timed: how counts
+        select.update({k: sel[k] for k in ("indicator", *_LATENCY_SELECT_KEYS)})
     criteria = None if s.searched else s.d.get("criteria")
     return {"method": s.method, "prune": s.d["prune"], "select": select, "finetune": finetune, "criteria": criteria}
+
+
+# latency settings, recorded only when in use, so runs fingerprinted before they existed keep their hashes
+_LATENCY_PLAN_KEYS = ("cost", "target_latency", "latency_batch", "latency_runtime", "latency_tables", "block_removal")
+_LATENCY_SELECT_KEYS = ("max_latency", "latency_batch", "latency_runtime")
 
 
 def _search_settings(s: Settings) -> dict:
@@ -120,6 +127,17 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d = _scrub(to_dict(cfg))
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
+    d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
+    if d["search"].get("penalty_cost", "macs") == "macs":
+        d["search"].pop("penalty_cost", None)
+    if not d["search"].get("schedule_epochs", 0):
+        d["search"].pop("schedule_epochs", None)
+    if d["prune"].get("cost", "macs") != "latency":
+        for k in _LATENCY_PLAN_KEYS:
+            d["prune"].pop(k, None)
+    if d["select"].get("indicator") != "latency" and not d["select"].get("max_latency", 0):
+        for k in _LATENCY_SELECT_KEYS:
+            d["select"].pop(k, None)
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None

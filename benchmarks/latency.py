@@ -9,6 +9,16 @@ ranked by filter L1 norm per unit of MAC cost (amas.prune.plan_keep), kept count
 inference_mode, channels_last): dense and pruned are timed in alternating rounds so a background load on
 the machine hits both alike; the median over rounds of each round's median is reported. Pass criterion:
 speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
+
+    python benchmarks/latency.py --cost latency [--validate 20] [--runtimes eager,compiled,onnx]
+
+plans by measured latency instead (issue 14): per-layer latency tables of the dense model at --batch and at
+batch 1 (amas.latency_model, cached in --tables), then two L1 plans (amas.latency_plan): one to --target-latency
+of the dense batch-64 latency, one to --target-latency of its batch-1 latency with block removal allowed. Each
+plan is timed against the dense model in alternating rounds on eager PyTorch (with a busy-machine verdict) and
+on the other runtimes; the tables' prediction error on --validate random plans is reported. Last line:
+``speed-up: batch 64 N.NNx, batch 1 N.NNx`` (eager, each plan at its own batch size). Writes
+benchmarks/results/latency_cost.json by default.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from amas.criteria import channel_scores  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
 from amas.models import create_model  # noqa: E402
 from amas.prune import kept_counts, plan_keep, prune_model  # noqa: E402
+from amas.timing import alternating_latency  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, tuple[int, int, int], dict]:
@@ -107,10 +118,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=5, help="alternating (dense, pruned) timing rounds")
     ap.add_argument("--iters", type=int, default=10, help="timed forward passes per round")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
+    ap.add_argument("--out", help="JSON result (default: benchmarks/results/latency.json, latency_cost.json with "
+                                  "--cost latency)")
+    ap.add_argument("--cost", choices=["macs", "latency"], default="macs", help="plan to a MACs or a latency target")
+    ap.add_argument("--target-latency", type=float, default=0.5, help="with --cost latency: fraction of the dense "
+                                                                      "latency to keep")
+    ap.add_argument("--validate", type=int, default=20, help="with --cost latency: random plans to check the tables on")
+    ap.add_argument("--runtimes", default="eager,compiled,onnx", help="with --cost latency: runtimes to time on")
+    ap.add_argument("--tables", default=str(ROOT / "benchmarks" / "results" / "latency_tables"),
+                    help="cache directory of the latency tables")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cost == "latency":
+        args.out = args.out or str(ROOT / "benchmarks" / "results" / "latency_cost.json")
+        return by_latency(args)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / "latency.json")
 
     dense, pruned, shape, plan = build(args)
     at_batch = measure(dense, pruned, shape, args.batch, args.rounds, args.iters)
@@ -146,6 +169,81 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"  {'json':<{width}}  {args.out}")
     return result
+
+
+def by_latency(args: argparse.Namespace) -> dict:
+    """--cost latency: plan to half the batch-64 and half the batch-1 latency, time both plans against dense."""
+    from amas.block_removal import prune_with_blocks, removable_groups
+    from amas.latency_model import build_table, random_plans, validate
+    from amas.latency_plan import plan_keep_latency
+    from amas.latency_report import runtime_latency
+
+    shape = tuple(int(s) for s in args.shape.split("x"))
+    torch.manual_seed(0)
+    dense = create_model(args.model, num_classes=10, in_channels=shape[0]).eval()
+    groups = find_groups(dense, shape, residual=args.residual)
+    cost = CostModel(dense, groups, shape)
+    scores = channel_scores("l1", dense, groups, None, CriteriaConfig())
+    blocks = removable_groups(dense, groups)
+    result: dict = {"model": args.model, "input_shape": list(shape), "target_latency": args.target_latency,
+                    "round_to": args.round_to, "residual_channels": args.residual, "plans": {}}
+    speedups = {}
+    for batch, allow_blocks in ((args.batch, False), (1, True)):
+        table = build_table(dense, groups, shape, batch_size=batch, model_name=args.model, cache_dir=args.tables,
+                            iters=args.iters)
+        keep = plan_keep_latency(scores, table, args.target_latency, round_to=args.round_to,
+                                 blocks=blocks if allow_blocks else None)
+        counts = kept_counts(keep)
+        pruned = prune_with_blocks(dense, groups, keep, input_shape=shape).eval()
+        x = torch.randn((batch, *shape))
+        eager = alternating_latency({"dense": _eager(dense, x), "pruned": _eager(pruned, x)}, rounds=args.rounds,
+                                    iters=args.iters if batch > 1 else args.iters * 4)
+        others = [r for r in args.runtimes.split(",") if r and r != "eager"]
+        rt = runtime_latency({"dense": dense, "pruned": pruned}, shape, batches=(batch,), runtimes=others,
+                             rounds=args.rounds, iters=args.iters) if others else {"ms": {}, "warnings": []}
+        check = validate(table, dense, groups, random_plans(groups, args.validate, seed=1), rounds=1,
+                         iters=args.iters) if args.validate else {}
+        d, p = eager["models"]["dense"]["median_ms"], eager["models"]["pruned"]["median_ms"]
+        speedups[batch] = d / p
+        result["plans"][f"batch_{batch}"] = {
+            "batch": batch, "block_removal": allow_blocks, "kept": counts,
+            "removed_blocks": sorted({blocks[n] for n, k in counts.items() if k == 0 and n in blocks}),
+            "macs": cost.macs(counts) if not allow_blocks else count(pruned, shape)[0], "dense_macs": cost.total_macs,
+            "predicted_ms": table.predict(counts), "dense_predicted_ms": table.predict({}),
+            "eager": {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "busy": eager["busy"],
+                      "warning": eager["warning"], "rounds": eager["models"]},
+            "runtimes": {r: _ratio(rt["ms"]["dense"][r][f"b{batch}"], rt["ms"]["pruned"][r][f"b{batch}"])
+                         for r in rt["ms"].get("dense", {})},
+            "runtime_warnings": rt["warnings"],
+            "table_median_error": check.get("median_error"), "table_max_error": check.get("max_error"),
+        }
+        plan = result["plans"][f"batch_{batch}"]
+        print(f"batch {batch}: {len(plan['removed_blocks'])} blocks removed, MACs -"
+              f"{100 * (1 - plan['macs'] / cost.total_macs):.1f}%, predicted {plan['predicted_ms']:.3f} of "
+              f"{plan['dense_predicted_ms']:.3f} ms; eager {d:.3f} -> {p:.3f} ms ({d / p:.2f}x)"
+              + "".join(f"; {r} {v['speedup']:.2f}x" for r, v in plan["runtimes"].items())
+              + (f"; table error median {100 * check['median_error']:.1f}% max {100 * check['max_error']:.1f}%"
+                 if check else ""))
+        for w in ([eager["warning"]] if eager["busy"] else []) + rt["warnings"]:
+            print(f"  warning: {w}")
+    result.update(threads=torch.get_num_threads(), torch=torch.__version__,
+                  load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                  cpu=platform.processor() or platform.machine())
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"json: {args.out}")
+    print(f"speed-up: batch {args.batch} {speedups[args.batch]:.2f}x, batch 1 {speedups[1]:.2f}x")
+    return result
+
+
+def _ratio(dense_ms: float, pruned_ms: float) -> dict:
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms}
+
+
+def _eager(model: torch.nn.Module, x: torch.Tensor):
+    """One eager forward pass of model on x (eval, inference mode, channels_last), as amas.cost.latency runs it."""
+    from amas.runtimes import make_runner
+
+    return make_runner(model, x, "eager")
 
 
 if __name__ == "__main__":
