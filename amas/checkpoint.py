@@ -65,14 +65,15 @@ def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.devi
     return obj
 
 
-def model_record(model_name: str, num_classes: int, in_channels: int, info: Any) -> dict:
-    """The recipe that rebuilds a dense zoo model, plus its data description."""
+def model_record(model_name: str, num_classes: int, in_channels: int, info: Any, kwargs: dict | None = None) -> dict:
+    """The recipe that rebuilds a dense model (its constructor kwargs when it has any), plus its data description."""
     from dataclasses import asdict
 
     return {
         "name": model_name,
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
+        **({"kwargs": dict(kwargs)} if kwargs else {}),
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info).items()},
     }
 
@@ -106,7 +107,8 @@ def _rebuild(obj: dict, path: str | os.PathLike) -> nn.Module:
     from amas.models import create_model
 
     rec = obj["model"]
-    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
+    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"],
+                         **rec.get("kwargs", {}))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 from typing import Any
 
 import torch
@@ -224,7 +226,7 @@ def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dic
     counts = {n: (int(v) if isinstance(v, int) else int(torch.as_tensor(v).numel())) for n, v in keep.items()}
     return {
         "version": RECIPE_VERSION,
-        "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels")},
+        "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels", "kwargs") if k in model_record},
         "input_shape": [int(s) for s in input_shape],
         "kept": counts,
     }
@@ -242,7 +244,8 @@ def model_from_recipe(recipe: dict) -> nn.Module:
         raise PruneError(
             "the pruning recipe is incomplete (needs model, input_shape, kept); re-export the model"
         ) from None
-    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
+    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
+                         **base.get("kwargs", {}))
     groups = {g.name: g for g in find_groups(model, shape, residual=True)}
     missing = [n for n in counts if n not in groups]
     if missing:
@@ -255,3 +258,16 @@ def model_from_recipe(recipe: dict) -> nn.Module:
             )
     keep = {n: torch.arange(k) for n, k in counts.items()}
     return prune_model(model, list(groups.values()), keep, input_shape=shape).eval()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: `amas.prune(teacher, train, val, ...)` is amas.api.prune (the package attribute
+    `amas.prune` is this module as soon as anything imports the planner, so the call lives here)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from amas.api import prune
+
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -113,7 +113,8 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor]) -> nn
     from amas.models import create_model
 
     base = recipe["model"]
-    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
+    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
+                         **base.get("kwargs", {}))
     modules = dict(model.named_modules())
     for name, attrs in recipe["layers"].items():
         if name not in modules:

@@ -120,6 +120,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d = _scrub(to_dict(cfg))
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
+    if not d["model"].get("kwargs"):
+        d["model"].pop("kwargs", None)  # recorded only when set, so runs from before model.kwargs keep their hashes
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None
