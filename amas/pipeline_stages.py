@@ -45,7 +45,7 @@ def run_search(ctx: RunContext) -> Rows:
     from amas.search_stage import search
 
     r = search(ctx.cfg, ctx.dir / "search", ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
-               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.in_memory else None)
+               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
     return [
         ("student val acc %", r.get("val_acc", float("nan"))),
         ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),

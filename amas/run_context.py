@@ -86,6 +86,9 @@ class RunContext:
         self._teacher: tuple[nn.Module, dict] | None = None
         self._data: dict[tuple[str, bool], Any] = {}
         self.in_memory = teacher_model is not None
+        from amas.checkpoint import is_plain_state_dict
+
+        self.plain_teacher = self.teacher_arg is not None and is_plain_state_dict(self.teacher_arg)
         if teacher_model is not None:
             self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), _memory_record(teacher_model,
                                                                                                         data.info))
@@ -166,18 +169,23 @@ class RunContext:
     def teacher(self) -> tuple[nn.Module, dict]:
         """The frozen teacher and its file record, loaded once and checked against the configured data."""
         if self._teacher is None:
-            from amas.checkpoint import load_model
+            from amas.checkpoint import load_model, load_plain_teacher
             from amas.data import dataset_info
             from amas.search_stage import check_teacher_matches
 
-            model, obj = load_model(self.teacher_path, self.device)
-            check_teacher_matches(obj["model"], dataset_info(self.cfg.data), self.teacher_path, self.cfg.data.name)
+            info = dataset_info(self.cfg.data)
+            if self.plain_teacher:  # the user's weights for the architecture model.name names
+                model, obj = load_plain_teacher(self.teacher_path, self.cfg.model.name, info, self.cfg.model.kwargs,
+                                                self.device)
+            else:
+                model, obj = load_model(self.teacher_path, self.device)
+                check_teacher_matches(obj["model"], info, self.teacher_path, self.cfg.data.name)
             self._teacher = (model.eval().requires_grad_(False), obj)
         return self._teacher
 
     def memory_teacher(self) -> tuple[nn.Module, dict] | None:
         """The in-memory teacher and its record, or None when the teacher is a file."""
-        return self.teacher if self.in_memory else None
+        return self.teacher if self.in_memory or self.plain_teacher else None
 
     def epoch_hook(self, stage: str | None = None) -> Callable | None:
         """The on_epoch_end hook for a trainer: f(epoch, record), or f(stage, epoch, record) when stage is None."""
