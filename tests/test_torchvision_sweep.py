@@ -47,3 +47,12 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
     with torch.no_grad():
         got = torch.export.load(tmp_path / "m.pt2").module()(x)
     assert (got - out).abs().max().item() <= 1e-4 * max(1.0, out.abs().max().item())
+
+
+def test_an_untraceable_model_stops_with_one_line() -> None:
+    from amas.channel_cost import MaskError
+
+    model = create_model("tv:shufflenet_v2_x0_5", num_classes=10, in_channels=3).eval()
+    with pytest.raises(MaskError, match="Torch-Pruning cannot trace ShuffleNetV2") as e:
+        find_groups(model, (3, 32, 32))
+    assert "\n" not in str(e.value)
