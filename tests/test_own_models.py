@@ -124,3 +124,21 @@ def test_bad_teacher_inputs_are_one_line_and_write_nothing(tmp_path, data_root, 
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and expect in p.stderr, p.stderr
     assert not run.exists()
+
+
+def test_prune_torchvision_tool(tmp_path, data_root) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), tmp_path / "mine.pth")
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune_torchvision.py"), "--arch",
+                        "mobilenet_v3_small", "--weights", str(tmp_path / "mine.pth"), "--data", str(data_root),
+                        "--image-size", "32", "--out", str(run), "--target", "0.4", "--latency-iters", "1",
+                        *overrides(data_root, **{"select.levels": "[0.4]", "search.target_reduction": 0.4})],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["model"] == "tv:mobilenet_v3_small" and report["macs_reduction"] >= 0.4
+    assert torch.export.load(run / "pruned.pt2").module()(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
