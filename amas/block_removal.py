@@ -17,7 +17,7 @@ from torch import nn
 
 from amas.masks import ChannelGroup
 from amas.models.removed_block import RemovedBlock
-from amas.prune import PruneError, prune_model
+from amas.planner import PruneError, prune_model
 
 __all__ = ["RemovedBlock", "removable_groups", "prune_with_blocks", "effective_counts"]
 

@@ -1,7 +1,7 @@
 """The candidates stage: architectures cut from the scores at the MACs levels, fine-tuned by successive halving.
 
 **Candidates.** From the searched masks (scores = mask values) or a criterion's scores, one architecture is
-cut at each MACs-reduction level of ``select.levels`` with ``amas.prune.plan_keep`` / ``prune_model`` (masks
+cut at each MACs-reduction level of ``select.levels`` with ``amas.planner.plan_keep`` / ``prune_model`` (masks
 folded in). Levels whose plans keep exactly the same channels are cut once; a level the model cannot reach
 is reported and skipped.
 
@@ -68,7 +68,7 @@ def cut_candidates(
     """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
     from amas.block_removal import prune_with_blocks
     from amas.cost import count
-    from amas.prune import PruneError, kept_counts
+    from amas.planner import PruneError, kept_counts
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:
@@ -130,7 +130,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     from amas.engine import evaluate
     from amas.export import load_pruned, save_pruned
     from amas.masks import CostModel, find_groups
-    from amas.prune import make_recipe
+    from amas.planner import make_recipe
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -65,14 +65,15 @@ def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.devi
     return obj
 
 
-def model_record(model_name: str, num_classes: int, in_channels: int, info: Any) -> dict:
-    """The recipe that rebuilds a dense zoo model, plus its data description."""
+def model_record(model_name: str, num_classes: int, in_channels: int, info: Any, kwargs: dict | None = None) -> dict:
+    """The recipe that rebuilds a dense model (its constructor kwargs when it has any), plus its data description."""
     from dataclasses import asdict
 
     return {
         "name": model_name,
         "num_classes": int(num_classes),
         "in_channels": int(in_channels),
+        **({"kwargs": dict(kwargs)} if kwargs else {}),
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(info).items()},
     }
 
@@ -106,7 +107,8 @@ def _rebuild(obj: dict, path: str | os.PathLike) -> nn.Module:
     from amas.models import create_model
 
     rec = obj["model"]
-    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"])
+    model = create_model(rec["name"], num_classes=rec["num_classes"], in_channels=rec["in_channels"],
+                         **rec.get("kwargs", {}))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError:
@@ -146,3 +148,46 @@ def load_masked(
     """Rebuild a searched student saved by save_masked; returns (model, masks by group name, the file's record)."""
     obj = load_file(path, "masked")
     return _rebuild(obj, path).to(device).eval(), dict(obj["masks"]), obj
+
+
+def is_plain_state_dict(path: str | os.PathLike) -> bool:
+    """Whether path holds a plain PyTorch state_dict (tensors by key, no amas record), as torch.save(m.state_dict())."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) and "amas_format" not in obj else obj
+    return isinstance(obj, dict) and bool(obj) and "amas_format" not in obj and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _first_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """The first key in which state and model differ (missing, unexpected or of another shape), described."""
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            return f"key '{k}' is missing"
+        if tuple(state[k].shape) != tuple(v.shape):
+            return f"key '{k}' has shape {tuple(state[k].shape)}, the model's is {tuple(v.shape)}"
+    extra = [k for k in state if k not in own]
+    return f"key '{extra[0]}' is not in the model" if extra else None
+
+
+def load_plain_teacher(path: str | os.PathLike, model_name: str, info: Any, kwargs: dict | None = None,
+                       device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The architecture model_name with the user's plain state_dict from path; returns (model, a 'model' file dict)."""
+    from amas.models import create_model
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj)
+    if all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module."):]: v for k, v in state.items()}
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, **(kwargs or {}))
+    why = _first_mismatch(model, state)
+    if why is not None:
+        raise CheckpointError(f"the state_dict '{path}' does not match model.name={model_name} ({info.num_classes} "
+                              f"classes, {info.in_channels} channels): {why}; set model.name to the architecture the "
+                              "weights come from, or the data to its class count")
+    model.load_state_dict(state)
+    record = model_record(model_name, info.num_classes, info.in_channels, info, kwargs)
+    return model.to(device).eval(), {"amas_format": "model", "model": record, "metrics": {}}

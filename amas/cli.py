@@ -88,7 +88,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _prune_args(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument(
-        "--teacher", help="trained dense model.pt (default: train one with the config's model and train settings)"
+        "--teacher", help="trained dense model.pt, or a plain state_dict (torch.save(model.state_dict())) for the "
+        "architecture model.name names (default: train one with the config's model and train settings)"
     )
     from amas.criteria import METHODS
     from amas.stage_table import STAGE_NAMES

@@ -30,6 +30,9 @@ class ModelConfig:
     """Which network to build."""
 
     name: str = "resnet20"
+    # constructor arguments of an importable model.name 'package.module:ClassName' (num_classes and in_channels
+    # are passed when the constructor takes them)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -274,6 +277,10 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config {path}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config {path} must be a list, got {value!r}")

@@ -109,6 +109,15 @@ def broadcast_module(module: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_object(obj: T) -> T:
+    """Rank 0's value of a picklable object on every rank (itself for one process)."""
+    if not context().enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for one process)."""
     if context().enabled:

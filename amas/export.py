@@ -247,7 +247,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     from amas.cost import count
     from amas.criteria import channel_scores
     from amas.masks import CostModel, find_groups
-    from amas.prune import kept_counts, make_recipe, plan_keep, prune_model
+    from amas.planner import kept_counts, make_recipe, plan_keep, prune_model
 
     t0 = time.perf_counter()
     fmt = peek_format(checkpoint)

@@ -10,7 +10,7 @@ monotonically with the prefix (measured tables are noisy), so the prefixes are s
 bisected: the plan is the first one within budget, so the prefix one shorter, which differs from it by one
 rounding step of one group, is over it.
 
-Rounding: each group's count is rounded up as ``amas.prune.rounded_count`` does, then raised further to the
+Rounding: each group's count is rounded up as ``amas.planner.rounded_count`` does, then raised further to the
 width, within one rounding step, that the table predicts fastest for the whole model (ties: more channels):
 widths the target runs fast are chosen, not only a fixed multiple.
 
@@ -26,7 +26,7 @@ import torch
 
 from amas.block_removal import effective_counts
 from amas.latency_model import LatencyTable
-from amas.prune import PruneError, rounded_count
+from amas.planner import PruneError, rounded_count
 
 __all__ = ["plan_keep_latency", "plan_counts_latency"]
 

@@ -237,7 +237,7 @@ class SearchObjective(AlignmentObjective):
         """MACs of the student with every channel at or below the threshold removed (counts rounded as the cut's)."""
         kept = self.kept()
         if self.cfg.count_rounded:
-            from amas.prune import rounded_count
+            from amas.planner import rounded_count
 
             sizes = self.cost.groups
             kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, dead=k == 0)

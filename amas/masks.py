@@ -81,6 +81,13 @@ def _build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.Dependenc
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
                                                        customized_pruners=dict(CUSTOM_PRUNERS))
+    except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say so, in one line
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        raise MaskError(f"Torch-Pruning cannot trace {type(model).__name__} for channel groups ({type(e).__name__} in "
+                        f"its {where.name}, e.g. a channel shuffle or a reshape of channels); this model cannot be "
+                        "pruned by amas yet") from None
     finally:
         model.train(was_training)
     return dg

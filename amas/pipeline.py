@@ -53,6 +53,9 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
         raise PipelineError(f"--redo {redo} is not a stage; choose one of {', '.join(STAGE_NAMES)}")
     if teacher is not None and not Path(teacher).is_file():
         raise PipelineError(
-            f"teacher checkpoint '{teacher}' does not exist; pass a model.pt from `amas train` or drop --teacher")
+            f"teacher checkpoint '{teacher}' does not exist; pass a model.pt from `amas train`, a plain state_dict "
+            "for model.name, or drop --teacher")
     ctx = RunContext(cfg, run_dir, teacher=teacher, method=method, latency_iters=latency_iters, hooks=hooks)
+    if ctx.plain_teacher:
+        ctx.teacher  # noqa: B018 -- the user's weights must fit model.name before anything is written
     return run_stages(ctx, STAGES, redo)

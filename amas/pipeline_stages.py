@@ -21,6 +21,12 @@ __all__ = ["run_teacher", "run_search", "run_candidates", "run_select", "run_fin
 
 def run_teacher(ctx: RunContext) -> Rows:
     """Use the given teacher, or train one in teacher/ (amas.stages.train_dense)."""
+    if ctx.in_memory:
+        from amas.checkpoint import save_model
+
+        model, obj = ctx.teacher
+        ctx.write(save_model, ctx.teacher_path, model, obj["model"])
+        return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}")]
     if ctx.teacher_arg:
         _, obj = ctx.teacher
         m = obj.get("metrics", {})
@@ -38,7 +44,8 @@ def run_search(ctx: RunContext) -> Rows:
     """Search channel masks for a copy of the teacher (amas.search_stage.search) into search/."""
     from amas.search_stage import search
 
-    r = search(ctx.cfg, ctx.dir / "search", ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"))
+    r = search(ctx.cfg, ctx.dir / "search", ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
+               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
     return [
         ("student val acc %", r.get("val_acc", float("nan"))),
         ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
@@ -156,9 +163,11 @@ def run_export(ctx: RunContext) -> Rows:
     teacher, _ = ctx.teacher
     data = ctx.data("finetune")
     info = data.info
-    # the test split, evaluated once, here, for both models (sharded: every rank takes part)
-    test_pruned = evaluate(model, data.test, info.num_classes, ctx.device)["acc"]
-    test_teacher = evaluate(teacher, data.test, info.num_classes, ctx.device)["acc"]
+    # the test split, evaluated once, here, for both models (sharded: every rank takes part); amas.prune may have none
+    test_pruned = test_teacher = float("nan")
+    if data.test is not None:
+        test_pruned = evaluate(model, data.test, info.num_classes, ctx.device)["acc"]
+        test_teacher = evaluate(teacher, data.test, info.num_classes, ctx.device)["acc"]
     rows = ctx.write(_write_export, ctx, model, obj, teacher, test_pruned, test_teacher)
     return rows or []
 

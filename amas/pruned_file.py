@@ -5,7 +5,7 @@ state_dict, the recipe (base model name and arguments, the kept channel count of
 amas.prune, and the width attributes of every layer), and metadata (dataset, input shape, normalisation, class
 count, accuracy, MACs, params, amas and format versions). Loading builds the base model, sets the stored widths
 and resizes its tensors to the file's; files from before the stored widths are rebuilt by pruning the base model
-again (amas.prune.model_from_recipe).
+again (amas.planner.model_from_recipe).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
         if "layers" in recipe:
             model = rebuild_from_shapes(recipe, obj["state_dict"])
         else:  # files from before the stored layer shapes: prune the base model again (traces it)
-            from amas.prune import model_from_recipe
+            from amas.planner import model_from_recipe
 
             model = model_from_recipe(recipe)
     except KeyError:
@@ -124,7 +124,8 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor]) -> nn
     from amas.models import create_model
 
     base = recipe["model"]
-    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
+    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
+                         **base.get("kwargs", {}))
     _remove_blocks(model, recipe.get("removed_blocks", []))
     modules = dict(model.named_modules())
     for name, attrs in recipe["layers"].items():

@@ -69,10 +69,13 @@ class RunContext:
     """What the stages of one run share, built once: paths, device, rank, sharded data, the teacher, the log.
 
     teacher: a model.pt path, or None to train one in the run directory (stage ``teacher``).
+    teacher_model, data: the user's trained classifier and DataBundle in memory (amas.prune); with them the teacher
+    stage only records the model in teacher/model.pt and every stage reads these data.
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, teacher: str | Path | None = None, method: str = "amas",
-                 latency_iters: int = 20, hooks: dict[str, Callable] | None = None) -> None:
+                 latency_iters: int = 20, hooks: dict[str, Callable] | None = None,
+                 teacher_model: nn.Module | None = None, data: Any = None) -> None:
         from amas.engine import resolve_device
 
         self.cfg, self.dir, self.method = cfg, Path(run_dir), method
@@ -82,6 +85,15 @@ class RunContext:
         self.device = distributed.device_for(self.dist, resolve_device(cfg.finetune.train.device))
         self._teacher: tuple[nn.Module, dict] | None = None
         self._data: dict[tuple[str, bool], Any] = {}
+        self.in_memory = teacher_model is not None
+        from amas.checkpoint import is_plain_state_dict
+
+        self.plain_teacher = self.teacher_arg is not None and is_plain_state_dict(self.teacher_arg)
+        if teacher_model is not None:
+            self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), _memory_record(teacher_model,
+                                                                                                        data.info))
+        if data is not None:
+            self._data = {(s, sh): data for s in ("train", "search", "finetune") for sh in (True, False)}
         self.log = StageLog(self.dir / "pipeline.json")
         distributed.barrier()  # every rank has read the log before rank 0 rewrites it
 
@@ -157,14 +169,23 @@ class RunContext:
     def teacher(self) -> tuple[nn.Module, dict]:
         """The frozen teacher and its file record, loaded once and checked against the configured data."""
         if self._teacher is None:
-            from amas.checkpoint import load_model
+            from amas.checkpoint import load_model, load_plain_teacher
             from amas.data import dataset_info
             from amas.search_stage import check_teacher_matches
 
-            model, obj = load_model(self.teacher_path, self.device)
-            check_teacher_matches(obj["model"], dataset_info(self.cfg.data), self.teacher_path, self.cfg.data.name)
+            info = dataset_info(self.cfg.data)
+            if self.plain_teacher:  # the user's weights for the architecture model.name names
+                model, obj = load_plain_teacher(self.teacher_path, self.cfg.model.name, info, self.cfg.model.kwargs,
+                                                self.device)
+            else:
+                model, obj = load_model(self.teacher_path, self.device)
+                check_teacher_matches(obj["model"], info, self.teacher_path, self.cfg.data.name)
             self._teacher = (model.eval().requires_grad_(False), obj)
         return self._teacher
+
+    def memory_teacher(self) -> tuple[nn.Module, dict] | None:
+        """The in-memory teacher and its record, or None when the teacher is a file."""
+        return self.teacher if self.in_memory or self.plain_teacher else None
 
     def epoch_hook(self, stage: str | None = None) -> Callable | None:
         """The on_epoch_end hook for a trainer: f(epoch, record), or f(stage, epoch, record) when stage is None."""
@@ -172,3 +193,13 @@ class RunContext:
         if hook is None or stage is None:
             return hook
         return lambda e, rec: hook(stage, e, rec)
+
+
+def _memory_record(model: nn.Module, info: Any) -> dict:
+    """The file record of an in-memory teacher: rebuilt as a copy of it in this process; its class for the reader."""
+    from amas.checkpoint import model_record
+    from amas.models.registry import register_memory_model
+
+    cls = type(model)
+    return {"model": dict(model_record(register_memory_model(model), info.num_classes, info.in_channels, info),
+                          source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}

@@ -36,8 +36,11 @@ def check_teacher_matches(record: dict, info: Any, teacher_path: str | Path, dat
 
 
 def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: bool = False,
-           on_epoch_end: Any = None) -> dict[str, Any]:
-    """Search channel masks for a copy of the teacher; writes search.pt (student + masks) and search_state.pt."""
+           on_epoch_end: Any = None, teacher: tuple[Any, dict] | None = None, data: Any = None) -> dict[str, Any]:
+    """Search channel masks for a copy of the teacher; writes search.pt (student + masks) and search_state.pt.
+
+    teacher, data: an in-memory (model, file record) and DataBundle used instead of teacher_path and cfg.data.
+    """
     from amas.checkpoint import load_model, save_masked
     from amas.data import dataset_info
     from amas.engine import Trainer, evaluate, resolve_device
@@ -48,14 +51,18 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     t0 = time.perf_counter()
     tcfg = cfg.search.train
     device = distributed.device_for(distributed.context(), resolve_device(tcfg.device))
-    teacher, tobj = load_model(teacher_path, device)
+    if teacher is None:
+        teacher, tobj = load_model(teacher_path, device)
+        info = dataset_info(cfg.data)
+        check_teacher_matches(tobj["model"], info, teacher_path, cfg.data.name)
+    else:
+        teacher, tobj = teacher[0].to(device), teacher[1]
+        info = data.info
     record = tobj["model"]
-    info = dataset_info(cfg.data)
-    check_teacher_matches(record, info, teacher_path, cfg.data.name)
     if (run_dir / "search_state.pt").exists() and not resume:
         prepare_run_dir(run_dir, cfg, resume, "search_state.pt")  # refuses before any work
     seed_everything(cfg.seed)
-    data = stage_data(cfg, tcfg, device)
+    data = stage_data(cfg, tcfg, device) if data is None else data
     prepare_run_dir(run_dir, cfg, resume, "search_state.pt")
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)

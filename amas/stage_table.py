@@ -138,6 +138,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     if d["select"].get("indicator") != "latency" and not d["select"].get("max_latency", 0):
         for k in _LATENCY_SELECT_KEYS:
             d["select"].pop(k, None)
+    if not d["model"].get("kwargs"):
+        d["model"].pop("kwargs", None)  # recorded only when set, so runs from before model.kwargs keep their hashes
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None

@@ -63,7 +63,8 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     seed_everything(cfg.seed)
     data = stage_data(cfg, cfg.train, device)
     info = data.info
-    model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels)
+    model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         **cfg.model.kwargs)
     prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # data and model are valid: now the run directory
     trainer = Trainer(model, data.train, cfg.train, run_dir, num_classes=info.num_classes, val=data.val, stage="train",
                       device=device)
@@ -80,7 +81,7 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     }
     if history and "val_acc" in history[-1]:
         result["val_acc"] = history[-1]["val_acc"]
-    record = model_record(cfg.model.name, info.num_classes, info.in_channels, info)
+    record = model_record(cfg.model.name, info.num_classes, info.in_channels, info, cfg.model.kwargs)
     if distributed.context().is_main:
         save_model(run_dir / "model.pt", trainer.model, record, metrics=result)
         atomic_write_text(run_dir / "metrics.json", json.dumps({"result": result, "history": history}, indent=2))

@@ -64,7 +64,7 @@ from amas.data import build_data  # noqa: E402
 from amas.engine import Trainer, evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
-from amas.prune import PruneError, plan_keep, prune_model  # noqa: E402
+from amas.planner import PruneError, plan_keep, prune_model  # noqa: E402
 from amas.stages import seed_everything  # noqa: E402
 
 DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
@@ -267,7 +267,7 @@ def relatency(result: dict, iters: int) -> None:
     Latency depends only on the architecture, so each run's model is rebuilt from its kept counts (random weights);
     runs without kept counts keep the latency measured during the run and say so.
     """
-    from amas.prune import make_recipe, model_from_recipe
+    from amas.planner import make_recipe, model_from_recipe
 
     t = result["teacher"]
     teacher, obj = load_model(t["path"], "cpu")

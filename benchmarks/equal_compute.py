@@ -62,7 +62,7 @@ from amas.data import build_data  # noqa: E402
 from amas.engine import evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
-from amas.prune import PruneError, prune_model  # noqa: E402
+from amas.planner import PruneError, prune_model  # noqa: E402
 from amas.select import finetune_trainer  # noqa: E402
 from amas.stages import seed_everything  # noqa: E402
 

@@ -4,8 +4,8 @@
                                  [--batch 64] [--rounds 5] [--iters 10] [--threads N]
 
 The model is a random-init ResNet-56 (or the dense amas model file given by --checkpoint). Channels are
-ranked by filter L1 norm per unit of MAC cost (amas.prune.plan_keep), kept counts rounded to multiples of
---round-to, removed with Torch-Pruning (amas.prune.prune_model). Latency is amas.cost.latency (eval,
+ranked by filter L1 norm per unit of MAC cost (amas.planner.plan_keep), kept counts rounded to multiples of
+--round-to, removed with Torch-Pruning (amas.planner.prune_model). Latency is amas.cost.latency (eval,
 inference_mode, channels_last): dense and pruned are timed in alternating rounds so a background load on
 the machine hits both alike; the median over rounds of each round's median is reported. Pass criterion:
 speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
@@ -42,7 +42,7 @@ from amas.cost import count, latency  # noqa: E402
 from amas.criteria import channel_scores  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
 from amas.models import create_model  # noqa: E402
-from amas.prune import kept_counts, plan_keep, prune_model  # noqa: E402
+from amas.planner import kept_counts, plan_keep, prune_model  # noqa: E402
 from amas.timing import alternating_latency  # noqa: E402
 
 

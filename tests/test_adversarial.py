@@ -370,7 +370,7 @@ def test_search_runner_returns_metrics(teacher_path, tmp_path):
 
 def test_controller_measures_the_rounded_cut(teacher_path, tmp_path):
     """With search.count_rounded the effective MACs are those of the planner's rounded cut of the current masks."""
-    from amas.prune import plan_keep
+    from amas.planner import plan_keep
 
     _, obj, _, _ = _objective(teacher_path, tmp_path)
     obj.round_to, obj.min_channels = 8, 1

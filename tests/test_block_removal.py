@@ -54,7 +54,7 @@ def test_block_removal_equals_masking(name: str, shape: tuple[int, int, int], re
 
 
 def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
-    from amas.prune import PruneError
+    from amas.planner import PruneError
 
     model = create_model("resnet20", num_classes=10, in_channels=1).eval()
     groups = find_groups(model, (1, 8, 8), residual=True)
@@ -66,7 +66,7 @@ def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
 
 @pytest.mark.parametrize("name,shape", [("resnet20", (1, 8, 8)), ("tv:resnet18", (3, 32, 32))])
 def test_a_model_with_removed_blocks_saves_and_loads_without_tracing(name, shape, tmp_path) -> None:
-    from amas.prune import make_recipe
+    from amas.planner import make_recipe
     from amas.pruned_file import load_pruned, save_pruned
 
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()

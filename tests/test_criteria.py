@@ -15,7 +15,7 @@ from amas.data import build_data
 from amas.engine import Trainer
 from amas.masks import CostModel, find_groups
 from amas.models import create_model
-from amas.prune import prune_model
+from amas.planner import prune_model
 
 SHAPE = (1, 8, 8)
 

@@ -19,7 +19,7 @@ from amas.data import INFOS
 from amas.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
 from amas.masks import CostModel, find_groups
 from amas.models import create_model
-from amas.prune import make_recipe, plan_keep, prune_model
+from amas.planner import make_recipe, plan_keep, prune_model
 
 SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_fresh_process_loads_pruned_resnet56_without_tracing(tmp_path) -> None:
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             y = model(torch.load({str(tmp_path / "x.pt")!r}))
-        loaded = [m for m in ("torch_pruning", "amas.engine", "amas.data", "amas.prune", "amas.masks")
+        loaded = [m for m in ("torch_pruning", "amas.engine", "amas.data", "amas.planner", "amas.masks")
                   if m in sys.modules]
         torch.save({{"y": y, "seconds": seconds, "loaded": loaded}}, {str(tmp_path / "out.pt")!r})
     """)
@@ -226,7 +226,7 @@ def test_export_criterion_l1_cuts_what_prune_method_l1_cuts(tmp_path) -> None:
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import plan_for_method
     from amas.export import export_checkpoint
-    from amas.prune import kept_counts
+    from amas.planner import kept_counts
 
     torch.manual_seed(1)
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()

@@ -18,7 +18,7 @@ from amas.latency_model import build_table, random_plans, validate, width_grid
 from amas.latency_plan import plan_counts_latency, plan_keep_latency
 from amas.masks import find_groups
 from amas.models import create_model
-from amas.prune import PruneError, rounded_count
+from amas.planner import PruneError, rounded_count
 
 SHAPE = (1, 8, 8)
 

@@ -9,7 +9,7 @@ from torch import nn
 from amas.cost import count
 from amas.masks import ChannelMasks, CostModel, find_groups
 from amas.models import create_model
-from amas.prune import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
+from amas.planner import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:

@@ -166,7 +166,7 @@ def test_tolerance_halving_score_prefers_cheap_candidates_that_meet_the_threshol
 def test_fine_tuning_uses_the_alignment_objective_on_every_weight():
     from amas.masks import find_groups
     from amas.models import create_model
-    from amas.prune import prune_model
+    from amas.planner import prune_model
 
     teacher = create_model("resnet20", num_classes=4, in_channels=1).eval()
     before = copy.deepcopy(teacher.state_dict())

@@ -46,7 +46,7 @@ from amas.criteria.common import model_device, take
 from amas.data import Batches
 from amas.engine import evaluate
 from amas.masks import ChannelGroup, CostModel
-from amas.prune import plan_keep, prune_model
+from amas.planner import plan_keep, prune_model
 
 __all__ = ["BlendResult", "average_ranks", "spearman_matrix", "cluster_criteria", "blend_scores", "search"]
 

@@ -17,7 +17,7 @@ from torch import nn
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import AmasError
 from amas.masks import ChannelGroup, CostModel
-from amas.prune import plan_keep
+from amas.planner import plan_keep
 
 __all__ = ["Criterion", "CriteriaError", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
 

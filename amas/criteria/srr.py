@@ -37,7 +37,7 @@ from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import conv_members
 from amas.criteria.norms import filters, l1_scores
 from amas.masks import ChannelGroup, CostModel
-from amas.prune import PruneError, rounded_count
+from amas.planner import PruneError, rounded_count
 
 __all__ = [
     "group_filters",

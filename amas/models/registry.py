@@ -15,7 +15,10 @@ ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
 
 TV_PREFIX = "tv:"
+MEMORY_PREFIX = "memory:"
 _REGISTRY: dict[str, ModelFn] = {}
+# models handed to amas in memory (amas.prune), by name: their architecture is rebuilt as a copy of the model
+_MEMORY: dict[str, nn.Module] = {}
 
 
 def register_model(fn: F) -> F:
@@ -27,6 +30,64 @@ def register_model(fn: F) -> F:
         raise ValueError(f"model {name!r} is already registered by {old.__module__}")
     _REGISTRY[name] = fn
     return fn
+
+
+def register_memory_model(model: nn.Module) -> str:
+    """A name under which create_model rebuilds (an untrained-weights copy of) this in-memory model's architecture."""
+    for name, m in _MEMORY.items():
+        if m is model:
+            return name
+    name = f"{MEMORY_PREFIX}{len(_MEMORY) + 1}"
+    _MEMORY[name] = model
+    return name
+
+
+def _memory_model(name: str) -> nn.Module:
+    import copy
+
+    model = _MEMORY.get(name)
+    if model is None:
+        raise AmasError(f"model {name!r} was handed to amas in another process; load the .pt2 file instead, or "
+                        "pass base=YourModel(...) to amas.load_pruned")
+    return copy.deepcopy(model).requires_grad_(True)
+
+
+def _import_class(name: str) -> ModelFn:
+    """The class (or function) 'package.module:ClassName' names, or a one-line AmasError."""
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise AmasError(f"model {name!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
+                        "check model.name and that the package is on PYTHONPATH") from None
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise AmasError(f"model {name!r}: module {module_name!r} has no {attr!r}; check model.name") from None
+    if not callable(obj):
+        raise AmasError(f"model {name!r} is not a class or function; name an nn.Module class in model.name")
+    return obj
+
+
+def _create_imported(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
+    """An importable 'package.module:ClassName' built with kwargs (num_classes/in_channels when it takes them)."""
+    fn = _import_class(name)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels))
+             if k in params and k not in kwargs}
+    try:
+        model = fn(**extra, **kwargs)
+    except TypeError as exc:
+        raise AmasError(f"model {name!r} does not accept model.kwargs {kwargs} ({exc}); fix model.kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise AmasError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module; fix model.name")
+    return model
 
 
 def list_models() -> list[str]:
@@ -56,12 +117,16 @@ def _unknown(name: str) -> AmasError:
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build model `name` (zoo name or 'tv:<torchvision name>') for the given classes and input channels."""
+    """Build model `name` (zoo, 'tv:<torchvision name>' or 'package.module:ClassName') for these classes/channels."""
     if num_classes < 1 or in_channels < 1:
         raise AmasError(
             f"model {name!r} needs num_classes >= 1 and in_channels >= 1, "
             f"got num_classes={num_classes}, in_channels={in_channels}"
         )
+    if name.startswith(MEMORY_PREFIX):
+        return _memory_model(name)
+    if ":" in name and not name.startswith(TV_PREFIX):
+        return _create_imported(name, num_classes, in_channels, kwargs)
     if name.startswith(TV_PREFIX):
         from amas.models.torchvision_models import create_torchvision_model
 

@@ -224,7 +224,7 @@ def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dic
     counts = {n: (int(v) if isinstance(v, int) else int(torch.as_tensor(v).numel())) for n, v in keep.items()}
     return {
         "version": RECIPE_VERSION,
-        "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels")},
+        "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels", "kwargs") if k in model_record},
         "input_shape": [int(s) for s in input_shape],
         "kept": counts,
     }
@@ -242,7 +242,8 @@ def model_from_recipe(recipe: dict) -> nn.Module:
         raise PruneError(
             "the pruning recipe is incomplete (needs model, input_shape, kept); re-export the model"
         ) from None
-    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]))
+    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
+                         **base.get("kwargs", {}))
     groups = {g.name: g for g in find_groups(model, shape, residual=True)}
     missing = [n for n in counts if n not in groups]
     if missing:

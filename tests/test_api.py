@@ -1,0 +1,182 @@
+"""amas as a library: amas.prune on a model class amas never saw (defined here, registered nowhere) and the user's
+own batches; bad inputs stop with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import amas
+from amas.errors import AmasError
+
+SHAPE = (1, 16, 16)
+
+
+class TinyNet(nn.Module):
+    """A small CNN of the user's own: three conv-BN-ReLU blocks, global pooling, a linear head."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(1, 16, 1), block(16, 32, 2), block(32, 32, 1))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def quadrants(n: int, seed: int) -> TensorDataset:
+    """Class k is a bright quadrant k on noise (a learnable 4-class problem)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, *SHAPE, generator=g) * 0.3
+    for i, k in enumerate(y.tolist()):
+        r, c = divmod(k, 2)
+        x[i, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 1.0
+    return TensorDataset(x, y)
+
+
+def loaders() -> tuple[DataLoader, DataLoader, DataLoader]:
+    train = DataLoader(quadrants(192, 1), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return train, DataLoader(quadrants(64, 2), batch_size=64), DataLoader(quadrants(64, 3), batch_size=64)
+
+
+def trained_teacher(train: DataLoader) -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for x, y in train:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def tiny(**extra) -> dict:
+    """Seconds-long stages: 1 search epoch, one candidate level, 1 halving epoch, 1 final epoch, on the CPU."""
+    out = {}
+    for s in ("search.train", "finetune.train"):
+        out.update({f"{s}.epochs": 1, f"{s}.progress": False, f"{s}.log_every": 2, f"{s}.device": "cpu",
+                    f"{s}.lr": 0.002})
+    out.update({"select.levels": [0.5], "select.budget_epochs": 1})
+    out.update(extra)
+    return out
+
+
+PT2_CHECK = """
+import sys
+sys.modules["amas"] = None  # amas cannot be imported here
+import torch
+x, want = torch.load(sys.argv[2], weights_only=True)
+got = torch.export.load(sys.argv[1]).module()(x)
+assert (got - want).abs().max().item() <= 1e-4, (got - want).abs().max().item()
+print("pt2 ok")
+"""
+
+
+def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
+    from amas.checkpoint import load_masked
+    from amas.config import CriteriaConfig, PruneConfig
+    from amas.criteria import get
+    from amas.masks import ChannelMasks, CostModel, find_groups
+    from amas.planner import kept_counts
+    from amas.pruned_file import load_pruned
+
+    train, val, test = loaders()
+    teacher = trained_teacher(train)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    run = tmp_path / "run"
+    result = amas.prune(teacher, train=train, val=val, input_shape=SHAPE, target_reduction=0.5, overrides=tiny(),
+                        out_dir=run, test=test, latency_iters=2)
+    assert isinstance(result, amas.PruneResult) and not result.model.training
+    rep = result.report
+    assert {"macs", "params", "macs_reduction", "val_acc", "test_acc", "latency_b1_ms"} <= set(rep)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is left as it was
+
+    # MACs reduction within one rounding step (8 channels of one group) of the target, at or over it
+    student, masks, _ = load_masked(run / "search" / "search.pt")
+    groups = find_groups(student, SHAPE)
+    cost = CostModel(student, groups, SHAPE)
+    keep = get("amas").plan(student, groups, cost, 0.5, train=None, val=None, cfg=CriteriaConfig(),
+                            prune_cfg=PruneConfig(), num_classes=4, masks=masks)
+    kept = kept_counts(keep)
+    assert all(k % 8 == 0 or k == g.size for g in groups for k in [kept[g.name]])
+    macs = cost.macs(kept)
+    step = max(cost.macs({**kept, g.name: min(g.size, kept[g.name] + 8)}) - macs for g in groups)
+    assert 0.0 <= rep["macs_reduction"] - 0.5 <= step / cost.total_macs + 1e-9
+    assert rep["macs"] == macs
+
+    # the cut (before fine-tuning) gives the masked student's outputs: masks outside the kept channels are zero
+    cut, _ = load_pruned(run / "candidates" / "cand0_cut.pt")
+    zeroed = {}
+    for g in groups:
+        m = torch.zeros(g.size)
+        idx = torch.as_tensor(keep[g.name])
+        m[idx] = masks[g.name][idx]
+        zeroed[g.name] = m
+    hooks = ChannelMasks(groups)
+    hooks.load_values(zeroed)
+    hooks.attach(student)
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (cut(x) - student.eval()(x)).abs().max().item() <= 1e-4
+    hooks.detach()
+
+    # the .pt2 runs in a fresh process where amas cannot be imported, with the returned model's outputs
+    with torch.no_grad():
+        torch.save((x, result.model(x)), tmp_path / "io.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", PT2_CHECK, str(run / "pruned.pt2"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0 and "pt2 ok" in out.stdout, out.stderr[-2000:]
+    assert json.loads((run / "report.json").read_text())["pruned"]["macs"] == rep["macs"]
+
+
+def test_prune_without_out_dir_leaves_nothing_on_disk(tmp_path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    train, val, _ = loaders()
+    teacher = trained_teacher(train)
+    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), latency_iters=2)
+    assert "test_acc" not in result.report and 0.5 <= result.report["macs_reduction"] < 0.75
+    with torch.no_grad():
+        assert result.model(torch.zeros(2, *SHAPE)).shape == (2, 4)
+    assert list(tmp_path.iterdir()) == []
+
+
+class Features(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3].unsqueeze(1)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("not_logits", "not (batch, classes) logits"),
+    ("not_pairs", "not (images, labels)"),
+    ("wrong_shape", "has images of shape"),
+])
+def test_bad_inputs_stop_with_one_line_and_write_nothing(tmp_path, case: str, match: str) -> None:
+    train, val, _ = loaders()
+    teacher: nn.Module = TinyNet()
+    if case == "not_logits":
+        teacher = Features()
+    elif case == "not_pairs":
+        train = [torch.zeros(8, *SHAPE)]  # images only
+    elif case == "wrong_shape":
+        train = [(torch.zeros(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(AmasError, match=re.escape(match)) as e:
+        amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), out_dir=tmp_path / "run")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,58 @@
+"""amas.MaskSearch in a user's loop: the masks move, the cut is the plan, and its state round-trips."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from test_api import SHAPE, loaders, trained_teacher
+
+import amas
+from amas.cost import count
+from amas.planner import kept_counts
+
+
+def run_steps(search: amas.MaskSearch, opt: torch.optim.Optimizer, batches) -> None:
+    search.student.train()
+    for x, y in batches:
+        loss = search.loss(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        search.step(lr=opt.param_groups[0]["lr"])
+
+
+def test_mask_search_state_round_trips_and_cut_is_the_plan() -> None:
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    batches = list(train)
+    torch.manual_seed(0)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    search = amas.MaskSearch(student, teacher, SHAPE, 0.5, total_steps=12, round_to=4, controller_every=2)
+    assert not any(p is m for p in student.parameters() for m in search.masks.masks)  # masks outside the optimizer
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    run_steps(search, opt, batches)
+    assert search.steps == len(batches)
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in search.mask_values().values())
+
+    # a second MaskSearch loaded from the first's state continues identically
+    state = copy.deepcopy(search.state_dict())
+    student2 = copy.deepcopy(student)
+    torch.manual_seed(0)
+    other = amas.MaskSearch(student2, teacher, SHAPE, 0.5, total_steps=12, round_to=4, controller_every=2)
+    other.load_state_dict(state)
+    assert other.steps == search.steps and other.objective.lam == search.objective.lam
+    assert all(torch.equal(a, b) for a, b in zip(other.mask_values().values(), search.mask_values().values(),
+                                                 strict=True))
+    assert other.macs_reduction == search.macs_reduction
+    for s, net in ((search, student), (other, student2)):
+        run_steps(s, torch.optim.SGD(net.parameters(), lr=0.01), batches[:2])
+    for a, b in zip(other.mask_values().values(), search.mask_values().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    other.close()
+
+    keep = search.plan(0.5, 4)
+    small = search.cut(0.5, round_to=4)
+    assert count(small, SHAPE)[0] == search.cost.macs(kept_counts(keep)) <= 0.5 * search.cost.total_macs
+    assert not any(m._forward_hooks for m in small.modules())
+    search.close()

@@ -1,0 +1,32 @@
+"""Prune a torchvision classifier with your own weights on your own ImageFolder data: pruned .pt2 and report.
+
+    python tools/prune_torchvision.py --arch resnet50 --weights my_resnet50.pth --data /data/mine \
+        --image-size 224 --target 0.5 --out runs/resnet50_50 [--config configs/quickstart.yaml] [key.path=value ...]
+
+--weights is a plain state_dict (torch.save(model.state_dict()), loaded with weights_only=True) of
+torchvision.models.<arch>(num_classes=<classes of --data>); --data holds train/ and val/ (and optionally test/)
+with one folder per class. A thin layer over amas.pipeline.run_pipeline (`amas prune` with these settings).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from amas.cli import main as amas_main
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--arch", required=True, help="torchvision classifier name, e.g. resnet50")
+p.add_argument("--weights", required=True, help="plain state_dict .pth of that architecture")
+p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+p.add_argument("--image-size", type=int, default=224)
+p.add_argument("--target", type=float, default=0.5, help="fraction of the MACs to remove")
+p.add_argument("--out", required=True)
+p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
+               help="recipe for the search and fine-tuning (default: configs/quickstart.yaml)")
+a, extra = p.parse_known_args()
+keys = [e for e in extra if "=" in e and not e.startswith("-")]  # key.path=value overrides go last
+options = [e for e in extra if e not in keys]  # other `amas prune` options, e.g. --latency-iters 5
+sys.exit(amas_main(["prune", "--config", a.config, "--teacher", a.weights, "--out", a.out, *options,
+                    f"model.name=tv:{a.arch}", "data.name=imagefolder", f"data.root={a.data}",
+                    f"data.image_size={a.image_size}", f"search.target_reduction={a.target}",
+                    f"select.min_reduction={a.target}", *keys]))
