@@ -468,16 +468,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def merge(paths: list[str], out_dir: Path, name: str | None, retime: bool = False, iters: int = 20) -> int:
-    """Merge result files of the same teacher (e.g. one per target, run in parallel) into one; print the table."""
+def read_results(paths: list[str], kind: str) -> list[dict]:
+    """The JSON result files given to --merge, or a one-line error naming the unreadable one."""
     parts = []
     for p in paths:
         try:
             parts.append(json.loads(Path(p).read_text()))
         except (OSError, ValueError) as e:
-            raise AmasError(
-                f"--merge {p}: cannot read it as a compare result ({e}); pass files this script wrote"
-            ) from None
+            raise AmasError(f"--merge {p}: cannot read it as {kind} result ({e}); "
+                            "pass files this script wrote") from None
+    return parts
+
+
+def merge(paths: list[str], out_dir: Path, name: str | None, retime: bool = False, iters: int = 20) -> int:
+    """Merge result files of the same teacher (e.g. one per target, run in parallel) into one; print the table."""
+    parts = read_results(paths, "a compare")
     teachers = {json.dumps(r["teacher"].get("path")) for r in parts}
     if len(teachers) > 1:
         raise AmasError(

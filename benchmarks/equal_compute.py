@@ -357,14 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, png: bool) -> int:
     """Combine result files of one teacher (e.g. one per target or session) into NAME; optionally re-time latency."""
-    parts = []
-    for p in paths:
-        try:
-            parts.append(json.loads(Path(p).read_text()))
-        except (OSError, ValueError) as e:
-            raise AmasError(
-                f"--merge {p}: cannot read it as an equal-compute result ({e}); pass files this script wrote"
-            ) from None
+    parts = compare.read_results(paths, "an equal-compute")
     if len({r["teacher"]["path"] for r in parts}) > 1:
         raise AmasError("--merge: the files come from different teachers; merge one teacher's runs")
     result = copy.deepcopy(parts[0])
