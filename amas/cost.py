@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from amas.errors import AmasError
+from amas.timing import warm_allocator
 
 # Convention (matches the CIFAR pruning literature, e.g. HRank/GAL tables): MACs of conv and
 # linear layers, plus one per output element for their bias adds; BN, activations, pooling
@@ -115,6 +116,7 @@ def latency(
     else:
         net = model
     x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=memory_format)
+    warm_allocator()
     was_training = net.training
     times: list[float] = []
     try:

@@ -1,12 +1,19 @@
 """Predicted latency of a model pruned to given kept channel counts: a per-layer lookup table, measured once.
 
 Every conv/linear layer whose input or output channels belong to a prunable group is measured on its own
-(a conv with the BN and ReLU that follow it in the CIFAR/torchvision nets, on an input of the shape it sees in
-the model) at a small grid of (input, output) widths, on one device, batch size, thread count and runtime
-(HALP's lookup table, per layer). Layers of equal shape share their measurements. A plan's latency is the
-sum of its layers' latencies, bilinearly interpolated on the grid, plus a constant: the dense model's
-measured latency minus the sum of its layers at full width (pooling, residual adds, the shortcut, the call
-overhead). A layer with no input or no output channel (a removed block) costs nothing.
+(a conv with the BN that follows it in the CIFAR/torchvision nets, on an input of the shape it sees in the
+model) at a grid of (input, output) widths (1, the multiples of 8 and the full width, thinned to 9 per side),
+on one device, batch size, thread count and runtime (HALP's lookup table, per layer). Layers of equal shape
+share their measurements. A width between grid points is looked up at the next multiple of 8, then
+interpolated linearly: CPU conv kernels compute channels in blocks, so a conv's time is a staircase in its
+width (on this CPU a 36-channel output costs what a 48-channel one does, far more than linear interpolation
+between 32 and 40 says).
+
+A plan's latency is the sum of its layers' latencies plus the part outside those layers (activations,
+residual adds, shortcuts, pooling, the call overhead), modelled as ``a + b * f``: f is the plan's fraction of
+the dense model's conv/linear output elements (what the element-wise ops touch), and a, b are fitted by least
+squares to whole-model timings of the dense model and two uniformly thinned ones, timed in turn. A layer with
+no input or no output channel (a removed block) costs nothing.
 
 The table is cached as JSON, keyed by the model, input shape, groups, batch size, threads, runtime, device
 and torch version; a table built under other settings is never reused. ``validate`` measures whole pruned
@@ -18,6 +25,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -34,12 +42,12 @@ from amas.masks import ChannelGroup
 from amas.runtimes import make_runner
 from amas.timing import time_call
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 Measure = Callable[[nn.Module, torch.Tensor], float]
 
 __all__ = ["Measure", "measure_on", "cache_file", "LatencyTable", "LayerShape", "build_table", "width_grid",
-           "table_key", "validate", "random_plans"]
+           "table_key", "validate", "random_plans", "fit_line"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ class LayerShape:
     depthwise: bool = False
     bias: bool = False
     spatial: tuple[int, ...] = ()
+    out_elems: int = 0  # elements of one image's output at full width (the element-wise ops' share)
 
     def signature(self) -> str:
         """A string naming the measurement this layer needs (layers with equal signatures share it)."""
@@ -70,7 +79,7 @@ class _Layer:
     in_groups: list[tuple[str, int]] = field(default_factory=list)
 
 
-def width_grid(full: int, step: int = 8, points: int = 5) -> list[int]:
+def width_grid(full: int, step: int = 8, points: int = 9) -> list[int]:
     """The measured widths of a dimension of full channels: 1, multiples of step, full, thinned to about points."""
     if full <= 1:
         return [max(full, 1)]
@@ -103,12 +112,14 @@ def _trace_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, L
                 return
             x = inputs[0]
             if isinstance(m, nn.Linear):
-                found[name] = LayerShape("linear", m.in_features, m.out_features, bias=m.bias is not None)
+                found[name] = LayerShape("linear", m.in_features, m.out_features, bias=m.bias is not None,
+                                         out_elems=int(out[0].numel()))
             else:
                 dw = m.groups > 1 and m.groups == m.in_channels == m.out_channels
                 found[name] = LayerShape("conv", m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
                                          tuple(m.padding) if not isinstance(m.padding, str) else (0,) * len(m.stride),
-                                         tuple(m.dilation), dw, m.bias is not None, tuple(x.shape[2:]))
+                                         tuple(m.dilation), dw, m.bias is not None, tuple(x.shape[2:]),
+                                         int(out[0].numel()))
         return fn
 
     for name, m in model.named_modules():
@@ -135,7 +146,7 @@ def _unit(shape: LayerShape, cin: int, cout: int) -> tuple[nn.Module, tuple[int,
         cin = cout
     conv = nn.Conv2d(cin, cout, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
                      bias=shape.bias)
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU()), (cin, *shape.spatial)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout)), (cin, *shape.spatial)
 
 
 def _widths(layer: _Layer, kept: dict[str, int], sizes: dict[str, int]) -> tuple[int, int]:
@@ -147,7 +158,7 @@ def _widths(layer: _Layer, kept: dict[str, int], sizes: dict[str, int]) -> tuple
 
 
 def table_key(model_name: str, input_shape: tuple[int, ...], groups: list[ChannelGroup], batch_size: int,
-              runtime: str, threads: int | None = None, grid_step: int = 8) -> dict:
+              runtime: str, threads: int | None = None, grid_step: int = 8, block: int = 1) -> dict:
     """The settings a table is valid for (a cached table is used only when all of them match)."""
     return {
         "version": TABLE_VERSION,
@@ -160,6 +171,7 @@ def table_key(model_name: str, input_shape: tuple[int, ...], groups: list[Channe
         "device": f"cpu:{platform.machine()}:{platform.processor() or 'unknown'}:{os.cpu_count()}",
         "torch": torch.__version__,
         "grid_step": int(grid_step),
+        "block": int(block),
     }
 
 
@@ -167,7 +179,7 @@ class LatencyTable:
     """Per-layer latency lookup of one model on one target; predict(kept) gives a whole plan's latency in ms."""
 
     def __init__(self, key: dict, layers: dict[str, LayerShape], groups: list[ChannelGroup],
-                 measured: dict[str, dict], dense_ms: float) -> None:
+                 measured: dict[str, dict], dense_ms: float, other: tuple[float, float] | None = None) -> None:
         self.key = key
         self.sizes = {g.name: g.size for g in groups}
         self.layers: dict[str, _Layer] = {n: _Layer(s) for n, s in layers.items()}
@@ -180,13 +192,38 @@ class LatencyTable:
                     self.layers[name].in_groups.append((g.name, k))
         self.measured = measured  # signature -> {"in": grid, "out": grid, "ms": [[...] per in] }
         self.dense_ms = float(dense_ms)
-        self.overhead_ms = self.dense_ms - sum(self.layer_ms(n, s.in_full, s.out_full) for n, s in layers.items())
+        if other is None:  # no whole-model calibration: the part outside the layers is a constant
+            other = (self.dense_ms - self.layers_ms({}), 0.0)
+        self.other = (float(other[0]), float(other[1]))
+
+    @property
+    def overhead_ms(self) -> float:
+        """Predicted latency (ms) of the dense model outside its conv/linear layers."""
+        return self.other[0] + self.other[1]
+
+    def layers_ms(self, kept: dict[str, int]) -> float:
+        """Predicted latency (ms) of the conv/linear layers alone under kept."""
+        return sum(self.layer_ms(name, *_widths(layer, kept, self.sizes)) for name, layer in self.layers.items())
+
+    def output_fraction(self, kept: dict[str, int]) -> float:
+        """The fraction of the dense model's conv/linear output elements left under kept."""
+        full = sum(layer.shape.out_elems for layer in self.layers.values())
+        if full <= 0:
+            return 1.0
+        left = sum(layer.shape.out_elems * _widths(layer, kept, self.sizes)[1] / max(layer.shape.out_full, 1)
+                   for layer in self.layers.values())
+        return left / full
 
     def layer_ms(self, name: str, cin: float, cout: float) -> float:
         """Interpolated latency (ms) of layer name at widths (cin, cout); 0 when either is 0."""
         if cin <= 0 or cout <= 0:
             return 0.0
-        m = self.measured[self.layers[name].shape.signature()]
+        shape = self.layers[name].shape
+        block = int(self.key.get("block", 1))
+        if block > 1:  # a width costs what the next multiple of the kernels' channel block costs
+            cin = min(math.ceil(cin / block) * block, shape.in_full) if cin > 1 else cin
+            cout = min(math.ceil(cout / block) * block, shape.out_full) if cout > 1 else cout
+        m = self.measured[shape.signature()]
         i0, i1, wi = _interp1(m["in"], cin)
         o0, o1, wo = _interp1(m["out"], cout)
         t = m["ms"]
@@ -198,10 +235,8 @@ class LatencyTable:
         unknown = [n for n in kept if n not in self.sizes]
         if unknown:
             raise AmasError(f"the latency table has no channel group {unknown[0]!r}; build the table for this model")
-        total = self.overhead_ms
-        for name, layer in self.layers.items():
-            total += self.layer_ms(name, *_widths(layer, kept, self.sizes))
-        return total
+        a, b = self.other
+        return self.layers_ms(kept) + a + b * self.output_fraction(kept)
 
     def channel_costs(self) -> dict[str, float]:
         """Latency (ms) saved by removing one channel of each group from the full model (at least a tiny positive)."""
@@ -210,7 +245,7 @@ class LatencyTable:
 
     def to_json(self) -> dict:
         """The table as plain JSON data."""
-        return {"key": self.key, "dense_ms": self.dense_ms,
+        return {"key": self.key, "dense_ms": self.dense_ms, "other": list(self.other),
                 "layers": {n: vars(layer.shape) for n, layer in self.layers.items()}, "measured": self.measured}
 
     @classmethod
@@ -218,7 +253,7 @@ class LatencyTable:
         """A table from to_json's data and the model's groups."""
         layers = {n: LayerShape(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in s.items()})
                   for n, s in data["layers"].items()}
-        return cls(data["key"], layers, groups, data["measured"], data["dense_ms"])
+        return cls(data["key"], layers, groups, data["measured"], data["dense_ms"], data.get("other"))
 
 
 def measure_on(runtime: str = "eager", iters: int = 10) -> Measure:
@@ -238,18 +273,63 @@ def cache_file(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"{key['model']}_b{key['batch_size']}_{key['runtime']}_{digest}.json"
 
 
+CALIBRATION_FRACTIONS = (0.5, 0.25)  # uniformly thinned models timed whole to fit the part outside the layers
+
+
+def _calibration_plans(groups: list[ChannelGroup]) -> list[dict[str, int]]:
+    return [{g.name: max(1, round(f * g.size)) for g in groups} for f in CALIBRATION_FRACTIONS]
+
+
+def _pruned(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, int], input_shape: tuple[int, ...]
+            ) -> nn.Module:
+    from amas.block_removal import prune_with_blocks
+
+    keep = {n: torch.arange(k) for n, k in kept.items()}
+    return prune_with_blocks(model, groups, keep, input_shape=input_shape).eval()
+
+
+def _round_robin(nets: list[nn.Module], x: torch.Tensor, measure: Measure, rounds: int) -> list[float]:
+    """Each net's median over rounds of measure, the nets timed in turn each round (a drifting machine hits all)."""
+    per: list[list[float]] = [[] for _ in nets]
+    for _ in range(max(1, rounds)):
+        for i, net in enumerate(nets):
+            per[i].append(float(measure(net, x)))
+    return [statistics.median(v) for v in per]
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) >= 0 minimising the squared error of y = a + b * x over points (x, y)."""
+    n = len(points)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx > 0 else 0.0
+    a = my - b * mx
+    if b < 0:  # the part outside the layers never grows as channels go: a constant
+        return max(my, 0.0), 0.0
+    if a < 0:  # nor is it negative at zero width: a line through the origin
+        sxy, sx2 = sum(x * y for x, y in points), sum(x * x for x in xs)
+        return 0.0, max(sxy / sx2, 0.0) if sx2 > 0 else 0.0
+    return a, b
+
+
 def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple[int, ...], batch_size: int = 64,
                 runtime: str = "eager", model_name: str | None = None, cache_dir: str | Path | None = None,
-                grid_step: int = 8, grid_points: int = 5, iters: int = 10, progress: bool = True,
-                measure: Measure | None = None) -> LatencyTable:
+                grid_step: int = 8, grid_points: int = 9, iters: int = 10, progress: bool = True,
+                measure: Measure | None = None, block: int | None = None) -> LatencyTable:
     """Measure (or load from cache_dir) the latency table of model on this machine at batch_size on runtime.
 
-    measure(module, x) -> ms replaces the timing on runtime (e.g. a table from an analytic cost).
+    measure(module, x) -> ms replaces the timing on runtime (e.g. a table from an analytic cost). block: widths
+    are looked up at the next multiple of block (default grid_step; 1 interpolates the widths as they are): CPU
+    conv kernels work on channel blocks, so a 36-wide layer runs as slowly as a 40- or 48-wide one.
     """
+    if block is None:
+        block = grid_step
     from amas.config import atomic_write_text
 
     input_shape = tuple(int(s) for s in input_shape)
-    key = table_key(model_name or type(model).__name__, input_shape, groups, batch_size, runtime, grid_step=grid_step)
+    key = table_key(model_name or type(model).__name__, input_shape, groups, batch_size, runtime, grid_step=grid_step,
+                    block=block)
     path = cache_file(Path(cache_dir).expanduser(), key) if cache_dir else None
     if path is not None and path.exists():
         try:
@@ -278,7 +358,7 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
             _, a, b = plan[sig]
             ins, outs = sorted(set(a) | set(ins)), sorted(set(b) | set(outs))
         plan[sig] = (s, ins, outs)
-    total = sum(len(i) * len(o) for _, i, o in plan.values())
+    total = sum(len(i) * len(o) for _, i, o in plan.values()) + len(CALIBRATION_FRACTIONS)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -297,11 +377,15 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
                     bar.update()
             rows.append(row)
         measured[sig] = {"in": ins, "out": outs, "ms": rows}
-    dense_ms = float(measure(model, torch.randn((batch_size, *input_shape))))
+    x = torch.randn((batch_size, *input_shape))
+    plans = [{}, *_calibration_plans(groups)]
+    whole = _round_robin([model, *(_pruned(model, groups, p, input_shape) for p in plans[1:])], x, measure, rounds=3)
     if bar is not None:
-        bar.update()
+        bar.update(len(plans))
         bar.close()
-    table = LatencyTable(key, layers, groups, measured, dense_ms)
+    table = LatencyTable(key, layers, groups, measured, whole[0])
+    points = [(table.output_fraction(p), ms - table.layers_ms(p)) for p, ms in zip(plans, whole, strict=True)]
+    table.other = fit_line(points)
     if path is not None:
         from amas.distributed import on_main
 
@@ -322,20 +406,15 @@ def random_plans(groups: list[ChannelGroup], n: int, seed: int = 0, low: float =
 def validate(table: LatencyTable, model: nn.Module, groups: list[ChannelGroup], plans: list[dict[str, int]],
              rounds: int = 3, iters: int = 10, measure: Measure | None = None) -> dict:
     """Predicted vs measured whole-model latency of each plan; median and max relative error."""
-    from amas.block_removal import prune_with_blocks
-
     batch = table.key["batch_size"]
     measure = measure or measure_on(table.key["runtime"], iters)
     shape = tuple(table.key["input_shape"])
+    x = torch.randn((batch, *shape))
+    measured = _round_robin([_pruned(model, groups, kept, shape) for kept in plans], x, measure, rounds)
     rows = []
-    for kept in plans:
-        keep = {n: torch.arange(k) for n, k in kept.items()}
-        net = prune_with_blocks(model, groups, keep, input_shape=shape).eval()
-        x = torch.randn((batch, *shape))
-        measured = statistics.median(float(measure(net, x)) for _ in range(max(1, rounds)))
+    for kept, ms in zip(plans, measured, strict=True):
         predicted = table.predict(kept)
-        rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": measured,
-                     "error": abs(predicted - measured) / measured})
+        rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": ms, "error": abs(predicted - ms) / ms})
     errors = [r["error"] for r in rows]
     return {"plans": rows, "median_error": statistics.median(errors) if errors else 0.0,
             "max_error": max(errors, default=0.0)}

@@ -201,8 +201,8 @@ def by_latency(args: argparse.Namespace) -> dict:
         others = [r for r in args.runtimes.split(",") if r and r != "eager"]
         rt = runtime_latency({"dense": dense, "pruned": pruned}, shape, batches=(batch,), runtimes=others,
                              rounds=args.rounds, iters=args.iters) if others else {"ms": {}, "warnings": []}
-        check = validate(table, dense, groups, random_plans(groups, args.validate, seed=1), rounds=1,
-                         iters=args.iters) if args.validate else {}
+        check = validate(table, dense, groups, random_plans(groups, args.validate, seed=1), rounds=3,
+                         iters=args.iters if batch > 1 else args.iters * 4) if args.validate else {}
         d, p = eager["models"]["dense"]["median_ms"], eager["models"]["pruned"]["median_ms"]
         speedups[batch] = d / p
         result["plans"][f"batch_{batch}"] = {

@@ -14,7 +14,7 @@ from torch import nn
 
 from amas.block_removal import removable_groups
 from amas.cost import count
-from amas.latency_model import build_table, random_plans, validate, width_grid
+from amas.latency_model import build_table, fit_line, random_plans, validate, width_grid
 from amas.latency_plan import plan_counts_latency, plan_keep_latency
 from amas.masks import find_groups
 from amas.models import create_model
@@ -47,14 +47,63 @@ def _setup(name: str = "resnet20", residual: bool = False):
 
 def test_width_grid_is_small_and_holds_the_ends() -> None:
     assert width_grid(16) == [1, 8, 16]
-    g = width_grid(64)
-    assert g[0] == 1 and g[-1] == 64 and len(g) <= 5 and all(w % 8 == 0 for w in g[1:])
+    assert width_grid(64) == [1, 8, 16, 24, 32, 40, 48, 56, 64]
+    g = width_grid(512)
+    assert g[0] == 1 and g[-1] == 512 and len(g) <= 9 and all(w % 8 == 0 for w in g[1:])
     assert width_grid(1) == [1]
+
+
+def test_widths_are_looked_up_at_the_next_channel_block() -> None:
+    model, groups = _setup()
+    name = "layer2.1.conv1"
+    linear = build_table(model, groups, SHAPE, batch_size=2, measure=Counted(), progress=False, block=1)
+    blocked = build_table(model, groups, SHAPE, batch_size=2, measure=Counted(), progress=False)
+    cin = linear.layers[name].shape.in_full
+    assert blocked.key["block"] == 8 and linear.key["block"] == 1
+    for cout, up in ((9, 16), (13, 16), (16, 16), (17, 24), (30, 32)):
+        assert blocked.layer_ms(name, cin, cout) == pytest.approx(linear.layer_ms(name, cin, up), rel=1e-12)
+    assert blocked.layer_ms(name, cin, 1) == pytest.approx(linear.layer_ms(name, cin, 1), rel=1e-12)
+
+
+def test_fit_line_is_least_squares_and_never_negative() -> None:
+    assert fit_line([(1.0, 3.0), (0.5, 2.0), (0.25, 1.5)]) == pytest.approx((1.0, 2.0))
+    assert fit_line([(1.0, 1.0), (0.5, 2.0), (0.25, 3.0)]) == pytest.approx((2.0, 0.0))  # falls: a constant
+    a, b = fit_line([(1.0, 2.0), (0.5, 0.5), (0.25, 0.0)])
+    assert a == 0.0 and b == pytest.approx((2.0 + 0.25) / (1.0 + 0.25 + 0.0625))  # through the origin
+
+
+class ElementWise(Counted):
+    """Counted plus 1e-4 ms per element of every conv/linear output (what activations and adds would cost)."""
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        elems = []
+        hooks = [m.register_forward_hook(lambda m, i, o: elems.append(o.numel()))
+                 for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            module(x)
+        for h in hooks:
+            h.remove()
+        base = super().__call__(module, x)
+        # the per-layer units get no element-wise cost: only whole models pay it
+        return base + (1e-4 * sum(elems) if len(hooks) > 1 else 0.0)
+
+
+def test_the_cost_outside_the_layers_scales_with_the_output_elements() -> None:
+    model, groups = _setup("resnet20", residual=True)
+    measure = ElementWise()
+    table = build_table(model, groups, SHAPE, batch_size=2, measure=measure, progress=False, block=1)
+    a, b = table.other
+    assert a == pytest.approx(0.0, abs=1e-9) and b > 0
+    report = validate(table, model, groups, random_plans(groups, 4, seed=1), rounds=1, measure=measure)
+    assert report["max_error"] < 1e-6  # a constant overhead would be off by the element-wise part
+    constant = table.predict({}) - table.layers_ms({})
+    plan = report["plans"][0]
+    assert abs(table.layers_ms(plan["kept"]) + constant - plan["measured_ms"]) > 1e-3
 
 
 def test_interpolation_is_exact_for_a_bilinear_cost_and_zero_width_costs_nothing() -> None:
     model, groups = _setup()
-    table = build_table(model, groups, SHAPE, batch_size=2, measure=Counted(), progress=False)
+    table = build_table(model, groups, SHAPE, batch_size=2, measure=Counted(), progress=False, block=1)
     name = "layer2.1.conv1"  # out channels in group layer2.1.conv1 (grid 1, 8, ..., 32), input whole
     shape = table.layers[name].shape
     assert table.measured[shape.signature()]["out"] != [shape.out_full]
@@ -69,7 +118,7 @@ def test_interpolation_is_exact_for_a_bilinear_cost_and_zero_width_costs_nothing
 def test_prediction_matches_whole_pruned_models_for_random_plans() -> None:
     model, groups = _setup("resnet20", residual=True)
     measure = Counted()
-    table = build_table(model, groups, SHAPE, batch_size=2, measure=measure, progress=False)
+    table = build_table(model, groups, SHAPE, batch_size=2, measure=measure, progress=False, block=1)
     report = validate(table, model, groups, random_plans(groups, 4, seed=1), rounds=1, measure=measure)
     assert len(report["plans"]) == 4
     assert report["max_error"] < 1e-6  # the analytic cost is additive over layers: prediction is exact
