@@ -57,7 +57,7 @@ import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning ref
 from amas.checkpoint import load_model  # noqa: E402
 from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.cost import count  # noqa: E402
-from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
+from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
 from amas.engine import evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError  # noqa: E402
@@ -66,7 +66,7 @@ from amas.planner import PruneError, prune_model  # noqa: E402
 from amas.select import finetune_trainer  # noqa: E402
 from amas.stages import seed_everything  # noqa: E402
 
-ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude",)
+ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude", "amas_arch")
 DEFAULT_METHODS = ("amas", "taylor", "fpgm", "l1", "random", "tp_magnitude")
 ROW_KEYS = ("method", "target", "budget_epochs", "seed", "test_acc", "val_acc", "macs_reduction", "params",
             "latency_b64_ms", "latency_b1_ms", "wall_s")
@@ -118,6 +118,19 @@ def criterion_cut(method: str, target: float, seed: int, teacher: nn.Module, gro
     return prune_model(source, groups, keep), {"kept": {n: int(v.numel()) for n, v in keep.items()}}, spent
 
 
+def arch_cut(target: float, budget: int, seed: int, teacher: nn.Module, groups: list, cfg: Any,
+             args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    """Ablation: the kept counts of the AMAS run in --arch-from, channels chosen by L1 from the teacher's weights."""
+    row = args.arch_rows.get((target, budget, seed))
+    if row is None:
+        raise AmasError(f"--arch-from has no amas row for target {target}, E={budget}, seed {seed}")
+    source = copy.deepcopy(teacher).requires_grad_(True)
+    scores = channel_scores("l1", source, groups, None, cfg.criteria)
+    keep = {g.name: torch.sort(torch.topk(scores[g.name], row["kept"][g.name]).indices).values for g in groups}
+    return prune_model(source, groups, keep), {"kept": dict(row["kept"]), "arch_from": str(args.arch_from),
+                                               "ablation": "AMAS kept counts, L1 channels, teacher weights, E epochs"}
+
+
 def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Module, groups: list, cost: CostModel,
             data: Any, cfg: Any, args: argparse.Namespace, device: torch.device) -> dict | None:
     """One (method, target, budget, seed): cut, fine-tune for what is left of the budget, evaluate; the row."""
@@ -140,6 +153,8 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
         t0 -= took  # a cut reused from an earlier run still counts its search time
         extra = {"tp_pruning_ratio": round(ratio, 4), "tp_round_to": used,
                  "kept": {g.name: compare._out_channels(pruned.get_submodule(g.name)) for g in groups}}
+    elif method == "amas_arch":
+        pruned, extra = arch_cut(target, budget, seed, teacher, groups, cfg, args)
     else:
         pruned, extra, spent = criterion_cut(method, target, seed, teacher, groups, cost, data, cfg)
     pruned = pruned.to(device)
@@ -342,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--retime-latency", action="store_true", help="with --merge: re-time every architecture now (idle machine)"
     )
     p.add_argument("--plot", action="store_true", help="also write NAME.png")
+    p.add_argument("--arch-from", metavar="JSON", help="for the ablation method amas_arch: a result file whose amas "
+                   "rows give the kept counts (fine-tuned from the teacher's weights for all E epochs)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides for every run")
     args = p.parse_args(argv)
     lrs = {}
@@ -386,6 +403,10 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.merge:
         return merge(args.merge, out_dir, args.name, args.retime_latency, args.latency_iters, args.plot)
     methods = [check_method(m.strip(), ALL_METHODS) for m in args.methods.split(",") if m.strip()]
+    args.arch_rows = {}
+    if args.arch_from:
+        rows = compare.read_results([args.arch_from], "an equal-compute")[0]["rows"]
+        args.arch_rows = {(r["target"], r["budget_epochs"], r["seed"]): r for r in rows if r["method"] == "amas"}
     teacher_path = Path(args.teacher)
     if not teacher_path.is_file():
         raise AmasError(f"teacher '{teacher_path}' does not exist; pass an amas model.pt with --teacher")
