@@ -229,6 +229,7 @@ def amas_cut(
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there."""
     from amas.adversarial import search
     from amas.checkpoint import load_masked
+    from amas.fold_scaling import folded_mask_scales
 
     overrides = [
         *(extra_overrides or []),
@@ -248,7 +249,9 @@ def amas_cut(
     scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
     keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
     pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
+    plain = prune_model(student, groups, keep, input_shape=cost.input_shape)  # the same cut, masks not folded
     info = {
+        "_mask_scales": folded_mask_scales(pruned, plain),
         "search_epochs": int(acfg.search.train.epochs),
         "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
         "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),

@@ -61,6 +61,7 @@ from amas.criteria import METHODS, channel_scores, check_method, plan_for_method
 from amas.data import build_data  # noqa: E402
 from amas.engine import evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError  # noqa: E402
+from amas.fold_scaling import scale_folded_grads  # noqa: E402
 from amas.masks import CostModel, find_groups  # noqa: E402
 from amas.planner import PruneError, prune_model  # noqa: E402
 from amas.select import finetune_trainer  # noqa: E402
@@ -158,6 +159,9 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
     else:
         pruned, extra, spent = criterion_cut(method, target, seed, teacher, groups, cost, data, cfg)
     pruned = pruned.to(device)
+    scales = extra.pop("_mask_scales", None)
+    if method == "amas" and args.amas_keep_mask_scale and scales:
+        scale_folded_grads(pruned, scales)  # fine-tune at the step sizes the search trained the channels with
     val_before = _val(pruned, data, device)
     ft_epochs = budget - spent
     ft = copy.deepcopy(cfg.finetune)
@@ -342,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amas-continue-schedule", action="store_true",
                    help="AMAS: search and fine-tuning share one E-epoch schedule (the search stops at epoch S, "
                         "fine-tuning starts at the rate reached there) instead of two")
+    p.add_argument("--amas-keep-mask-scale", action="store_true",
+                   help="fine-tune AMAS's cut with its folded BN gradients scaled by mask² (amas.fold_scaling)")
     p.add_argument("--finetune-lr", action="append", default=[], metavar="METHOD=LR",
                    help="fine-tuning learning rate for one method (repeatable); others use finetune.train.lr")
     p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")
@@ -456,6 +462,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "methods": methods,
             "amas_search_fraction": args.amas_search_fraction,
             "amas_continue_schedule": args.amas_continue_schedule,
+            "amas_keep_mask_scale": args.amas_keep_mask_scale,
             "finetune_lr": cfg.finetune.train.lr,
             "finetune_lr_by_method": dict(args.finetune_lr),
             "round_to": cfg.prune.round_to,
