@@ -149,6 +149,9 @@ class PruneConfig:
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
     residual_channels: bool = False
+    # module names kept whole, with the channels of the layers around them (e.g. the blocks of a model whose ops
+    # Torch-Pruning cannot trace, such as shufflenet's channel shuffle: its error names them)
+    ignore: list[str] = field(default_factory=list)
     # what the planner cuts to: MACs (target_reduction) or predicted latency from a measured table (target_latency)
     cost: Literal["macs", "latency"] = "macs"
     # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime

@@ -38,6 +38,7 @@ the shortcut feeding it (its scale takes the folded mask).
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +46,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from amas.channel_cost import CostModel, MaskError, device_dtype
+from amas.channel_cost import CostModel, MaskError
 from amas.shortcut_pruner import CUSTOM_PRUNERS
+from amas.tracing import build_graph, is_kept_whole
 
-__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "find_groups", "prox_nonneg_l1"]
+__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "channel_dim", "find_groups", "prox_nonneg_l1"]
 
 
 @dataclass
@@ -64,33 +66,13 @@ class ChannelGroup:
     out_layers: dict[str, int] = field(default_factory=dict, repr=False)
     in_layers: dict[str, int] = field(default_factory=dict, repr=False)
     input_shape: tuple[int, ...] = field(default=(), repr=False)
+    ignore: tuple[str, ...] = field(default=(), repr=False)  # the modules kept whole when the groups were found
 
 
 # ---------------------------------------------------------------- finding groups
 
 _ALLOWED_PARAM_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
 _GATES = ("sigmoid", "hardsigmoid")
-
-
-def _build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
-    """Trace model with one example input (on its device) into a Torch-Pruning DependencyGraph."""
-    device, dtype = device_dtype(model)
-    x = torch.randn((1, *input_shape), device=device, dtype=dtype)
-    was_training = model.training
-    try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
-                                                       customized_pruners=dict(CUSTOM_PRUNERS))
-    except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say so, in one line
-        import traceback
-
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        raise MaskError(f"Torch-Pruning cannot trace {type(model).__name__} for channel groups ({type(e).__name__} in "
-                        f"its {where.name}, e.g. a channel shuffle or a reshape of channels); this model cannot be "
-                        "pruned by amas yet") from None
-    finally:
-        model.train(was_training)
-    return dg
 
 
 def _grad_fn_name(node: Any) -> str:
@@ -142,8 +124,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             return None  # the model's output units (the traced graph's sinks)
         if node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter):
             return None
-        if _is_channel_pad(node):
-            return None
+        if _is_channel_pad(node) or is_kept_whole(node):
+            return None  # a channel zero-pad, or a layer prune.ignore keeps whole (amas.tracing)
         roots = list(item.root_idxs)
         counts = collections.Counter(roots)
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
@@ -199,13 +181,16 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     return {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers}
 
 
-def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False) -> list[ChannelGroup]:
+def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False,
+                ignore: Sequence[str] = ()) -> list[ChannelGroup]:
     """Prunable channel groups of model (Torch-Pruning DependencyGraph), in named_modules order of their roots.
 
     residual: also the residual-stage groups that run through the zoo's option-A shortcut (ShortcutA).
+    ignore: module names kept whole (prune.ignore), with the channels of the layers around them (amas.tracing).
     """
     input_shape = tuple(int(s) for s in input_shape)
-    dg = _build_graph(model, input_shape)
+    ignore = tuple(str(n) for n in ignore)
+    dg = build_graph(model, input_shape, ignore)
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     found: dict[str, ChannelGroup] = {}
@@ -229,6 +214,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
         found[names[root]] = ChannelGroup(
             name=names[root], size=size, producers=sorted(rec["index"], key=order.__getitem__),
             index=rec["index"], out_layers=rec["out_layers"], in_layers=rec["in_layers"], input_shape=input_shape,
+            ignore=ignore,
         )
     return sorted(found.values(), key=lambda g: order[g.name])
 
@@ -294,8 +280,9 @@ class ChannelMasks(nn.Module):
     def _hook(self, producer: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
             """Multiply the producer's output channels by their masks."""
-            s = self.scale(producer, output.shape[1], output)
-            return output * s.view(1, -1, *([1] * (output.dim() - 2)))
+            dim = channel_dim(module, output)
+            s = self.scale(producer, output.shape[dim], output)
+            return output * s.view(-1, *([1] * (output.dim() - 1 - dim % output.dim())))
 
         hook._amas_mask_hook = True  # type: ignore[attr-defined]
         return hook
@@ -339,6 +326,14 @@ class ChannelMasks(nn.Module):
                         f"saved for this model"
                     )
                 m.copy_(v.to(m.device, m.dtype))
+
+
+def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of module's output that holds its channels: the last for a linear layer, else dimension 1.
+
+    A linear layer on an (N, H, W, C) tensor (ConvNeXt's channels-last blocks) has its features last.
+    """
+    return -1 if isinstance(module, nn.Linear) or output.dim() < 2 else 1
 
 
 def remove_mask_hooks(model: nn.Module) -> None:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from amas.errors import AmasError
-from amas.masks import ChannelGroup, CostModel, _build_graph, find_groups, remove_mask_hooks
+from amas.masks import ChannelGroup, CostModel, find_groups, remove_mask_hooks
+from amas.tracing import build_graph
 
 __all__ = ["PruneError", "plan_keep", "prune_model", "make_recipe", "model_from_recipe", "kept_counts"]
 
@@ -194,7 +196,7 @@ def prune_model(
     net.eval()
     for name, m in masks.items():
         _fold(net, by_name[name], torch.as_tensor(m).detach().flatten())
-    dg = _build_graph(net, tuple(input_shape))
+    dg = build_graph(net, tuple(input_shape), groups[0].ignore if groups else ())
     for g in groups:
         if g.name not in kept or len(kept[g.name]) == g.size:
             continue
@@ -219,14 +221,17 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- recipe
 
 
-def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dict[str, Any]) -> dict:
-    """The rebuild recipe: base model (name, num_classes, in_channels), input shape and kept channels per group."""
+def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dict[str, Any],
+                ignore: Sequence[str] = ()) -> dict:
+    """The rebuild recipe: base model (name, num_classes, in_channels), input shape, kept channels per group and the
+    layers prune.ignore kept whole (recorded only when there are any)."""
     counts = {n: (int(v) if isinstance(v, int) else int(torch.as_tensor(v).numel())) for n, v in keep.items()}
     return {
         "version": RECIPE_VERSION,
         "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels", "kwargs") if k in model_record},
         "input_shape": [int(s) for s in input_shape],
         "kept": counts,
+        **({"ignore": [str(n) for n in ignore]} if ignore else {}),
     }
 
 
@@ -244,7 +249,7 @@ def model_from_recipe(recipe: dict) -> nn.Module:
         ) from None
     model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
                          **base.get("kwargs", {}))
-    groups = {g.name: g for g in find_groups(model, shape, residual=True)}
+    groups = {g.name: g for g in find_groups(model, shape, residual=True, ignore=recipe.get("ignore", ()))}
     missing = [n for n in counts if n not in groups]
     if missing:
         raise PruneError(f"the recipe prunes group {missing[0]!r}, which this amas version does not find in "

@@ -74,7 +74,9 @@ _LATENCY_SELECT_KEYS = ("max_latency", "latency_batch", "latency_runtime")
 def _search_settings(s: Settings) -> dict:
     if not s.searched:
         return {"method": s.method}
-    return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {})}
+    ignore = s.d["prune"].get("ignore")
+    return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {}),
+            **({"ignore": ignore} if ignore else {})}
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d = _scrub(to_dict(cfg))
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
+    if not d["prune"].get("ignore"):
+        d["prune"].pop("ignore", None)
     d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
     if d["search"].get("penalty_cost", "macs") == "macs":
         d["search"].pop("penalty_cost", None)
