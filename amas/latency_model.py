@@ -170,6 +170,7 @@ class LatencyTable:
                  measured: dict[str, dict], dense_ms: float) -> None:
         self.key = key
         self.sizes = {g.name: g.size for g in groups}
+        self.units = {g.name: g.conv_groups for g in groups}  # channels per group channel (grouped convs)
         self.layers: dict[str, _Layer] = {n: _Layer(s) for n, s in layers.items()}
         for g in groups:
             for name, k in g.out_layers.items():

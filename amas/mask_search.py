@@ -240,7 +240,7 @@ class SearchObjective(AlignmentObjective):
             from amas.planner import rounded_count
 
             sizes = self.cost.groups
-            kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, dead=k == 0)
+            kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, k == 0, sizes[n].conv_groups)
                     for n, k in kept.items()}
         return int(self.cost.macs(kept))
 

@@ -17,11 +17,17 @@ value folds exactly into the producer's weights (BN weight and bias, or conv/lin
 bias). This assumes activations map 0 to 0 between producers and consumers (ReLU, ReLU6, SiLU,
 GELU, Hardswish do; a plain sigmoid activation would not).
 
+**Grouped convolutions** (ResNeXt, RegNet) keep their ``groups``: a group through a conv with G groups (not
+depthwise) removes the same position from every conv group at once, as Torch-Pruning does. Its channel ``j``
+(``ChannelGroup.size`` = channels per conv group) is every root output channel ``c`` with ``c % size == j``, and
+``ChannelGroup.conv_groups`` = G is the number of channels one mask entry stands for (the least common multiple
+when the group passes through grouped convs of different G). The planner rounds ``G·kept`` to ``round_to``.
+
 **Groups left out** (never masked, never pruned): groups holding the model's output units (the
 classifier's logits); groups whose index mapping Torch-Pruning gets wrong or that touch layers
-whose removal is not equal to masking (channel zero-padding, grouped but not depthwise convs,
-transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention, RNNs); groups
-of fewer than two channels.
+whose removal is not equal to masking (channel zero-padding, a grouped conv in a group whose channels are
+not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
+RNNs); groups through a layer ``prune.ignore`` keeps whole (``amas.tracing``); groups of fewer than two channels.
 
 **Option-A CIFAR ResNets.** Torch-Pruning 1.6 treats a channel zero-pad as an element-wise op and
 maps channel indices across it wrongly, so any group that passes through a constant pad of the
@@ -66,6 +72,8 @@ class ChannelGroup:
     out_layers: dict[str, int] = field(default_factory=dict, repr=False)
     in_layers: dict[str, int] = field(default_factory=dict, repr=False)
     input_shape: tuple[int, ...] = field(default=(), repr=False)
+    # channels per group channel: the conv groups of the grouped convs it passes through (1 without any)
+    conv_groups: int = 1
     ignore: tuple[str, ...] = field(default=(), repr=False)  # the modules kept whole when the groups were found
 
 
@@ -117,6 +125,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     out_layers: dict[str, int] = {}
     in_layers: dict[str, int] = {}
     members: set[Any] = set()
+    conv_groups: set[int] = set()  # of the grouped (not depthwise) convs in the group
+    straight = True  # every layer's channels are the root's channels, in order
     for item in group.items:
         dep, idxs = item.dep, item.idxs
         node, module = dep.target, dep.target.module
@@ -131,6 +141,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
             return None  # not a uniform one-to-k index map: Torch-Pruning mapped it wrongly
         mult = next(iter(counts.values()))
+        straight = straight and mult == 1 and [int(i) for i in idxs] == [int(r) for r in roots]
         if isinstance(module, tuple(CUSTOM_PRUNERS)):
             if not residual or names.get(module) is None:
                 return None  # a residual stage routed through a custom shortcut: kept whole unless asked for
@@ -150,7 +161,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             if module.transposed:
                 return None
             if module.groups != 1 and not (module.groups == module.in_channels == module.out_channels):
-                return None
+                conv_groups.add(int(module.groups))
         members.add(node)
         out_fn = dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -178,7 +189,22 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         producers.append(name)
     if not producers:
         return None
-    return {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers}
+    rec = {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers,
+           "conv_groups": 1}
+    return _by_conv_group(rec, conv_groups, size, straight) if conv_groups else rec
+
+
+def _by_conv_group(rec: dict, conv_groups: set[int], size: int, straight: bool) -> dict | None:
+    """A group through grouped convs, as one channel per position in a conv group (removed from every conv group)."""
+    import math
+
+    g = math.lcm(*conv_groups)
+    if not straight or size % g or size // g < 2:
+        return None  # channels not mapped one to one, or conv groups that do not split the channels evenly
+    width = size // g
+    return {"index": {p: (pos, [r % width for r in roots]) for p, (pos, roots) in rec["index"].items()},
+            "out_layers": {n: k * g for n, k in rec["out_layers"].items()},
+            "in_layers": {n: k * g for n, k in rec["in_layers"].items()}, "conv_groups": g}
 
 
 def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False,
@@ -212,9 +238,9 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
         if rec is None:
             continue
         found[names[root]] = ChannelGroup(
-            name=names[root], size=size, producers=sorted(rec["index"], key=order.__getitem__),
+            name=names[root], size=size // rec["conv_groups"], producers=sorted(rec["index"], key=order.__getitem__),
             index=rec["index"], out_layers=rec["out_layers"], in_layers=rec["in_layers"], input_shape=input_shape,
-            ignore=ignore,
+            conv_groups=rec["conv_groups"], ignore=ignore,
         )
     return sorted(found.values(), key=lambda g: order[g.name])
 

@@ -14,7 +14,8 @@ overshot by as little as the ranking allows.
 
 Rounding: with ``round_to=N`` each group's kept count is rounded up to a multiple of N (or the full
 width), because on CPU ragged widths waste most of the MAC savings (see DESIGN.md); the search over
-the ranking then removes more elsewhere so the budget still holds.
+the ranking then removes more elsewhere so the budget still holds. A group through grouped convs counts
+channels per conv group: its ``conv_groups × kept`` channels are what is rounded.
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ class PruneError(AmasError):
     """A pruning plan or removal that cannot be carried out."""
 
 
-def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False) -> int:
+def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False, unit: int = 1) -> int:
     """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size).
 
     A dead group (every score zero, e.g. a block whose masks all reached zero) cut to its minimum keeps exactly
     min_channels: rounding it up to round_to would spend MACs on zero channels that live groups then lose.
+    unit: channels per group channel (ChannelGroup.conv_groups): the rounding and the minimum apply to k·unit.
     """
-    k = max(k, min(min_channels, size))
-    if round_to > 1 and not (dead and k <= min_channels):
-        k = min(size, int(math.ceil(k / round_to)) * round_to)
+    least = min(-(-min_channels // unit), size)
+    k = max(k, least)
+    step = round_to // math.gcd(round_to, unit)
+    if step > 1 and not (dead and k <= least):
+        k = min(size, int(math.ceil(k / step)) * step)
     return k
 
 
@@ -86,7 +90,7 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         sorted_idx[name] = ranked
         if not bool((s != 0).any()):
             dead.add(name)
-        removable = ranked[: max(0, g.size - min(min_channels, g.size))]
+        removable = ranked[: max(0, g.size - min(-(-min_channels // g.conv_groups), g.size))]
         cost = costs[name]
         for i in removable:
             ratio = float(s[i]) / cost if cost > 0 else math.inf
@@ -100,8 +104,8 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         removed: dict[str, int] = {}
         for _, _, _, name in order[:prefix]:
             removed[name] = removed.get(name, 0) + 1
-        return {n: rounded_count(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead)
-                for n in sorted_idx}
+        return {n: rounded_count(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead,
+                                 groups[n].conv_groups) for n in sorted_idx}
 
     lo, hi = 0, len(order)
     if cost_model.macs(counts(hi)) > budget:
@@ -200,10 +204,11 @@ def prune_model(
     for g in groups:
         if g.name not in kept or len(kept[g.name]) == g.size:
             continue
-        drop = sorted(set(range(g.size)) - set(kept[g.name]))
+        gone = set(range(g.size)) - set(kept[g.name])
+        drop = [c for c in range(g.size * g.conv_groups) if c % g.size in gone]  # from every conv group
         root = net.get_submodule(g.name)
         pruner = dg.get_pruner_of_module(root)
-        if pruner is None or pruner.get_out_channels(root) != g.size:
+        if pruner is None or pruner.get_out_channels(root) != g.size * g.conv_groups:
             raise PruneError(
                 f"group {g.name!r} does not match the model (was it pruned already?); use groups found on this model"
             )

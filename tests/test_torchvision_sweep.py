@@ -10,16 +10,19 @@ import pytest
 import torch
 from test_prune import random_masks, randomize
 
+from amas.cost import count
 from amas.export import export_pt2
-from amas.masks import ChannelMasks, find_groups
+from amas.masks import ChannelMasks, CostModel, find_groups
 from amas.models import create_model
-from amas.planner import prune_model
+from amas.planner import kept_counts, prune_model
 
 MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "mobilenet_v3_large",
           "convnext_tiny", "squeezenet1_1", "inception_v3", "shufflenet_v2_x0_5",
           "resnet34", "mobilenet_v3_small", "regnet_x_400mf", "mnasnet0_5", "vgg11_bn", "efficientnet_b1"]
 # what the one-line error of an untraceable model tells the user to keep whole
 IGNORE = {"shufflenet_v2_x0_5": ["stage2", "stage3", "stage4"]}
+# groups through grouped convs at least (resnext50_32x4d: both inner groups of its 16 blocks)
+GROUPED = {"resnext50_32x4d": 32, "regnet_x_400mf": 44, "regnet_y_400mf": 32}
 
 
 @pytest.mark.slow
@@ -36,6 +39,9 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
                 m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=gen) + 0.5)
     groups = find_groups(model, shape, ignore=IGNORE.get(name, ()))
     assert groups
+    if name in GROUPED:  # grouped convs prune too: one position from every conv group
+        assert sum(g.conv_groups > 1 for g in groups) >= GROUPED[name]
+    cost = CostModel(model, groups, shape)
     masks, keep = random_masks(groups, gen)
     masks = {k: v.float() for k, v in masks.items()}
     hooks = ChannelMasks(groups)
@@ -47,6 +53,7 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
         pruned = prune_model(model, groups, keep, masks=masks).eval()
         out = pruned(x)
     hooks.detach()
+    assert count(pruned, shape)[0] == cost.macs(kept_counts(keep))  # the planner's MACs are the pruned model's
     with torch.no_grad():
         assert (model(x) - masked).abs().max().item() > 1e-3  # the masks change the outputs: the check means something
     assert (masked - out).abs().max().item() <= 1e-4 * max(1.0, masked.abs().max().item())

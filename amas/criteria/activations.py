@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amas.config import CriteriaConfig
-from amas.criteria.common import aggregate, conv_members, model_device, take, to_group
+from amas.criteria.common import aggregate, by_position, conv_members, model_device, take, to_group
 from amas.data import Batches
 from amas.masks import ChannelGroup, channel_dim
 
@@ -106,7 +106,8 @@ def taylor_scores(
     out = {}
     for g in groups:
         per = [
-            (to_group(sums[name] / n, g, name) if via_index else sums[name] / n) for name, via_index in members[g.name]
+            (to_group(sums[name] / n, g, name) if via_index else by_position(sums[name] / n, g).sum(1))
+            for name, via_index in members[g.name]
         ]
         out[g.name] = aggregate(per, normalise=True)
     return out
