@@ -136,6 +136,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
         d["search"].pop("penalty_cost", None)
     if not d["search"].get("schedule_epochs", 0):
         d["search"].pop("schedule_epochs", None)
+    if not d["search"].get("hold_budget", False):
+        d["search"].pop("hold_budget", None)
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)
