@@ -160,6 +160,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if isinstance(module, nn.modules.conv._ConvNd):
             if module.transposed:
                 return None
+            if 1 < module.groups == module.out_channels != module.in_channels:
+                return None  # Torch-Pruning prunes it as depthwise, in and out channels one to one: they are not
             if module.groups != 1 and not (module.groups == module.in_channels == module.out_channels):
                 conv_groups.add(int(module.groups))
         members.add(node)
