@@ -154,7 +154,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         rows, skipped = cut["rows"], cut["skipped"]
     else:
         source = source.to(device).eval()
-        groups = find_groups(source, shape, residual=cfg.prune.residual_channels)
+        groups = find_groups(source, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
         if not groups:
             raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
         cost = CostModel(source, groups, shape)
@@ -165,7 +165,8 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         for c in cands:
             c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device)["acc"]
             meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
-            on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, make_recipe(record, shape, c.keep), meta)
+            recipe = make_recipe(record, shape, c.keep, cfg.prune.ignore)
+            on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, recipe, meta)
             rows.append(c.row)
         cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
         if _times_latency(sel):

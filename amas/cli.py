@@ -225,6 +225,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         min_channels=min_channels,
         criterion=args.criterion,
         residual=prune.residual_channels,
+        ignore=prune.ignore,
         onnx=args.onnx,
         evaluate_on=evaluate_on,
         latency_iters=args.latency_iters,

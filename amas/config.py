@@ -115,6 +115,9 @@ class SearchConfig(AlignmentConfig):
     # the controller measures the MACs of the cut the planner would make (kept counts rounded as prune.round_to and
     # prune.min_channels round them), so the student at the end of the search is the model that gets cut
     count_rounded: bool = True
+    # with target_reduction: a mask step never carries that count past the target (the channels it would zero
+    # beyond it keep their values, the strongest first), so a short search lands at the target instead of past it
+    hold_budget: bool = False
     # the learning-rate schedule spans this many epochs (0 or fewer than train.epochs: the search's own), so a
     # search stopped part-way leaves the rate where a fine-tune that continues the schedule picks it up
     schedule_epochs: int = field(default=0, metadata=_range(0))
@@ -149,6 +152,9 @@ class PruneConfig:
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
     residual_channels: bool = False
+    # module names kept whole, with the channels of the layers around them (e.g. the blocks of a model whose ops
+    # Torch-Pruning cannot trace, such as shufflenet's channel shuffle: its error names them)
+    ignore: list[str] = field(default_factory=list)
     # what the planner cuts to: MACs (target_reduction) or predicted latency from a measured table (target_latency)
     cost: Literal["macs", "latency"] = "macs"
     # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +237,12 @@ def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, target_reduction: float,
                       round_to: int = 1, min_channels: int = 1, criterion: str | None = None, residual: bool = False,
-                      onnx: bool = False, evaluate_on: Any = None, latency_iters: int = 20) -> dict:
+                      onnx: bool = False, evaluate_on: Any = None, latency_iters: int = 20,
+                      ignore: Sequence[str] = ()) -> dict:
     """Prune a searched student ('masked' file, or a dense 'model' file with criterion='l1') and export it.
 
     Writes pruned.pt, pruned.pt2 (and pruned.onnx with onnx=True) plus report.json/report.md into out_dir.
-    evaluate_on: None, or a callable (model, record) -> test accuracy in %.
+    evaluate_on: None, or a callable (model, record) -> test accuracy in %. ignore: prune.ignore (layers kept whole).
     """
     from amas.checkpoint import load_masked, load_model
     from amas.config import CriteriaConfig
@@ -269,7 +271,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     shape = _record_shape(record, checkpoint)
     model.eval()
     # searched masks name the groups they were found with; a dense model is planned over the groups asked for
-    groups = find_groups(model, shape, residual=residual or masks is not None)
+    groups = find_groups(model, shape, residual=residual or masks is not None, ignore=ignore)
     if masks is not None:
         unknown = [n for n in masks if n not in {g.name for g in groups}]
         if unknown:
@@ -313,7 +315,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         "min_channels": int(min_channels),
         "source": f"{Path(checkpoint).name} ({source})",
     }
-    recipe = make_recipe(record, shape, keep)
+    recipe = make_recipe(record, shape, keep, ignore)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"pruned.pt": str(out / "pruned.pt")}

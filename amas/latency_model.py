@@ -182,6 +182,7 @@ class LatencyTable:
                  measured: dict[str, dict], dense_ms: float, other: tuple[float, float] | None = None) -> None:
         self.key = key
         self.sizes = {g.name: g.size for g in groups}
+        self.units = {g.name: g.conv_groups for g in groups}  # channels per group channel (grouped convs)
         self.layers: dict[str, _Layer] = {n: _Layer(s) for n, s in layers.items()}
         for g in groups:
             for name, k in g.out_layers.items():

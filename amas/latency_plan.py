@@ -47,7 +47,7 @@ def _ranking(scores: dict[str, torch.Tensor], table: LatencyTable, min_channels:
         sorted_idx[name] = ranked
         if not bool((s != 0).any()):
             dead.add(name)
-        floor = 0 if name in removable else min(min_channels, size)
+        floor = 0 if name in removable else min(-(-min_channels // table.units[name]), size)
         for i in ranked[: size - floor]:
             order.append((0.0 if float(s[i]) == 0.0 else float(s[i]) / costs[name], gpos, i, name))
     order.sort()
@@ -89,7 +89,8 @@ def plan_counts_latency(scores: dict[str, torch.Tensor], table: LatencyTable, ta
         for n in sorted_idx:
             size = table.sizes[n]
             k = size - removed.get(n, 0)
-            out[n] = 0 if (k == 0 and n in removable) else rounded_count(k, size, round_to, min_channels, n in dead)
+            out[n] = 0 if (k == 0 and n in removable) else rounded_count(k, size, round_to, min_channels, n in dead,
+                                                                         table.units[n])
         return effective_counts(out, blocks)
 
     last, plan = None, None

@@ -60,7 +60,7 @@ def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = N
     runtime = runtime or cfg.prune.latency_runtime
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=shape[0]).eval()
-    groups = find_groups(model, shape, residual=cfg.prune.residual_channels)
+    groups = find_groups(model, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
     cache = Path(cfg.prune.latency_tables).expanduser()
     table = build_table(model, groups, shape, batch_size=batch, runtime=runtime, model_name=cfg.model.name,
                         cache_dir=cache, progress=progress)

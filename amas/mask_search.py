@@ -208,12 +208,40 @@ class SearchObjective(AlignmentObjective):
         """Proximal (FISTA) step on the masks (step size on the student's schedule), then a controller update."""
         distributed.average_gradients(list(self.masks.masks))  # masks live outside DDP: keep the ranks' masks equal
         mask_lr = self.cfg.mask_lr * (lr / self.cfg.train.lr if self.cfg.mask_lr_schedule else 1.0)
+        before = [v.clone() for v in self.updater.values()] if self._holds() else None
         self.updater.step(mask_lr, [self.lam * c for c in self.costs])
+        if before is not None:
+            self.hold_budget(before)
         self.steps_done = step + 1
         if self.controller is not None and (step + 1) % self.cfg.controller_every == 0:
             self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
             if self.controller.error < 0:  # past the set point: stop the masks' momentum too
                 self.updater.drop_momentum()
+
+    def _holds(self) -> bool:
+        return self.cfg.hold_budget and self.controller is not None
+
+    @torch.no_grad()
+    def hold_budget(self, before: list[torch.Tensor]) -> int:
+        """Give channels this step zeroed their values back, strongest first, while the cut is past the target.
+
+        The effective reduction (counted as the cut rounds it) then never exceeds search.target_reduction because of
+        a mask step: a channel dies only where the budget has room for it. Returns how many channels were held.
+        """
+        target, thr = self.cfg.target_reduction, self.cfg.mask_threshold
+        if self.reduction() <= target:
+            return 0
+        now = self.updater.values()
+        died = [(float(b[i]), gi, int(i)) for gi, (b, x) in enumerate(zip(before, now, strict=True))
+                for i in torch.nonzero((b > thr) & (x <= thr)).flatten().tolist()]
+        held = 0
+        for value, gi, i in sorted(died, key=lambda d: (-d[0], d[1], d[2])):
+            if self.reduction() <= target:
+                break
+            now[gi][i] = value
+            self.updater.params[gi][i] = value
+            held += 1
+        return held
 
     def target_at(self, step: int) -> float:
         """The controller's set point after step steps: r·(1 − (1 − step/ramp)³) over target_ramp of the search, then r.
@@ -240,7 +268,7 @@ class SearchObjective(AlignmentObjective):
             from amas.planner import rounded_count
 
             sizes = self.cost.groups
-            kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, dead=k == 0)
+            kept = {n: rounded_count(k, sizes[n].size, self.round_to, self.min_channels, k == 0, sizes[n].conv_groups)
                     for n, k in kept.items()}
         return int(self.cost.macs(kept))
 

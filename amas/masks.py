@@ -17,11 +17,17 @@ value folds exactly into the producer's weights (BN weight and bias, or conv/lin
 bias). This assumes activations map 0 to 0 between producers and consumers (ReLU, ReLU6, SiLU,
 GELU, Hardswish do; a plain sigmoid activation would not).
 
+**Grouped convolutions** (ResNeXt, RegNet) keep their ``groups``: a group through a conv with G groups (not
+depthwise) removes the same position from every conv group at once, as Torch-Pruning does. Its channel ``j``
+(``ChannelGroup.size`` = channels per conv group) is every root output channel ``c`` with ``c % size == j``, and
+``ChannelGroup.conv_groups`` = G is the number of channels one mask entry stands for (the least common multiple
+when the group passes through grouped convs of different G). The planner rounds ``G·kept`` to ``round_to``.
+
 **Groups left out** (never masked, never pruned): groups holding the model's output units (the
 classifier's logits); groups whose index mapping Torch-Pruning gets wrong or that touch layers
-whose removal is not equal to masking (channel zero-padding, grouped but not depthwise convs,
-transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention, RNNs); groups
-of fewer than two channels.
+whose removal is not equal to masking (channel zero-padding, a grouped conv in a group whose channels are
+not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
+RNNs); groups through a layer ``prune.ignore`` keeps whole (``amas.tracing``); groups of fewer than two channels.
 
 **Option-A CIFAR ResNets.** Torch-Pruning 1.6 treats a channel zero-pad as an element-wise op and
 maps channel indices across it wrongly, so any group that passes through a constant pad of the
@@ -38,6 +44,7 @@ the shortcut feeding it (its scale takes the folded mask).
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +52,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from amas.channel_cost import CostModel, MaskError, device_dtype
+from amas.channel_cost import CostModel, MaskError
 from amas.shortcut_pruner import CUSTOM_PRUNERS
+from amas.tracing import build_graph, is_kept_whole
 
-__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "find_groups", "prox_nonneg_l1"]
+__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "channel_dim", "find_groups", "prox_nonneg_l1"]
 
 
 @dataclass
@@ -64,33 +72,15 @@ class ChannelGroup:
     out_layers: dict[str, int] = field(default_factory=dict, repr=False)
     in_layers: dict[str, int] = field(default_factory=dict, repr=False)
     input_shape: tuple[int, ...] = field(default=(), repr=False)
+    # channels per group channel: the conv groups of the grouped convs it passes through (1 without any)
+    conv_groups: int = 1
+    ignore: tuple[str, ...] = field(default=(), repr=False)  # the modules kept whole when the groups were found
 
 
 # ---------------------------------------------------------------- finding groups
 
 _ALLOWED_PARAM_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
 _GATES = ("sigmoid", "hardsigmoid")
-
-
-def _build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> tp.DependencyGraph:
-    """Trace model with one example input (on its device) into a Torch-Pruning DependencyGraph."""
-    device, dtype = device_dtype(model)
-    x = torch.randn((1, *input_shape), device=device, dtype=dtype)
-    was_training = model.training
-    try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
-                                                       customized_pruners=dict(CUSTOM_PRUNERS))
-    except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say so, in one line
-        import traceback
-
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        raise MaskError(f"Torch-Pruning cannot trace {type(model).__name__} for channel groups ({type(e).__name__} in "
-                        f"its {where.name}, e.g. a channel shuffle or a reshape of channels); this model cannot be "
-                        "pruned by amas yet") from None
-    finally:
-        model.train(was_training)
-    return dg
 
 
 def _grad_fn_name(node: Any) -> str:
@@ -135,6 +125,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     out_layers: dict[str, int] = {}
     in_layers: dict[str, int] = {}
     members: set[Any] = set()
+    conv_groups: set[int] = set()  # of the grouped (not depthwise) convs in the group
+    straight = True  # every layer's channels are the root's channels, in order
     for item in group.items:
         dep, idxs = item.dep, item.idxs
         node, module = dep.target, dep.target.module
@@ -142,13 +134,14 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             return None  # the model's output units (the traced graph's sinks)
         if node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter):
             return None
-        if _is_channel_pad(node):
-            return None
+        if _is_channel_pad(node) or is_kept_whole(node):
+            return None  # a channel zero-pad, or a layer prune.ignore keeps whole (amas.tracing)
         roots = list(item.root_idxs)
         counts = collections.Counter(roots)
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
             return None  # not a uniform one-to-k index map: Torch-Pruning mapped it wrongly
         mult = next(iter(counts.values()))
+        straight = straight and mult == 1 and [int(i) for i in idxs] == [int(r) for r in roots]
         if isinstance(module, tuple(CUSTOM_PRUNERS)):
             if not residual or names.get(module) is None:
                 return None  # a residual stage routed through a custom shortcut: kept whole unless asked for
@@ -167,8 +160,10 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if isinstance(module, nn.modules.conv._ConvNd):
             if module.transposed:
                 return None
+            if 1 < module.groups == module.out_channels != module.in_channels:
+                return None  # Torch-Pruning prunes it as depthwise, in and out channels one to one: they are not
             if module.groups != 1 and not (module.groups == module.in_channels == module.out_channels):
-                return None
+                conv_groups.add(int(module.groups))
         members.add(node)
         out_fn = dg.is_out_channel_pruning_fn(dep.handler)
         if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
@@ -196,16 +191,34 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         producers.append(name)
     if not producers:
         return None
-    return {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers}
+    rec = {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers,
+           "conv_groups": 1}
+    return _by_conv_group(rec, conv_groups, size, straight) if conv_groups else rec
 
 
-def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False) -> list[ChannelGroup]:
+def _by_conv_group(rec: dict, conv_groups: set[int], size: int, straight: bool) -> dict | None:
+    """A group through grouped convs, as one channel per position in a conv group (removed from every conv group)."""
+    import math
+
+    g = math.lcm(*conv_groups)
+    if not straight or size % g or size // g < 2:
+        return None  # channels not mapped one to one, or conv groups that do not split the channels evenly
+    width = size // g
+    return {"index": {p: (pos, [r % width for r in roots]) for p, (pos, roots) in rec["index"].items()},
+            "out_layers": {n: k * g for n, k in rec["out_layers"].items()},
+            "in_layers": {n: k * g for n, k in rec["in_layers"].items()}, "conv_groups": g}
+
+
+def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False,
+                ignore: Sequence[str] = ()) -> list[ChannelGroup]:
     """Prunable channel groups of model (Torch-Pruning DependencyGraph), in named_modules order of their roots.
 
     residual: also the residual-stage groups that run through the zoo's option-A shortcut (ShortcutA).
+    ignore: module names kept whole (prune.ignore), with the channels of the layers around them (amas.tracing).
     """
     input_shape = tuple(int(s) for s in input_shape)
-    dg = _build_graph(model, input_shape)
+    ignore = tuple(str(n) for n in ignore)
+    dg = build_graph(model, input_shape, ignore)
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     found: dict[str, ChannelGroup] = {}
@@ -227,8 +240,9 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
         if rec is None:
             continue
         found[names[root]] = ChannelGroup(
-            name=names[root], size=size, producers=sorted(rec["index"], key=order.__getitem__),
+            name=names[root], size=size // rec["conv_groups"], producers=sorted(rec["index"], key=order.__getitem__),
             index=rec["index"], out_layers=rec["out_layers"], in_layers=rec["in_layers"], input_shape=input_shape,
+            conv_groups=rec["conv_groups"], ignore=ignore,
         )
     return sorted(found.values(), key=lambda g: order[g.name])
 
@@ -294,8 +308,9 @@ class ChannelMasks(nn.Module):
     def _hook(self, producer: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
             """Multiply the producer's output channels by their masks."""
-            s = self.scale(producer, output.shape[1], output)
-            return output * s.view(1, -1, *([1] * (output.dim() - 2)))
+            dim = channel_dim(module, output)
+            s = self.scale(producer, output.shape[dim], output)
+            return output * s.view(-1, *([1] * (output.dim() - 1 - dim % output.dim())))
 
         hook._amas_mask_hook = True  # type: ignore[attr-defined]
         return hook
@@ -339,6 +354,14 @@ class ChannelMasks(nn.Module):
                         f"saved for this model"
                     )
                 m.copy_(v.to(m.device, m.dtype))
+
+
+def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of module's output that holds its channels: the last for a linear layer, else dimension 1.
+
+    A linear layer on an (N, H, W, C) tensor (ConvNeXt's channels-last blocks) has its features last.
+    """
+    return -1 if isinstance(module, nn.Linear) or output.dim() < 2 else 1
 
 
 def remove_mask_hooks(model: nn.Module) -> None:

@@ -23,10 +23,15 @@ def run_teacher(ctx: RunContext) -> Rows:
     """Use the given teacher, or train one in teacher/ (amas.stages.train_dense)."""
     if ctx.in_memory:
         from amas.checkpoint import save_model
+        from amas.models.registry import MEMORY_PREFIX
 
         model, obj = ctx.teacher
         ctx.write(save_model, ctx.teacher_path, model, obj["model"])
-        return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}")]
+        name = obj["model"]["name"]
+        where = ("pruned.pt loads in this process only (the class does not import or rebuild this model); use "
+                 "pruned.pt2 elsewhere") if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
+        return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
+                ("rebuild", where)]
     if ctx.teacher_arg:
         _, obj = ctx.teacher
         m = obj.get("metrics", {})

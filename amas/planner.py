@@ -14,20 +14,23 @@ overshot by as little as the ranking allows.
 
 Rounding: with ``round_to=N`` each group's kept count is rounded up to a multiple of N (or the full
 width), because on CPU ragged widths waste most of the MAC savings (see DESIGN.md); the search over
-the ranking then removes more elsewhere so the budget still holds.
+the ranking then removes more elsewhere so the budget still holds. A group through grouped convs counts
+channels per conv group: its ``conv_groups × kept`` channels are what is rounded.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from amas.errors import AmasError
-from amas.masks import ChannelGroup, CostModel, _build_graph, find_groups, remove_mask_hooks
+from amas.masks import ChannelGroup, CostModel, find_groups, remove_mask_hooks
+from amas.tracing import build_graph
 
 __all__ = ["PruneError", "plan_keep", "prune_model", "make_recipe", "model_from_recipe", "kept_counts"]
 
@@ -38,15 +41,18 @@ class PruneError(AmasError):
     """A pruning plan or removal that cannot be carried out."""
 
 
-def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False) -> int:
+def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False, unit: int = 1) -> int:
     """Kept count k raised to at least min_channels and rounded up to a multiple of round_to (capped at size).
 
     A dead group (every score zero, e.g. a block whose masks all reached zero) cut to its minimum keeps exactly
     min_channels: rounding it up to round_to would spend MACs on zero channels that live groups then lose.
+    unit: channels per group channel (ChannelGroup.conv_groups): the rounding and the minimum apply to k·unit.
     """
-    k = max(k, min(min_channels, size))
-    if round_to > 1 and not (dead and k <= min_channels):
-        k = min(size, int(math.ceil(k / round_to)) * round_to)
+    least = min(-(-min_channels // unit), size)
+    k = max(k, least)
+    step = round_to // math.gcd(round_to, unit)
+    if step > 1 and not (dead and k <= least):
+        k = min(size, int(math.ceil(k / step)) * step)
     return k
 
 
@@ -84,7 +90,7 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         sorted_idx[name] = ranked
         if not bool((s != 0).any()):
             dead.add(name)
-        removable = ranked[: max(0, g.size - min(min_channels, g.size))]
+        removable = ranked[: max(0, g.size - min(-(-min_channels // g.conv_groups), g.size))]
         cost = costs[name]
         for i in removable:
             ratio = float(s[i]) / cost if cost > 0 else math.inf
@@ -98,8 +104,8 @@ def plan_keep(scores: dict[str, torch.Tensor], cost_model: CostModel, target_red
         removed: dict[str, int] = {}
         for _, _, _, name in order[:prefix]:
             removed[name] = removed.get(name, 0) + 1
-        return {n: rounded_count(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead)
-                for n in sorted_idx}
+        return {n: rounded_count(groups[n].size - removed.get(n, 0), groups[n].size, round_to, min_channels, n in dead,
+                                 groups[n].conv_groups) for n in sorted_idx}
 
     lo, hi = 0, len(order)
     if cost_model.macs(counts(hi)) > budget:
@@ -194,14 +200,15 @@ def prune_model(
     net.eval()
     for name, m in masks.items():
         _fold(net, by_name[name], torch.as_tensor(m).detach().flatten())
-    dg = _build_graph(net, tuple(input_shape))
+    dg = build_graph(net, tuple(input_shape), groups[0].ignore if groups else ())
     for g in groups:
         if g.name not in kept or len(kept[g.name]) == g.size:
             continue
-        drop = sorted(set(range(g.size)) - set(kept[g.name]))
+        gone = set(range(g.size)) - set(kept[g.name])
+        drop = [c for c in range(g.size * g.conv_groups) if c % g.size in gone]  # from every conv group
         root = net.get_submodule(g.name)
         pruner = dg.get_pruner_of_module(root)
-        if pruner is None or pruner.get_out_channels(root) != g.size:
+        if pruner is None or pruner.get_out_channels(root) != g.size * g.conv_groups:
             raise PruneError(
                 f"group {g.name!r} does not match the model (was it pruned already?); use groups found on this model"
             )
@@ -219,14 +226,17 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- recipe
 
 
-def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dict[str, Any]) -> dict:
-    """The rebuild recipe: base model (name, num_classes, in_channels), input shape and kept channels per group."""
+def make_recipe(model_record: dict, input_shape: tuple[int, int, int], keep: dict[str, Any],
+                ignore: Sequence[str] = ()) -> dict:
+    """The rebuild recipe: base model (name, num_classes, in_channels), input shape, kept channels per group and the
+    layers prune.ignore kept whole (recorded only when there are any)."""
     counts = {n: (int(v) if isinstance(v, int) else int(torch.as_tensor(v).numel())) for n, v in keep.items()}
     return {
         "version": RECIPE_VERSION,
         "model": {k: model_record[k] for k in ("name", "num_classes", "in_channels", "kwargs") if k in model_record},
         "input_shape": [int(s) for s in input_shape],
         "kept": counts,
+        **({"ignore": [str(n) for n in ignore]} if ignore else {}),
     }
 
 
@@ -244,7 +254,7 @@ def model_from_recipe(recipe: dict) -> nn.Module:
         ) from None
     model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
                          **base.get("kwargs", {}))
-    groups = {g.name: g for g in find_groups(model, shape, residual=True)}
+    groups = {g.name: g for g in find_groups(model, shape, residual=True, ignore=recipe.get("ignore", ()))}
     missing = [n for n in counts if n not in groups]
     if missing:
         raise PruneError(f"the recipe prunes group {missing[0]!r}, which this amas version does not find in "

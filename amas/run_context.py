@@ -90,8 +90,8 @@ class RunContext:
 
         self.plain_teacher = self.teacher_arg is not None and is_plain_state_dict(self.teacher_arg)
         if teacher_model is not None:
-            self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), _memory_record(teacher_model,
-                                                                                                        data.info))
+            record = _memory_record(teacher_model, data.info, cfg.model.kwargs)
+            self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), record)
         if data is not None:
             self._data = {(s, sh): data for s in ("train", "search", "finetune") for sh in (True, False)}
         self.log = StageLog(self.dir / "pipeline.json")
@@ -195,11 +195,15 @@ class RunContext:
         return lambda e, rec: hook(stage, e, rec)
 
 
-def _memory_record(model: nn.Module, info: Any) -> dict:
-    """The file record of an in-memory teacher: rebuilt as a copy of it in this process; its class for the reader."""
+def _memory_record(model: nn.Module, info: Any, kwargs: dict | None = None) -> dict:
+    """The file record of an in-memory teacher: 'package.module:Class' (+ kwargs) when its class rebuilds it, so
+    pruned.pt loads wherever the class imports; else a name that rebuilds it as a copy in this process only."""
     from amas.checkpoint import model_record
     from amas.models.registry import register_memory_model
+    from amas.user_inputs import importable_name
 
     cls = type(model)
-    return {"model": dict(model_record(register_memory_model(model), info.num_classes, info.in_channels, info),
-                          source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}
+    name = importable_name(model, info.input_shape, info.num_classes, kwargs)
+    record = model_record(name or register_memory_model(model), info.num_classes, info.in_channels, info,
+                          kwargs if name else None)
+    return {"model": dict(record, source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}

@@ -67,7 +67,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
-    groups = find_groups(student, info.input_shape, residual=cfg.prune.residual_channels)
+    groups = find_groups(student, info.input_shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
     if not groups:
         raise SearchError(f"model '{record['name']}' has no prunable channel groups; choose another model")
     cost = CostModel(student, groups, info.input_shape)

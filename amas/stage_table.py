@@ -74,7 +74,9 @@ _LATENCY_SELECT_KEYS = ("max_latency", "latency_batch", "latency_runtime")
 def _search_settings(s: Settings) -> dict:
     if not s.searched:
         return {"method": s.method}
-    return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {})}
+    ignore = s.d["prune"].get("ignore")
+    return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {}),
+            **({"ignore": ignore} if ignore else {})}
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,15 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d = _scrub(to_dict(cfg))
     if not d["prune"].get("residual_channels", False):
         d["prune"].pop("residual_channels", None)
+    if not d["prune"].get("ignore"):
+        d["prune"].pop("ignore", None)
     d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
     if d["search"].get("penalty_cost", "macs") == "macs":
         d["search"].pop("penalty_cost", None)
     if not d["search"].get("schedule_epochs", 0):
         d["search"].pop("schedule_epochs", None)
+    if not d["search"].get("hold_budget", False):
+        d["search"].pop("hold_budget", None)
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)

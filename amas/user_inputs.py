@@ -13,7 +13,7 @@ from amas import distributed
 from amas.data import DataBundle, DataError, DatasetInfo
 from amas.errors import AmasError
 
-__all__ = ["UserBatches", "UserDataInfo", "classes_of", "user_bundle"]
+__all__ = ["UserBatches", "UserDataInfo", "classes_of", "importable_name", "user_bundle"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,51 @@ def user_bundle(train: Iterable, val: Iterable, test: Iterable | None, info: Use
     return DataBundle(train=UserBatches(train, shape, device, "train"), val=UserBatches(val, shape, device, "val"),
                       test=None if test is None else UserBatches(test, shape, device, "test"),  # type: ignore[arg-type]
                       info=info)
+
+
+def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
+                    kwargs: dict | None = None) -> str | None:
+    """'package.module:Class' of model when that class, imported and built with kwargs, is model again, else None.
+
+    "Again" means: the same state_dict keys and shapes, and the same outputs once given model's weights; a class
+    defined in __main__ or inside a function, or one the kwargs do not rebuild, gives None.
+    """
+    import importlib
+
+    from amas.models.registry import _create_imported
+
+    cls = type(model)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return None
+    try:
+        obj: Any = importlib.import_module(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            obj = getattr(obj, part)
+        if obj is not cls:
+            return None
+        fresh = _create_imported(name, num_classes, input_shape[0], dict(kwargs or {}))
+        state = model.state_dict()
+        mine = fresh.state_dict()
+        if list(mine) != list(state) or any(mine[k].shape != v.shape for k, v in state.items()):
+            return None
+        fresh.load_state_dict(state)
+        same = _same_outputs(fresh, model, input_shape)
+    except Exception:  # the class does not import or build here: only this process can rebuild it
+        return None
+    return name if same else None
+
+
+def _same_outputs(fresh: nn.Module, model: nn.Module, input_shape: tuple[int, int, int]) -> bool:
+    """Whether two models give the same outputs (eval mode) on two random images; model's mode is restored."""
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    fresh.to(device).eval()
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(fresh(x), model(x), rtol=1e-4, atol=1e-5))
+    finally:
+        model.train(was_training)

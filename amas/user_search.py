@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -28,7 +29,8 @@ class MaskSearch:
         small = search.cut(0.5, round_to=8)         # the physically pruned nn.Module, mask values folded in
 
     student: a trainable copy of the teacher (same architecture); the masks are forward hooks on it, outside its
-    parameters, so the user's optimizer never sees them. teacher: the frozen classifier. options: any
+    parameters, so the user's optimizer never sees them. teacher: the frozen classifier. ignore: module names kept
+    whole (as prune.ignore, for layers Torch-Pruning cannot trace). options: any
     ``search.*`` config key (mu, kd, adv_weight, d_input, lam, mask_lr, fista, controller_*; see
     configs/REFERENCE.md); ``lr`` there is the base learning rate that ``step(lr)`` scales the mask step by.
 
@@ -43,7 +45,8 @@ class MaskSearch:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: tuple[int, int, int],
                  target_reduction: float = 0.5, *, total_steps: int = 0, round_to: int = 8, min_channels: int = 1,
-                 residual_channels: bool = False, lr: float | None = None, **options: Any) -> None:
+                 residual_channels: bool = False, ignore: Sequence[str] = (), lr: float | None = None,
+                 **options: Any) -> None:
         from amas.mask_search import SearchObjective
         from amas.masks import ChannelMasks, CostModel, find_groups
         from amas.user_inputs import classes_of
@@ -63,7 +66,7 @@ class MaskSearch:
         self.student, self.teacher = student, teacher.eval().requires_grad_(False)
         self.round_to, self.min_channels = int(round_to), int(min_channels)
         self.num_classes = classes_of(teacher, self.input_shape)
-        self.groups = find_groups(student, self.input_shape, residual=residual_channels)
+        self.groups = find_groups(student, self.input_shape, residual=residual_channels, ignore=ignore)
         self.cost = CostModel(student, self.groups, self.input_shape)
         self.masks = ChannelMasks(self.groups, init=1.0)
         self.objective = SearchObjective(teacher, self.groups, self.masks, self.cost, self.cfg, self.input_shape,

@@ -18,6 +18,7 @@ import amas
 from amas.errors import AmasError
 
 SHAPE = (1, 16, 16)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class TinyNet(nn.Module):
@@ -86,6 +87,20 @@ print("pt2 ok")
 """
 
 
+PT_CHECK = """
+import sys
+import torch
+import amas
+x, want = torch.load(sys.argv[2], weights_only=True)
+model, obj = amas.load_pruned(sys.argv[1])  # rebuilt from the recorded class, test_api:TinyNet
+assert obj["model"]["name"] == "test_api:TinyNet", obj["model"]["name"]
+with torch.no_grad():
+    got = model(x)
+assert (got - want).abs().max().item() <= 1e-5, (got - want).abs().max().item()
+print("pt ok")
+"""
+
+
 def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
     from amas.checkpoint import load_masked
     from amas.config import CriteriaConfig, PruneConfig
@@ -142,6 +157,31 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0 and "pt2 ok" in out.stdout, out.stderr[-2000:]
     assert json.loads((run / "report.json").read_text())["pruned"]["macs"] == rep["macs"]
+
+    # pruned.pt records the importable class (this file's TinyNet): it loads in a fresh process that can import it
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), ROOT])
+    out = subprocess.run([sys.executable, "-c", PT_CHECK, str(run / "pruned.pt"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0 and "pt ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_class_that_cannot_be_imported_or_rebuilt_is_named_for_this_process_only() -> None:
+    from amas.models.registry import MEMORY_PREFIX
+    from amas.run_context import _memory_record
+    from amas.user_inputs import UserDataInfo, importable_name
+
+    class Local(TinyNet):  # defined inside a function: no other process can import it
+        pass
+
+    assert importable_name(TinyNet(), SHAPE, 4) == "test_api:TinyNet"
+    assert importable_name(TinyNet(classes=3), SHAPE, 3) is None  # the defaults build 4 classes, not 3
+    assert importable_name(TinyNet(classes=3), SHAPE, 3, {"classes": 3}) == "test_api:TinyNet"  # model.kwargs
+    assert importable_name(Local(), SHAPE, 4) is None
+    changed = TinyNet()
+    changed.features[0][2] = nn.Tanh()  # same weights, another forward
+    assert importable_name(changed, SHAPE, 4) is None
+    info = UserDataInfo("user", 4, 1, 16, (), (), height=16, width=16)
+    assert _memory_record(Local(), info)["model"]["name"].startswith(MEMORY_PREFIX)
 
 
 def test_prune_without_out_dir_leaves_nothing_on_disk(tmp_path, monkeypatch) -> None:

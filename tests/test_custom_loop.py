@@ -22,14 +22,14 @@ def test_custom_loop_reaches_the_target_and_cuts_the_planned_macs(tmp_path) -> N
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "custom_loop.py"), "--model", "resnet20", "--weights",
            str(tmp_path / "plain.pth"), "--synthetic", "256", "--image-size", "16", "--in-channels", "1",
-           "--epochs", "3", "--controller-every", "1", "--finetune-epochs", "1", "--target", "0.5", "--out", str(out)]
+           "--epochs", "3", "--finetune-epochs", "1", "--target", "0.5", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
-    # 24 search steps on tiny data: the budget controller lands 1-7 points past the target (measured 51-57%),
-    # not the issue's +-2 points, which needs the longer searches the controller is tuned for
-    assert 0.48 <= s["search_macs_reduction"] <= 0.58
+    # 24 search steps, the controller updated every step, no mask step past the target (search.hold_budget): the
+    # rounded cut of the masks lands within 2 points of it (measured 49.1-49.8% over four weight seeds)
+    assert 0.48 <= s["search_macs_reduction"] <= 0.52
     assert s["cut_macs"] == s["planned_macs"] <= 0.5 * s["dense_macs"]
     prog = torch.export.load(out / "pruned.pt2").module()
     assert prog(torch.zeros(2, 1, 16, 16)).shape == (2, 4)

@@ -56,3 +56,27 @@ def test_mask_search_state_round_trips_and_cut_is_the_plan() -> None:
     assert count(small, SHAPE)[0] == search.cost.macs(kept_counts(keep)) <= 0.5 * search.cost.total_macs
     assert not any(m._forward_hooks for m in small.modules())
     search.close()
+
+
+def test_hold_budget_stops_a_step_from_cutting_past_the_target() -> None:
+    """A huge lambda zeroes most masks in one step; with hold_budget the strongest of them keep their values so the
+    rounded cut stays at or under the target, and a channel dies only where the budget has room."""
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    x, y = next(iter(train))
+    got = {}
+    for hold in (False, True):
+        torch.manual_seed(0)
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        search = amas.MaskSearch(student, teacher, SHAPE, 0.3, round_to=4, lam=500.0, lam_min=500.0,
+                                 controller_every=1000, hold_budget=hold)
+        with torch.no_grad():  # masks 1 down to 0.05 in every group: one step with lam 500 zeroes the weak ones
+            for m in search.masks.masks:
+                m.copy_(torch.linspace(1.0, 0.05, m.numel()))
+        search.objective.updater.reset()
+        search.loss(x, y).backward()
+        search.step(lr=0.01)
+        got[hold] = search.macs_reduction
+        search.close()
+    assert got[False] > 0.35  # the step alone would cut well past the target
+    assert 0.25 <= got[True] <= 0.3

@@ -165,3 +165,61 @@ def test_recipe_rebuilds_the_architecture(residual: bool) -> None:
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), pruned.eval()(x))
+
+
+class _GroupedNet(nn.Module):
+    """ResNeXt's shape in small: 1x1 conv, a 3x3 conv with 4 groups, 1x1 conv, a residual add, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.c(self.b(self.a(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_grouped_convs_prune_the_same_positions_in_every_conv_group() -> None:
+    """A grouped conv keeps its groups: one mask entry per position in a conv group, removed from all four groups;
+    removal equals masking, the rounding counts channels, the MACs are the plan's, and every criterion scores it."""
+    from amas.config import CriteriaConfig
+    from amas.criteria import channel_scores
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 8, 8)
+    model = _GroupedNet().eval()
+    randomize(model, gen)
+    groups = {g.name: g for g in find_groups(model, shape)}
+    assert {n: (g.size, g.conv_groups) for n, g in groups.items()} == {"stem.0": (16, 1), "a.0": (8, 4), "b.0": (8, 4)}
+    cost = CostModel(model, list(groups.values()), shape)
+    model.double()
+    masks, keep = random_masks(groups.values(), gen)
+    hooks = ChannelMasks(list(groups.values())).double()
+    hooks.load_values(masks)
+    hooks.attach(model)
+    x = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        masked = model(x)
+        pruned = prune_model(model, list(groups.values()), keep, masks=masks)
+        assert (masked - pruned(x)).abs().max().item() <= 1e-9
+    hooks.detach()
+    conv = pruned.b[0]
+    assert conv.groups == 4 and (conv.in_channels, conv.out_channels) == (4 * len(keep["a.0"]), 4 * len(keep["b.0"]))
+    assert count(pruned, shape)[0] == cost.macs(kept_counts(keep))
+
+    model.float()
+    keep = plan_keep({n: torch.rand(g.size, generator=gen) for n, g in groups.items()}, cost, 0.3, round_to=8)
+    kept = kept_counts(keep)
+    assert kept["a.0"] % 2 == 0 and kept["b.0"] % 2 == 0  # 4 conv groups x kept positions: multiples of 8 channels
+    assert count(prune_model(model, list(groups.values()), keep), shape)[0] == cost.macs(kept_counts(keep))
+    batches = [(torch.randn(4, *shape, generator=gen), torch.randint(0, 4, (4,), generator=gen))]
+    for method, on in [(m, "bn") for m in ("l1", "l2", "fpgm", "bn_scale", "random", "taylor", "hrank", "apoz")] + [
+            ("taylor", "weight")]:
+        cfg = CriteriaConfig(batches=1, taylor_on=on)
+        scores = channel_scores(method, model, list(groups.values()), batches, cfg)
+        assert {n: s.numel() for n, s in scores.items()} == {"stem.0": 16, "a.0": 8, "b.0": 8}

@@ -28,7 +28,8 @@ p.add_argument("--classes", type=int, default=4), p.add_argument("--in-channels"
 p.add_argument("--target", type=float, default=0.5), p.add_argument("--round-to", type=int, default=8)
 p.add_argument("--epochs", type=int, default=2), p.add_argument("--finetune-epochs", type=int, default=1)
 p.add_argument("--lr", type=float, default=0.01), p.add_argument("--batch-size", type=int, default=32)
-p.add_argument("--controller-every", type=int, default=10), p.add_argument("--mask-lr", type=float, default=1.0)
+p.add_argument("--controller-every", type=int, help="steps per budget-controller update (default: 1 for searches "
+               "under 1000 steps, else 10)"), p.add_argument("--mask-lr", type=float, default=1.0)
 p.add_argument("--controller-ki", type=float, default=2.0), p.add_argument("--controller-kp", type=float, default=8.0)
 a = p.parse_args()
 size = a.image_size
@@ -53,9 +54,11 @@ teacher = create_model(a.model, num_classes=a.classes, in_channels=a.in_channels
 teacher.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
 student = create_model(a.model, num_classes=a.classes, in_channels=a.in_channels)
 student.load_state_dict(teacher.state_dict())
-search = amas.MaskSearch(student, teacher, shape, a.target, total_steps=a.epochs * len(loader), lr=a.lr,
-                         round_to=a.round_to, controller_every=a.controller_every, mask_lr=a.mask_lr,
-                         controller_ki=a.controller_ki, controller_kp=a.controller_kp)
+steps = a.epochs * len(loader)
+every = a.controller_every or (1 if steps < 1000 else 10)
+search = amas.MaskSearch(student, teacher, shape, a.target, total_steps=steps, lr=a.lr,
+                         round_to=a.round_to, controller_every=every, mask_lr=a.mask_lr,
+                         controller_ki=a.controller_ki, controller_kp=a.controller_kp, hold_budget=True)
 opt = torch.optim.SGD(student.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
 student.train()
 for epoch in range(a.epochs):

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from amas.config import CriteriaConfig
-from amas.criteria.common import aggregate, conv_members, model_device, take, to_group
+from amas.criteria.common import aggregate, by_position, conv_members, model_device, take, to_group
 from amas.data import Batches
-from amas.masks import ChannelGroup
+from amas.masks import ChannelGroup, channel_dim
 
 __all__ = ["taylor_scores", "hrank_scores", "apoz_scores", "feature_rank"]
 
@@ -106,7 +106,8 @@ def taylor_scores(
     out = {}
     for g in groups:
         per = [
-            (to_group(sums[name] / n, g, name) if via_index else sums[name] / n) for name, via_index in members[g.name]
+            (to_group(sums[name] / n, g, name) if via_index else by_position(sums[name] / n, g).sum(1))
+            for name, via_index in members[g.name]
         ]
         out[g.name] = aggregate(per, normalise=True)
     return out
@@ -132,7 +133,8 @@ def _producer_stats(model: nn.Module, groups: list[ChannelGroup], batches: Batch
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-            v = stat(F.relu(out.detach().float()))  # N×C
+            o = out.detach().float()
+            v = stat(F.relu(o.movedim(channel_dim(module, o), 1)))  # N×C (a linear layer's features moved to dim 1)
             sums[name] = sums[name] + v.sum(0).cpu() if name in sums else v.sum(0).cpu()
             counts[name] = counts.get(name, 0) + v.shape[0]
         return fn

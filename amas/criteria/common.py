@@ -26,7 +26,8 @@ from torch import nn
 
 from amas.masks import ChannelGroup
 
-__all__ = ["aggregate", "conv_members", "producer_positions", "to_group", "take", "model_device", "is_bn"]
+__all__ = ["aggregate", "by_position", "conv_members", "producer_positions", "to_group", "take", "model_device",
+           "is_bn"]
 
 
 def is_bn(module: nn.Module) -> bool:
@@ -46,10 +47,22 @@ def conv_members(model: nn.Module, group: ChannelGroup) -> list[str]:
     out = []
     for name in group.out_layers:
         w = model.get_submodule(name).weight
-        if w.shape[0] == group.size:
+        if w.shape[0] == group.size * group.conv_groups:
             out.append(name)
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(out, key=lambda n: order.get(n, 0))
+
+
+def by_position(values: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
+    """Per-output-channel rows of a member layer → one row per group channel (its conv_groups rows side by side).
+
+    A group through grouped convs has channel j = every output channel c with c % group.size == j; without grouped
+    convs this is values itself (as 2-D rows).
+    """
+    v = values.reshape(values.shape[0], -1)
+    if group.conv_groups == 1:
+        return v
+    return v.reshape(group.conv_groups, group.size, -1).transpose(0, 1).reshape(group.size, -1)
 
 
 def producer_positions(group: ChannelGroup, producer: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amas.criteria.common import aggregate, conv_members
+from amas.criteria.common import aggregate, by_position, conv_members
 from amas.masks import ChannelGroup
 
-__all__ = ["filters", "l1_scores", "l2_scores", "fpgm_scores", "random_scores"]
+__all__ = ["filters", "member_filters", "l1_scores", "l2_scores", "fpgm_scores", "random_scores"]
 
 
 def filters(model: nn.Module, layer: str) -> torch.Tensor:
@@ -25,21 +25,22 @@ def filters(model: nn.Module, layer: str) -> torch.Tensor:
     return model.get_submodule(layer).weight.detach().double().cpu().flatten(1)
 
 
-def _members(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+def member_filters(model: nn.Module, group: ChannelGroup) -> list[torch.Tensor]:
+    """Each member layer's filters as one row per group channel (a grouped conv's rows of a position side by side)."""
     layers = conv_members(model, group)
     if not layers:
         raise ValueError(f"group {group.name!r} has no conv/linear layer producing its channels one to one")
-    return [filters(model, n) for n in layers]
+    return [by_position(filters(model, n), group) for n in layers]
 
 
 def l1_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     """Per-channel L1 norm of the producing filters (normalised per layer, mean over coupled layers)."""
-    return {g.name: aggregate([w.abs().sum(1) for w in _members(model, g)], normalise=True) for g in groups}
+    return {g.name: aggregate([w.abs().sum(1) for w in member_filters(model, g)], normalise=True) for g in groups}
 
 
 def l2_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     """Per-channel L2 norm of the producing filters (normalised per layer, mean over coupled layers)."""
-    return {g.name: aggregate([w.norm(dim=1) for w in _members(model, g)], normalise=True) for g in groups}
+    return {g.name: aggregate([w.norm(dim=1) for w in member_filters(model, g)], normalise=True) for g in groups}
 
 
 def fpgm_distance_sums(w: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ def fpgm_distance_sums(w: torch.Tensor) -> torch.Tensor:
 
 def fpgm_scores(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
     """FPGM: per-channel sum of distances to the layer's other filters (per-layer normalised, mean over members)."""
-    return {g.name: aggregate([fpgm_distance_sums(w) for w in _members(model, g)], normalise=True) for g in groups}
+    return {g.name: aggregate([fpgm_distance_sums(w) for w in member_filters(model, g)], normalise=True)
+            for g in groups}
 
 
 def random_scores(groups: list[ChannelGroup], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 from amas.config import CriteriaConfig, PruneConfig
-from amas.criteria.common import conv_members
-from amas.criteria.norms import filters, l1_scores
+from amas.criteria.norms import l1_scores, member_filters
 from amas.masks import ChannelGroup, CostModel
 from amas.planner import PruneError, rounded_count
 
@@ -57,10 +56,7 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 def group_filters(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """Unit-length filter per group channel (members' unit filters concatenated, then normalised), float64."""
-    layers = conv_members(model, group)
-    if not layers:
-        raise ValueError(f"group {group.name!r} has no conv/linear layer producing its channels one to one")
-    return _unit_rows(torch.cat([_unit_rows(filters(model, n)) for n in layers], 1))
+    return _unit_rows(torch.cat([_unit_rows(w) for w in member_filters(model, group)], 1))
 
 
 def connected_components(adj: torch.Tensor) -> int:
@@ -163,16 +159,17 @@ def plan(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, ta
     dist = _distances(model, groups)
     gamma = _gamma(dist, cfg)
     removed = {g.name: 0 for g in groups}
-    floor = {g.name: min(min_ch, g.size) for g in groups}
+    floor = {g.name: min(-(-min_ch // g.conv_groups), g.size) for g in groups}
     position = {g.name: i for i, g in enumerate(groups)}
     sizes = {g.name: g.size for g in groups}
+    units = {g.name: g.conv_groups for g in groups}
 
     def current(name: str) -> Redundancy:
         rest = torch.tensor(order[name][removed[name]:], dtype=torch.long)
         return redundancy(dist[name][rest][:, rest], gamma, cfg.srr_ell)
 
     def counts() -> dict[str, int]:
-        return {n: rounded_count(sizes[n] - removed[n], sizes[n], round_to, min_ch) for n in sizes}
+        return {n: rounded_count(sizes[n] - removed[n], sizes[n], round_to, min_ch, unit=units[n]) for n in sizes}
 
     red = {g.name: current(g.name) for g in groups}
     while cost_model.macs(counts()) > budget:
