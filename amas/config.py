@@ -124,6 +124,9 @@ class SearchConfig(AlignmentConfig):
     # what the sparsity penalty weights each channel by: the MACs it saves, or the latency it saves by the
     # prune.latency_* table (the budget controller still steers MACs)
     penalty_cost: Literal["macs", "latency"] = "macs"
+    # the penalty weights each channel by cost**penalty_power (1: as costly as it is, 0: every channel alike, the
+    # architecture then follows the masks' importance alone), rescaled to the same total so lam keeps its scale
+    penalty_power: float = field(default=1.0, metadata=_range(0))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(

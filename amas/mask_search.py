@@ -144,6 +144,16 @@ class BudgetController:
         self.error, self.updates = float(state["error"]), int(state["updates"])
 
 
+def _powered(costs: list[float], sizes: list[int], power: float) -> list[float]:
+    """costs**power, rescaled so that Σ size·cost (the penalty of all masks at 1) is unchanged."""
+    if power == 1.0 or not costs:
+        return costs
+    raised = [c ** power if c > 0 else 0.0 for c in costs]
+    before = sum(s * c for s, c in zip(sizes, costs, strict=True))
+    after = sum(s * c for s, c in zip(sizes, raised, strict=True))
+    return [c * before / after for c in raised] if after > 0 else costs
+
+
 class SearchObjective(AlignmentObjective):
     """The search stage's loss: the alignment loss + lam·Σ cost·|m|, with the proximal mask step and the controller."""
 
@@ -166,6 +176,7 @@ class SearchObjective(AlignmentObjective):
         self.costs = [float(ccost[n]) / total for n in self.names]
         if penalty_costs is not None:  # e.g. ms saved per channel over the model's ms (search.penalty_cost latency)
             self.costs = [float(penalty_costs[n]) for n in self.names]
+        self.costs = _powered(self.costs, [g.size for g in groups], float(cfg.penalty_power))
         self.lam = float(cfg.lam)
         self.total_steps = int(total_steps)
         self.steps_done = 0

@@ -134,6 +134,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
     if d["search"].get("penalty_cost", "macs") == "macs":
         d["search"].pop("penalty_cost", None)
+    if d["search"].get("penalty_power", 1.0) == 1.0:
+        d["search"].pop("penalty_power", None)
     if not d["search"].get("schedule_epochs", 0):
         d["search"].pop("schedule_epochs", None)
     if not d["search"].get("hold_budget", False):
