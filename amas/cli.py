@@ -125,28 +125,12 @@ def _out_dir(path: Path) -> Path:
     return path
 
 
-def _check_resume(args: argparse.Namespace, run_dir: Path, marker: str) -> None:
-    """--resume needs a run to continue: the stage's saved training state."""
-    if getattr(args, "resume", False) and not (run_dir / marker).is_file():
-        raise AmasError(f"nothing to resume in '{run_dir}' (no {marker}); drop --resume to start a new run there")
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a dense model from a config and save it as model.pt in the run directory."""
+    """Train a dense model from a config and save it as model.pt in the run directory (the teacher stage)."""
     from amas.config import load_config
-    from amas.stages import train_dense
+    from amas.pipeline import run_train
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = run_dir_for(args)
-    _check_resume(args, run_dir, "train_state.pt")
-    result = train_dense(cfg, run_dir, resume=args.resume)  # writes config.yaml too (rank 0)
-    print_table(
-        [("model", cfg.model.name), ("dataset", cfg.data.name), ("val acc %", result.get("val_acc", float("nan"))),
-         ("test acc %", result["test_acc"]), ("MACs", f"{result['macs'] / 1e6:.2f}M"),
-         ("params", f"{result['params'] / 1e6:.3f}M"), ("wall time s", result["wall_s"]),
-         ("checkpoint", str(run_dir / "model.pt"))],
-        title="train: done",
-    )
+    run_train(load_config(args.config, args.overrides), run_dir_for(args), resume=args.resume)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -184,61 +168,26 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    """Search soft channel masks for a student copy of the teacher and save search.pt in the run directory."""
+    """Search soft channel masks for a student copy of the teacher into search.pt (the search stage)."""
     from amas.config import load_config
-    from amas.search_stage import search
+    from amas.pipeline import run_search
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = run_dir_for(args)
-    _check_resume(args, run_dir, "search_state.pt")
-    result = search(cfg, run_dir, args.teacher, resume=args.resume)
-    print_table(
-        [("teacher", args.teacher), ("dataset", cfg.data.name),
-         ("student val acc %", result.get("val_acc", float("nan"))),
-         ("teacher val acc %", result.get("teacher_val_acc", float("nan"))),
-         ("effective MACs", f"{result['effective_macs'] / 1e6:.2f}M of {result['total_macs'] / 1e6:.2f}M"),
-         ("MACs reduction %", 100.0 * result["macs_reduction"]),
-         ("target reduction %", 100.0 * result["target_reduction"]),
-         ("kept channels", f"{result['kept_channels']} of {result['total_channels']}"),
-         ("lambda", result["lambda"]), ("wall time s", result["wall_s"]),
-         ("checkpoint", str(run_dir / "search.pt"))],
-        title="search: done",
-    )
+    run_search(load_config(args.config, args.overrides), run_dir_for(args), args.teacher, resume=args.resume)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Prune a searched student (or a dense model by L1) to the MACs target and write the exported files."""
+    """Cut a searched student (or a dense model by L1) to the MACs target and export it (the export stage)."""
     from amas.config import PruneConfig, load_config
-    from amas.export import export_checkpoint, make_test_evaluator
+    from amas.pipeline import run_export
 
-    prune = load_config(args.config, args.overrides).prune if args.config or args.overrides else PruneConfig()
-    target = prune.target_reduction if args.target_flops is None else args.target_flops
-    round_to = prune.round_to if args.round_to is None else args.round_to
-    min_channels = prune.min_channels if args.min_channels is None else args.min_channels
+    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    prune = cfg.prune if cfg is not None else PruneConfig()
     out = _out_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / "export")
-    evaluate_on = None if args.no_eval else make_test_evaluator(args.config, args.overrides)
-    r = export_checkpoint(
-        args.checkpoint,
-        out,
-        target,
-        round_to=round_to,
-        min_channels=min_channels,
-        criterion=args.criterion,
-        residual=prune.residual_channels,
-        ignore=prune.ignore,
-        onnx=args.onnx,
-        evaluate_on=evaluate_on,
-        latency_iters=args.latency_iters,
-    )
-    rows = [("model", r["model"]), ("dataset", r["dataset"]), ("test acc %", r["test_acc"]),
-            ("MACs", f"{r['macs'] / 1e6:.3f}M of {r['dense_macs'] / 1e6:.3f}M (-{100 * r['macs_reduction']:.1f}%)"),
-            ("params", f"{r['params'] / 1e6:.4f}M of {r['dense_params'] / 1e6:.4f}M"),
-            ("latency b1 ms", r["latency_b1_ms"]), ("latency b64 ms", r["latency_b64_ms"])]
-    rows += [(k, v) for k, v in r["files"].items()]
-    if "onnx" in r:
-        rows.append(("onnx", r["onnx"]))
-    rows.append(("report", str(out / "report.md")))
-    print_table(rows, title="export: done")
+    run_export(args.checkpoint, out, prune.target_reduction if args.target_flops is None else args.target_flops,
+               cfg=cfg, round_to=prune.round_to if args.round_to is None else args.round_to,
+               min_channels=prune.min_channels if args.min_channels is None else args.min_channels,
+               criterion=args.criterion, residual=prune.residual_channels, onnx=args.onnx, evaluate=not args.no_eval,
+               latency_iters=args.latency_iters, ignore=prune.ignore)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:

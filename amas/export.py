@@ -1,5 +1,6 @@
-"""Shipping a pruned model: torch.export `.pt2`, ONNX, a JSON/Markdown report, and the `amas export` command.
+"""Shipping a pruned model: torch.export `.pt2`, ONNX, and the cut of a checkpoint that `amas export` ships.
 
+The report of an export is amas.prune_report; `amas export` itself is amas.pipeline.run_export.
 ``pruned.pt2`` is a ``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
 The ``pruned.pt`` file format (save_pruned, load_pruned) is amas.pruned_file.
 """
@@ -8,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from amas.pruned_file import ExportError, load_any_model, load_pruned, peek_form
 
 __all__ = [
     "ExportError", "save_pruned", "load_pruned", "load_any_model", "export_pt2", "export_onnx", "onnx_available",
-    "build_report", "write_report", "export_checkpoint", "make_test_evaluator",
+    "cut_checkpoint",
 ]
 
 
@@ -143,86 +142,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
     return info
 
 
-# ---------------------------------------------------------------- report
-
-
-def build_report(model: nn.Module, input_shape: tuple[int, int, int], metadata: dict | None = None,
-                 latency_iters: int = 20, device: str | torch.device | None = None) -> dict:
-    """Accuracy (from metadata), MACs, params and measured latency at batch 1 and 64 of model."""
-    from amas.cost import count, latency
-
-    meta = dict(metadata or {})
-    macs, params = count(model, input_shape)
-    warmup = min(5, latency_iters)
-    lat1 = latency(model, input_shape, batch_size=1, device=device, warmup=warmup, iters=latency_iters)
-    lat64 = latency(model, input_shape, batch_size=64, device=device, warmup=min(warmup, 3),
-                    iters=max(3, latency_iters // 4))
-    report = {
-        "model": meta.get("model"),
-        "dataset": meta.get("dataset"),
-        "input_shape": list(input_shape),
-        "test_acc": meta.get("test_acc"),
-        "macs": int(macs),
-        "params": int(params),
-        "dense_macs": meta.get("dense_macs"),
-        "dense_params": meta.get("dense_params"),
-        "latency_b1_ms": round(lat1["median_ms"], 4),
-        "latency_b64_ms": round(lat64["median_ms"], 4),
-        "latency_device": lat1["device"],
-    }
-    if meta.get("dense_macs"):
-        report["macs_reduction"] = round(1.0 - macs / float(meta["dense_macs"]), 4)
-    if meta.get("dense_params"):
-        report["params_reduction"] = round(1.0 - params / float(meta["dense_params"]), 4)
-    for k in ("target_reduction", "round_to", "source", "files"):
-        if k in meta:
-            report[k] = meta[k]
-    return report
-
-
-def _md_value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and abs(v) >= 10_000:
-        return f"{v:,}"
-    if isinstance(v, (list, dict)):
-        return json.dumps(v)
-    return "–" if v is None else str(v)
-
-
-def write_report(report: dict, out_dir: str | os.PathLike, stem: str = "report") -> tuple[Path, Path]:
-    """Write report as JSON and as a Markdown table into out_dir (atomically); returns both paths."""
-    from amas.config import atomic_write_text
-
-    out = Path(out_dir)
-    jpath, mpath = out / f"{stem}.json", out / f"{stem}.md"
-    atomic_write_text(jpath, json.dumps(report, indent=2) + "\n")
-    lines = [f"# amas export: {report.get('model') or 'pruned model'}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_md_value(v)} |" for k, v in report.items()]
-    atomic_write_text(mpath, "\n".join(lines) + "\n")
-    return jpath, mpath
-
-
-# ---------------------------------------------------------------- the export stage
-
-
-def make_test_evaluator(config: str | None = None, overrides: list[str] | None = None) -> Any:
-    """A callable (model, record) -> test accuracy in % on the record's dataset (data settings: config, overrides)."""
-
-    def evaluate_model(model: nn.Module, record: dict) -> float:
-        from amas.config import load_config
-        from amas.data import build_data
-        from amas.engine import evaluate, resolve_device
-
-        # only the test split is used: no validation split is carved out of the training images
-        cfg = load_config(config, [f"data.name={record['data']['name']}", "data.val_size=0", *(overrides or [])])
-        device = resolve_device(cfg.train.device)
-        data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed)
-        net = copy.deepcopy(model).to(device)
-        return round(float(evaluate(net, data.test, int(record["num_classes"]), device)["acc"]), 3)
-
-    return evaluate_model
-
+# ---------------------------------------------------------------- cutting a checkpoint (amas export)
 
 
 def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
@@ -235,25 +155,11 @@ def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
         ) from None
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, target_reduction: float,
-                      round_to: int = 1, min_channels: int = 1, criterion: str | None = None, residual: bool = False,
-                      onnx: bool = False, evaluate_on: Any = None, latency_iters: int = 20,
-                      ignore: Sequence[str] = ()) -> dict:
-    """Prune a searched student ('masked' file, or a dense 'model' file with criterion='l1') and export it.
-
-    Writes pruned.pt, pruned.pt2 (and pruned.onnx with onnx=True) plus report.json/report.md into out_dir.
-    evaluate_on: None, or a callable (model, record) -> test accuracy in %. ignore: prune.ignore (layers kept whole).
-    """
+def _load_for_cut(checkpoint: str | os.PathLike, criterion: str | None) -> tuple[nn.Module, dict | None, dict]:
+    """(model, masks or None, file object) of a searched student or, with criterion l1, a dense model."""
     from amas.checkpoint import load_masked, load_model
-    from amas.config import CriteriaConfig
-    from amas.cost import count
-    from amas.criteria import channel_scores
-    from amas.masks import CostModel, find_groups
-    from amas.planner import kept_counts, make_recipe, plan_keep, prune_model
 
-    t0 = time.perf_counter()
     fmt = peek_format(checkpoint)
-    masks: dict[str, torch.Tensor] | None = None
     if fmt == "pruned":
         load_file(checkpoint, "pruned")  # a newer format version says so first
         raise ExportError(
@@ -265,8 +171,25 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                 f"'{checkpoint}' is a dense model without masks; pass --criterion l1 or a searched student (search.pt)"
             )
         model, obj = load_model(checkpoint)
-    else:
-        model, masks, obj = load_masked(checkpoint)  # also gives the one-line errors for bad files
+        return model, None, obj
+    return load_masked(checkpoint)  # also gives the one-line errors for bad files
+
+
+def cut_checkpoint(checkpoint: str | os.PathLike, target_reduction: float, round_to: int = 1, min_channels: int = 1,
+                   criterion: str | None = None, residual: bool = False, ignore: Sequence[str] = ()
+                   ) -> tuple[nn.Module, dict, nn.Module, dict]:
+    """Cut a searched student (its masks) or a dense model (criterion='l1') at a MACs target.
+
+    Returns (pruned model, its pruned.pt record {'recipe', 'metadata'}, the dense model it was cut from, the
+    checkpoint's file object): what `amas export` gives the export stage.
+    """
+    from amas.config import CriteriaConfig
+    from amas.cost import count
+    from amas.criteria import channel_scores
+    from amas.masks import CostModel, find_groups
+    from amas.planner import kept_counts, make_recipe, plan_keep, prune_model
+
+    model, masks, obj = _load_for_cut(checkpoint, criterion)
     record = obj["model"]
     shape = _record_shape(record, checkpoint)
     model.eval()
@@ -282,56 +205,25 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         raise ExportError(f"model '{record['name']}' has no prunable channel groups; nothing to export")
     if masks is not None:
         scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
-        source = "masks"
     else:
         scores = channel_scores("l1", model, groups, None, CriteriaConfig())  # the L1 of `amas prune --method l1`
-        source = "l1"
     cost = CostModel(model, groups, shape)
     keep = plan_keep(scores, cost, target_reduction, min_channels=min_channels, round_to=round_to)
+    dense = copy.deepcopy(model)
     pruned = prune_model(model, groups, keep, masks=masks, input_shape=shape).eval()
     macs, params = count(pruned, shape)
-    dense_params = sum(p.numel() for p in model.parameters())
     planned = cost.macs(kept_counts(keep))
     if macs != planned:
         raise ExportError(f"pruned MACs ({macs}) differ from the plan ({planned}); please report this model")
-    accuracy = evaluate_on(pruned, record) if evaluate_on is not None else None
     data = record.get("data", {})
     metadata = {
-        "model": record["name"],
-        "dataset": data.get("name"),
-        "data": data,
-        "input_shape": list(shape),
-        "mean": data.get("mean"),
-        "std": data.get("std"),
-        "num_classes": int(record["num_classes"]),
-        "test_acc": accuracy,
+        "model": record["name"], "dataset": data.get("name"), "data": data, "input_shape": list(shape),
+        "mean": data.get("mean"), "std": data.get("std"), "num_classes": int(record["num_classes"]),
         "search_metrics": {k: v for k, v in obj.get("metrics", {}).items() if isinstance(v, (int, float, str))},
-        "macs": int(macs),
-        "params": int(params),
-        "dense_macs": int(cost.total_macs),
-        "dense_params": int(dense_params),
-        "target_reduction": float(target_reduction),
-        "round_to": int(round_to),
-        "min_channels": int(min_channels),
-        "source": f"{Path(checkpoint).name} ({source})",
+        "macs": int(macs), "params": int(params), "dense_macs": int(cost.total_macs),
+        "dense_params": int(sum(p.numel() for p in dense.parameters())), "target_reduction": float(target_reduction),
+        "round_to": int(round_to), "min_channels": int(min_channels),
+        "source": f"{Path(checkpoint).name} ({'masks' if masks is not None else 'l1'})",
+        "method": "amas" if masks is not None else "l1",
     }
-    recipe = make_recipe(record, shape, keep, ignore)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"pruned.pt": str(out / "pruned.pt")}
-    save_pruned(out / "pruned.pt", pruned, recipe, metadata)
-    export_pt2(pruned, shape, out / "pruned.pt2")
-    files["pruned.pt2"] = str(out / "pruned.pt2")
-    onnx_note = None
-    if onnx:
-        if onnx_available():
-            export_onnx(pruned, shape, out / "pruned.onnx")
-            files["pruned.onnx"] = str(out / "pruned.onnx")
-        else:
-            onnx_note = "skipped: install the onnx extra (pip install 'amas[onnx]')"
-    report = build_report(pruned, shape, {**metadata, "files": files}, latency_iters=latency_iters)
-    if onnx_note:
-        report["onnx"] = onnx_note
-    report["wall_s"] = round(time.perf_counter() - t0, 2)
-    write_report(report, out)
-    return report
+    return pruned, {"recipe": make_recipe(record, shape, keep, ignore), "metadata": metadata}, dense.eval(), obj

@@ -32,32 +32,37 @@ def run_teacher(ctx: RunContext) -> Rows:
                  "pruned.pt2 elsewhere") if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
         return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
                 ("rebuild", where)]
+    name = ctx.cfg.model.name
     if ctx.teacher_arg:
         _, obj = ctx.teacher
-        m = obj.get("metrics", {})
-        return [("teacher", str(ctx.teacher_path)), ("model", obj["model"]["name"]),
-                ("val acc %", m.get("val_acc", float("nan"))), ("test acc %", m.get("test_acc", float("nan")))]
-    from amas.stages import train_dense
+        r, name = dict(obj.get("metrics", {})), obj["model"]["name"]
+    else:
+        from amas.stages import train_dense
 
-    r = train_dense(ctx.cfg, ctx.dir / "teacher", resume=True)
-    return [("teacher", str(ctx.teacher_path)), ("model", ctx.cfg.model.name),
-            ("val acc %", r.get("val_acc", float("nan"))), ("test acc %", r["test_acc"]),
-            ("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"), ("epochs", r["epochs"])]
+        r = train_dense(ctx.cfg, ctx.stage_dir("teacher"), resume=True)
+    rows = [("model", name), ("dataset", ctx.cfg.data.name), ("val acc %", r.get("val_acc", float("nan"))),
+            ("test acc %", r.get("test_acc", float("nan")))]
+    if "macs" in r:
+        rows += [("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"),
+                 ("epochs", r.get("epochs", "–"))]
+    return [*rows, ("checkpoint", str(ctx.teacher_path))]
 
 
 def run_search(ctx: RunContext) -> Rows:
     """Search channel masks for a copy of the teacher (amas.search_stage.search) into search/."""
     from amas.search_stage import search
 
-    r = search(ctx.cfg, ctx.dir / "search", ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
+    out = ctx.stage_dir("search")
+    r = search(ctx.cfg, out, ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
                teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
     return [
+        ("teacher", str(ctx.teacher_path)), ("dataset", ctx.cfg.data.name),
         ("student val acc %", r.get("val_acc", float("nan"))),
         ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
         ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
-        ("MACs reduction %", 100.0 * r["macs_reduction"]),
-        ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"),
-        ("epochs", r["epochs"]),
+        ("MACs reduction %", 100.0 * r["macs_reduction"]), ("target reduction %", 100.0 * r["target_reduction"]),
+        ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"), ("lambda", r["lambda"]),
+        ("epochs", r["epochs"]), ("checkpoint", str(out / "search.pt")),
     ]
 
 
@@ -70,7 +75,7 @@ def _searched_student(ctx: RunContext) -> tuple[nn.Module, dict | None]:
     """The search stage's student and its masks (folded into the cut)."""
     from amas.checkpoint import load_masked
 
-    student, masks, _ = load_masked(ctx.dir / "search" / "search.pt", ctx.device)
+    student, masks, _ = load_masked(ctx.path("search/search.pt"), ctx.device)
     return student, masks
 
 
@@ -103,7 +108,7 @@ def run_candidates(ctx: RunContext) -> Rows:
 
     teacher, obj = ctx.teacher
     source, masks, planner = _planner(ctx)
-    r = cut_and_finetune(ctx.cfg, ctx.dir / "candidates", teacher=teacher, record=obj["model"], source=source,
+    r = cut_and_finetune(ctx.cfg, ctx.stage_dir("candidates"), teacher=teacher, record=obj["model"], source=source,
                          planner=planner, masks=masks, data=ctx.data("finetune"), device=ctx.device, method=ctx.method,
                          on_epoch_end=ctx.epoch_hook())
     rows = [(f"{c['name']} (level {c['level']:.2f})",
@@ -127,7 +132,7 @@ def run_select(ctx: RunContext) -> Rows:
     return [("policy", r["policy"]), ("rule", r["rule"]), ("Pareto front", ", ".join(names[i] for i in r["front"])),
             ("selected", f"{w['name']} (level {w['level']:.2f})"),
             ("val acc %", w["val_acc"]), ("MACs", f"{w['macs'] / 1e6:.3f}M (-{100 * w['macs_reduction']:.1f}%)"),
-            ("figure", str(ctx.dir / "pareto.png"))]
+            ("figure", str(ctx.path("pareto.png")))]
 
 
 def run_final(ctx: RunContext) -> Rows:
@@ -137,12 +142,12 @@ def run_final(ctx: RunContext) -> Rows:
 
     sel = ctx.read_json("selection.json")
     name = sel["winner_name"]
-    cdir = ctx.dir / "candidates"
+    cdir = ctx.stage_dir("candidates")
     src = cdir / f"{name}.pt" if (cdir / f"{name}.pt").is_file() else cdir / f"{name}_cut.pt"
     model, obj = load_pruned(src, ctx.device)
     teacher, _ = ctx.teacher
     epochs = ctx.cfg.finetune.train.epochs
-    out = ctx.dir / "final"
+    out = ctx.stage_dir("final")
     ctx.write(out.mkdir, parents=True, exist_ok=True)
     val_acc = sel["winner_row"]["val_acc"]
     if epochs > 0:
@@ -161,56 +166,78 @@ def run_final(ctx: RunContext) -> Rows:
 
 
 def run_export(ctx: RunContext) -> Rows:
-    """Test accuracy of teacher and winner, pruned.pt, pruned.pt2 and report.md/json (rank 0 writes)."""
+    """Test accuracy of teacher and pruned model, pruned.pt, pruned.pt2 (pruned.onnx) and report.md/json (rank 0)."""
     from amas.engine import evaluate
 
-    model, obj = _load_final(ctx)
+    model, obj = ctx.final()
     teacher, _ = ctx.teacher
-    data = ctx.data("finetune")
-    info = data.info
-    # the test split, evaluated once, here, for both models (sharded: every rank takes part); amas.prune may have none
-    test_pruned = test_teacher = float("nan")
-    if data.test is not None:
-        test_pruned = evaluate(model, data.test, info.num_classes, ctx.device)["acc"]
-        test_teacher = evaluate(teacher, data.test, info.num_classes, ctx.device)["acc"]
-    rows = ctx.write(_write_export, ctx, model, obj, teacher, test_pruned, test_teacher)
-    return rows or []
+    # the test split, evaluated once, here (sharded: every rank takes part); amas.prune may have none, amas export
+    # --no-eval skips it, and amas export does not evaluate the dense model it cut from
+    test = ctx.test_split()
+    classes = int(obj["metadata"]["num_classes"])
+    acc = {"pruned": None, "teacher": None}
+    if test is not None:
+        acc["pruned"] = evaluate(model, test, classes, ctx.device)["acc"]
+        if ctx.export.teacher_test:
+            acc["teacher"] = evaluate(teacher, test, classes, ctx.device)["acc"]
+    report = ctx.write(_write_export, ctx, model, obj, teacher, acc)
+    if report is None:  # not rank 0: nothing to report
+        return []
+    from amas.prune_report import report_rows
+
+    return [*report_rows(report), ("report", str(ctx.path("report.md")))]
 
 
-def _load_final(ctx: RunContext) -> tuple[nn.Module, dict]:
-    from amas.export import load_pruned
+def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Module, acc: dict) -> dict:
+    """Rank 0's part of the export stage: the shipped files, latency and the report; returns the report."""
+    from amas.export import export_onnx, export_pt2, save_pruned
+    from amas.prune_report import export_report, measure, write_report
 
-    return load_pruned(ctx.dir / "final" / "final.pt", ctx.device)
+    meta, teacher_obj = obj["metadata"], ctx.teacher[1]
+    shape = tuple(meta["input_shape"])
+    sel = ctx.read_json("selection.json") if ctx.export.selection else None
+    cand = ctx.read_json("candidates/candidates.json") if ctx.export.selection else None
+    meta = dict(meta, test_acc=None if acc["pruned"] is None else round(acc["pruned"], 3), method=ctx.method)
+    if sel is not None:
+        meta.update(teacher_test_acc=None if acc["teacher"] is None else round(acc["teacher"], 3),
+                    policy=sel["policy"], selection_rule=sel["rule"])
+    files = {"pruned.pt": str(ctx.path("pruned.pt")), "pruned.pt2": str(ctx.path("pruned.pt2"))}
+    save_pruned(files["pruned.pt"], model, obj["recipe"], meta)
+    model, teacher = model.cpu(), teacher.cpu()
+    pt2 = export_pt2(model, shape, files["pruned.pt2"])
+    notes = [] if pt2["dynamic_batch"] else ["pruned.pt2 has a fixed batch size (the model did not export with a "
+                                             "dynamic batch)"]
+    if ctx.export.onnx:
+        from amas.export import onnx_available
 
-
-def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Module, test_pruned: float,
-                  test_teacher: float) -> Rows:
-    """Rank 0's part of the export stage: the shipped files, latency and the report."""
-    from amas.export import build_report, export_pt2, save_pruned
-    from amas.prune_report import comparison, write_comparison
-
-    shape = ctx.data("finetune").info.input_shape
-    sel, cand = ctx.read_json("selection.json"), ctx.read_json("candidates/candidates.json")
-    meta = dict(obj["metadata"], test_acc=round(test_pruned, 3), teacher_test_acc=round(test_teacher, 3),
-                method=ctx.method, policy=sel["policy"], selection_rule=sel["rule"])
-    save_pruned(ctx.dir / "pruned.pt", model, obj["recipe"], meta)
-    pt2 = export_pt2(model.cpu(), shape, ctx.dir / "pruned.pt2")
-    rp = build_report(model.cpu(), shape, meta, latency_iters=ctx.latency_iters, device="cpu")
-    rt = build_report(teacher.cpu(), shape, {}, latency_iters=ctx.latency_iters, device="cpu")
-    report = comparison(ctx, meta, rp, rt, test_teacher, test_pruned, sel, cand, pt2)
+        if onnx_available():
+            files["pruned.onnx"] = export_onnx(model, shape, ctx.path("pruned.onnx"))["path"]
+        else:
+            notes.append("pruned.onnx skipped: install the onnx extra (pip install 'amas[onnx]')")
+    teacher_val = cand["teacher"]["val_acc"] if cand else teacher_obj.get("metrics", {}).get("val_acc")
+    report = export_report(
+        command=ctx.command, model=meta.get("model"), dataset=meta.get("dataset"), method=ctx.method,
+        input_shape=shape, reference=ctx.export.reference,
+        pruned=measure(model, shape, ctx.latency_iters, acc["pruned"], meta.get("val_acc"), files["pruned.pt"]),
+        teacher=measure(teacher, shape, ctx.latency_iters, acc["teacher"], teacher_val, str(ctx.teacher_path)),
+        cut={k: meta.get(k) for k in ("target_reduction", "round_to", "min_channels", "source")},
+        selection=_selection(sel, cand, meta) if sel else None,
+        files={**files, **({"selection": str(ctx.path("selection.json")), "pareto": str(ctx.path("pareto.png"))}
+                           if sel else {})},
+        stage_wall_s={k: v["wall_s"] for k, v in ctx.log.data["stages"].items() if v.get("wall_s") is not None},
+        notes=notes)
     if ctx.cfg.prune.report_runtimes:
         from amas.latency_report import runtime_comparison
 
         report["runtimes"] = runtime_comparison(teacher, model, shape, ctx.cfg.prune.report_runtimes,
                                                 iters=ctx.latency_iters)
-    write_comparison(report, ctx.dir)
-    reduction = 100 * (1 - rp["macs"] / rt["macs"])
-    return [
-        ("teacher test acc %", round(test_teacher, 3)),
-        ("pruned test acc %", round(test_pruned, 3)),
-        ("MACs", f"{rp['macs'] / 1e6:.3f}M of {rt['macs'] / 1e6:.3f}M (-{reduction:.1f}%)"),
-        ("params", f"{rp['params'] / 1e6:.4f}M of {rt['params'] / 1e6:.4f}M"),
-        ("latency b64 ms", f"{rp['latency_b64_ms']:.3g} vs {rt['latency_b64_ms']:.3g} (teacher)"),
-        ("files", f"{ctx.dir / 'pruned.pt'}, {ctx.dir / 'pruned.pt2'}"),
-        ("report", str(ctx.dir / "report.md")),
-    ]
+    write_report(report, ctx.path("report.json").parent)
+    return report
+
+
+def _selection(sel: dict, cand: dict, meta: dict) -> dict:
+    """The report's selection block: policy, rule, the winner and its budget."""
+    w = sel["winner_row"]
+    return {"policy": sel["policy"], "rule": sel["rule"], "selected": w["name"], "level": w["level"],
+            "front": sel["front"], "candidates": len(sel["candidates"]), "budget_epochs": cand["halving"]["budget"],
+            "finetune_epochs": meta.get("finetune_epochs")}

@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from amas import distributed
 from amas.config import Config, atomic_write_text, save_config
 from amas.errors import AmasError
 
-__all__ = ["PipelineError", "RunContext", "StageLog"]
+__all__ = ["ExportOptions", "PipelineError", "RunContext", "StageLog"]
 
 
 class PipelineError(AmasError):
@@ -28,13 +29,27 @@ def now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
 
-class StageLog:
-    """pipeline.json: stage records and events; every rank keeps it in memory, rank 0 rewrites it atomically."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """How the export stage runs: `amas prune`'s (the defaults) or `amas export`'s (one cut, no selection)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    onnx: bool = False  # also write pruned.onnx, checked against PyTorch with onnxruntime
+    test: bool = True  # evaluate on the test split
+    teacher_test: bool = True  # evaluate the teacher too (amas export does not evaluate the dense model it cut)
+    selection: bool = True  # the report's selection block, from selection.json and candidates.json
+    reference: str = "teacher"  # what the report's teacher block describes
+
+
+class StageLog:
+    """pipeline.json: stage records and events; every rank keeps it in memory, rank 0 rewrites it atomically.
+
+    persist=False keeps it in memory only (the single-stage commands, which write no pipeline.json).
+    """
+
+    def __init__(self, path: Path, persist: bool = True) -> None:
+        self.path, self.persist = path, persist
         self.data: dict = {"stages": {}, "events": []}
-        if path.is_file():
+        if persist and path.is_file():
             try:
                 self.data = json.loads(path.read_text())
             except json.JSONDecodeError:
@@ -61,7 +76,7 @@ class StageLog:
 
     def save(self) -> None:
         """Write pipeline.json (rank 0 only)."""
-        if distributed.context().is_main:
+        if self.persist and distributed.context().is_main:
             atomic_write_text(self.path, json.dumps(self.data, indent=2))
 
 
@@ -71,14 +86,22 @@ class RunContext:
     teacher: a model.pt path, or None to train one in the run directory (stage ``teacher``).
     teacher_model, data: the user's trained classifier and DataBundle in memory (amas.prune); with them the teacher
     stage only records the model in teacher/model.pt and every stage reads these data.
+    command: the amas command running (a subset of) the stage table; every command but prune keeps its stage's
+    files in the run directory itself (no stage folders) and writes neither pipeline.json nor config.yaml.
+    given: artefacts in memory instead of files: {"teacher": (model, file object), "final": (model, pruned.pt
+    record)} (amas export gives its cut and the dense model it was cut from).
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, teacher: str | Path | None = None, method: str = "amas",
                  latency_iters: int = 20, hooks: dict[str, Callable] | None = None,
-                 teacher_model: nn.Module | None = None, data: Any = None) -> None:
+                 teacher_model: nn.Module | None = None, data: Any = None, command: str = "prune",
+                 given: dict[str, tuple[nn.Module, dict]] | None = None,
+                 export: ExportOptions | None = None) -> None:
         from amas.engine import resolve_device
 
         self.cfg, self.dir, self.method = cfg, Path(run_dir), method
+        self.command, self.flat = command, command != "prune"
+        self.given, self.export = dict(given or {}), export or ExportOptions()
         self.teacher_arg = None if teacher is None else str(teacher)
         self.latency_iters, self.hooks = latency_iters, dict(hooks or {})
         self.dist = distributed.context()
@@ -92,9 +115,12 @@ class RunContext:
         if teacher_model is not None:
             record = _memory_record(teacher_model, data.info, cfg.model.kwargs)
             self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), record)
+        if "teacher" in self.given:
+            model, obj = self.given["teacher"]
+            self._teacher = (model.to(self.device).eval().requires_grad_(False), obj)
         if data is not None:
             self._data = {(s, sh): data for s in ("train", "search", "finetune") for sh in (True, False)}
-        self.log = StageLog(self.dir / "pipeline.json")
+        self.log = StageLog(self.dir / "pipeline.json", persist=not self.flat)
         distributed.barrier()  # every rank has read the log before rank 0 rewrites it
 
     # ---------------------------------------------------------------- files
@@ -107,11 +133,18 @@ class RunContext:
     @property
     def teacher_path(self) -> Path:
         """The teacher checkpoint: the one given, else the teacher stage's model.pt."""
-        return Path(self.teacher_arg) if self.teacher_arg else self.dir / "teacher" / "model.pt"
+        return Path(self.teacher_arg) if self.teacher_arg else self.stage_dir("teacher") / "model.pt"
+
+    def stage_dir(self, folder: str) -> Path:
+        """A stage's folder (teacher/, search/, candidates/, final/); the run directory itself for other commands."""
+        return self.dir if self.flat else self.dir / folder
 
     def path(self, rel: str) -> Path:
-        """An artefact path of the stage table: '{teacher}' is the teacher checkpoint, the rest is run-dir relative."""
-        return self.teacher_path if rel == "{teacher}" else self.dir / rel
+        """An artefact path of the stage table: '{teacher}' is the teacher checkpoint, the rest is run-dir relative
+        (its stage folder dropped for the single-stage commands)."""
+        if rel == "{teacher}":
+            return self.teacher_path
+        return self.dir / Path(rel).name if self.flat else self.dir / rel
 
     def write(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """Run fn on rank 0 only, then wait for every rank (the one writer of the run)."""
@@ -131,13 +164,15 @@ class RunContext:
         self.write(rm)
 
     def prepare_dir(self) -> None:
-        """Create the run directory and write the resolved config (rank 0)."""
+        """amas prune: create the run directory and write the resolved config (rank 0). The single-stage commands'
+        stages create it themselves, once their inputs are checked."""
 
         def make() -> None:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.dir / "config.yaml")
 
-        self.write(make)
+        if not self.flat:
+            self.write(make)
 
     def read_json(self, rel: str) -> dict:
         """A JSON artefact of an earlier stage."""
@@ -160,8 +195,6 @@ class RunContext:
             else:
                 bundle = build_data(cfg.data, t.batch_size, t.eval_batch_size, device=self.device, seed=cfg.seed,
                                     channels_last=t.channels_last)
-            if bundle.val is None:
-                raise PipelineError("selection needs a held-out validation split; set data.val_size > 0")
             self._data[key] = bundle
         return self._data[key]
 
@@ -182,6 +215,19 @@ class RunContext:
                 check_teacher_matches(obj["model"], info, self.teacher_path, self.cfg.data.name)
             self._teacher = (model.eval().requires_grad_(False), obj)
         return self._teacher
+
+    def final(self) -> tuple[nn.Module, dict]:
+        """The model the export stage ships and its pruned.pt record: final/final.pt, or the cut given in memory."""
+        if "final" in self.given:
+            model, obj = self.given["final"]
+            return model.to(self.device).eval(), obj
+        from amas.pruned_file import load_pruned
+
+        return load_pruned(self.path("final/final.pt"), self.device)
+
+    def test_split(self) -> Any:
+        """The test batches the export stage evaluates, or None (none given, or not asked for)."""
+        return self.data("finetune").test if self.export.test else None
 
     def memory_teacher(self) -> tuple[nn.Module, dict] | None:
         """The in-memory teacher and its record, or None when the teacher is a file."""

@@ -27,7 +27,8 @@ from amas.engine import Stopped
 from amas.run_context import PipelineError, RunContext, now
 from amas.stages import seed_everything
 
-__all__ = ["Stage", "STAGES", "STAGE_NAMES", "stage_fingerprints", "run_stages"]
+__all__ = ["COMMANDS", "Stage", "STAGES", "STAGE_NAMES", "check_run_dir", "stage_fingerprints", "stages_of",
+           "run_stages"]
 
 _VOLATILE = {"device", "progress", "log_every", "root", "download", "num_workers"}
 
@@ -90,6 +91,7 @@ class Stage:
     settings: Callable[[Settings], Any]
     run: Callable[[RunContext], list[tuple[str, Any]]]
     source: str | None = None  # runs only for methods that cut from this source (amas.criteria: "search")
+    state: str | None = None  # the engine's saved training state, which --resume continues
 
     def applies(self, method: str) -> bool:
         """Whether the stage runs for this --method."""
@@ -100,9 +102,10 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", reads=(), writes=("{teacher}",), owns=("teacher",),
-          settings=lambda s: {**s.root, "data": s.d["data"], "seed": s.d["seed"]}, run=run.run_teacher),
+          settings=lambda s: {**s.root, "data": s.d["data"], "seed": s.d["seed"]}, run=run.run_teacher,
+          state="teacher/train_state.pt"),
     Stage("search", reads=("{teacher}",), writes=("search/search.pt",), owns=("search",),
-          settings=_search_settings, run=run.run_search, source="search"),
+          settings=_search_settings, run=run.run_search, source="search", state="search/search_state.pt"),
     Stage("candidates", reads=("{teacher}", "search/search.pt"), writes=("candidates/candidates.json",),
           owns=("candidates",), settings=_candidate_settings, run=run.run_candidates),
     Stage("select", reads=("candidates/candidates.json",), writes=("pareto.png", "selection.json"),
@@ -112,9 +115,31 @@ STAGES: tuple[Stage, ...] = (
           settings=lambda s: {"finetune_epochs": s.d["finetune"]["train"]["epochs"]}, run=run.run_final),
     Stage("export", reads=("{teacher}", "final/final.pt", "selection.json", "candidates/candidates.json"),
           writes=("pruned.pt", "pruned.pt2", "report.md", "report.json"),
-          owns=("pruned.pt", "pruned.pt2", "report.md", "report.json"), settings=lambda s: {}, run=run.run_export),
+          owns=("pruned.pt", "pruned.pt2", "pruned.onnx", "report.md", "report.json"), settings=lambda s: {},
+          run=run.run_export),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+# what each amas command runs: the whole table, or one stage of it (in the run directory itself, see RunContext)
+COMMANDS: dict[str, tuple[str, ...]] = {"prune": STAGE_NAMES, "train": ("teacher",), "search": ("search",),
+                                        "export": ("export",)}
+
+
+def stages_of(command: str) -> tuple[Stage, ...]:
+    """The stages an amas command runs, in table order."""
+    return tuple(s for s in STAGES if s.name in COMMANDS[command])
+
+
+def check_run_dir(ctx: RunContext, stages: tuple[Stage, ...], resume: bool) -> None:
+    """amas train/search: refuse a run directory holding the stage's run unless resuming, and --resume of nothing."""
+    held = [p for s in stages for p in (*s.writes, s.state) if p and ctx.path(p).exists()]
+    if held and not resume:
+        raise PipelineError(f"run directory '{ctx.dir}' already holds a run; pass --resume to continue it or choose "
+                            "another --out")
+    states = [ctx.path(s.state) for s in stages if s.state]
+    if resume and not held and states:
+        raise PipelineError(f"nothing to resume in '{ctx.dir}' (no {states[0].name}); drop --resume to start a new "
+                            "run there")
 
 
 def _scrub(d: Any) -> Any:
@@ -167,6 +192,11 @@ def _summary(rows: list[tuple[str, Any]]) -> list[list[Any]]:
     return [[k, v if isinstance(v, (int, float, str)) else str(v)] for k, v in rows]
 
 
+def _title(ctx: RunContext, stage: str) -> str:
+    """What a stage's summary is headed: the stage, or the command that runs it alone (amas train: the teacher)."""
+    return stage if ctx.command == "prune" else ctx.command
+
+
 def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | None = None) -> dict:
     """Run (or continue) the given stages of the table in order in ctx's run directory; returns the stage log."""
     log, names = ctx.log, [s.name for s in stages]
@@ -201,7 +231,7 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
                 log.set(name, rec)
             log.event(name, "skip")
             print_table([("status", "done earlier, not redone"), *[(k, v) for k, v in rec.get("summary", [])]],
-                        title=f"{name}: done (artefact {ctx.path(stage.writes[-1])})")
+                        title=f"{_title(ctx, name)}: done (artefact {ctx.path(stage.writes[-1])})")
             continue
         resumed = rec is not None and rec.get("status") == "running"
         log.set(name, {"status": "running", "fingerprint": fp, "started": now()})
@@ -214,13 +244,14 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
             summary = stage.run(ctx)
         except Stopped as e:
             log.event(name, "stopped")
+            again = "the same command again with --resume" if ctx.flat else "the same command again"
             raise Stopped(f"stopped by a signal during stage '{name}' with its training state saved in '{ctx.dir}'; "
-                          "run the same command again to continue", e.signum) from None
+                          f"run {again} to continue", e.signum) from None
         wall = round(time.perf_counter() - t0, 2)
         log.set(name, {"status": "done", "fingerprint": fp, "finished": now(), "wall_s": wall,
                        "summary": _summary(summary)})
         log.event(name, "done", wall_s=wall)
-        print_table([*summary, ("wall time s", wall)], title=f"{name}: done")
+        print_table([*summary, ("wall time s", wall)], title=f"{_title(ctx, name)}: done")
         after = ctx.hooks.get("after_stage")
         if after is not None:
             after(name)

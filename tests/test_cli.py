@@ -19,6 +19,7 @@ def test_train_then_eval_then_refuse_overwrite(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "test acc %" in p.stdout
     assert (run / "model.pt").is_file() and (run / "config.yaml").is_file()
+    assert not (run / "pipeline.json").exists() and not (run / "teacher").exists()  # the teacher stage, in place
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["result"]["macs"] > 0
 
@@ -74,9 +75,10 @@ def test_resume_with_nothing_to_resume_is_one_line_and_writes_nothing(tmp_path, 
     cfg.write_text("model:\n  name: resnet20\n")
     run = tmp_path / "empty"
     run.mkdir()
-    assert main(["train", "--config", str(cfg), "--out", str(run), "--resume", *tiny_overrides()]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nothing to resume" in err and "drop --resume" in err
+    for argv in (["train"], ["search", "--teacher", str(cfg)]):
+        assert main([*argv, "--config", str(cfg), "--out", str(run), "--resume", *tiny_overrides()]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "nothing to resume" in err and "drop --resume" in err, (argv, err)
     assert list(run.iterdir()) == []
 
 

@@ -225,13 +225,13 @@ def test_export_criterion_l1_cuts_what_prune_method_l1_cuts(tmp_path) -> None:
     from amas.checkpoint import save_model
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import plan_for_method
-    from amas.export import export_checkpoint
+    from amas.pipeline import run_export
     from amas.planner import kept_counts
 
     torch.manual_seed(1)
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()
     save_model(tmp_path / "model.pt", model, _record())
-    report = export_checkpoint(tmp_path / "model.pt", tmp_path / "out", 0.5, criterion="l1", latency_iters=1)
+    report = run_export(tmp_path / "model.pt", tmp_path / "out", 0.5, criterion="l1", latency_iters=1)
     exported = torch.load(tmp_path / "out" / "pruned.pt", weights_only=True)["recipe"]["kept"]
     groups = find_groups(model, SHAPE)
     keep = plan_for_method("l1", model, groups, CostModel(model, groups, SHAPE), 0.5, train=None, val=None,

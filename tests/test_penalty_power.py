@@ -12,6 +12,7 @@ def test_power_one_keeps_the_costs_and_zero_weights_every_channel_alike():
     assert flat[0] == pytest.approx(flat[1]) == pytest.approx(flat[2])
     for p in (0.0, 0.5, 2.0):
         out = _powered(costs, sizes, p)
-        assert sum(s * c for s, c in zip(sizes, out)) == pytest.approx(sum(s * c for s, c in zip(sizes, costs)))
+        total = sum(s * c for s, c in zip(sizes, costs, strict=True))
+        assert sum(s * c for s, c in zip(sizes, out, strict=True)) == pytest.approx(total)
     half = _powered(costs, sizes, 0.5)
     assert half[0] / half[2] == pytest.approx((4.0 / 0.25) ** 0.5)  # ratios shrink to their square roots

@@ -133,6 +133,18 @@ def test_prune_cli_end_to_end_then_rerun_skips_everything(teacher_path, tmp_path
         assert torch.allclose(model(x), program(x), atol=1e-5)
     assert obj["metadata"]["test_acc"] == report["pruned"]["test_acc"]
 
+    # amas export of the run's searched student writes the same report schema (the one export stage)
+    from amas.cli import main
+
+    assert main(["export", "--checkpoint", str(run / "search" / "search.pt"), "--target-flops", "0.5",
+                 "--out", str(tmp_path / "export"), "--latency-iters", "2", "train.device=cpu"]) == 0
+    exported = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert set(exported) == set(report) and exported["command"] == "export" and report["command"] == "prune"
+    for block in ("teacher", "pruned", "cut", "files"):
+        assert set(report[block]) >= set(exported[block]), block
+    assert exported["selection"] is None and exported["teacher"]["macs"] == report["teacher"]["macs"]
+    assert exported["pruned"]["test_acc"] == exported["test_acc"] is not None
+
     stamps = {f: (run / f).stat().st_mtime_ns for f in ("pruned.pt", "selection.json", "candidates/candidates.json")}
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     assert again.returncode == 0, again.stderr
