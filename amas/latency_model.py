@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from amas.errors import AmasError
+from amas.latency_whole import CALIBRATION_FRACTIONS, calibration_plans, fit_line, pruned_to, round_robin
 from amas.masks import ChannelGroup
 from amas.runtimes import make_runner
 from amas.timing import time_call
@@ -47,7 +47,7 @@ TABLE_VERSION = 2
 Measure = Callable[[nn.Module, torch.Tensor], float]
 
 __all__ = ["Measure", "measure_on", "cache_file", "LatencyTable", "LayerShape", "build_table", "width_grid",
-           "table_key", "validate", "random_plans", "fit_line"]
+           "table_key"]
 
 
 @dataclass(frozen=True)
@@ -274,46 +274,6 @@ def cache_file(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / f"{key['model']}_b{key['batch_size']}_{key['runtime']}_{digest}.json"
 
 
-CALIBRATION_FRACTIONS = (0.5, 0.25)  # uniformly thinned models timed whole to fit the part outside the layers
-
-
-def _calibration_plans(groups: list[ChannelGroup]) -> list[dict[str, int]]:
-    return [{g.name: max(1, round(f * g.size)) for g in groups} for f in CALIBRATION_FRACTIONS]
-
-
-def _pruned(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, int], input_shape: tuple[int, ...]
-            ) -> nn.Module:
-    from amas.block_removal import prune_with_blocks
-
-    keep = {n: torch.arange(k) for n, k in kept.items()}
-    return prune_with_blocks(model, groups, keep, input_shape=input_shape).eval()
-
-
-def _round_robin(nets: list[nn.Module], x: torch.Tensor, measure: Measure, rounds: int) -> list[float]:
-    """Each net's median over rounds of measure, the nets timed in turn each round (a drifting machine hits all)."""
-    per: list[list[float]] = [[] for _ in nets]
-    for _ in range(max(1, rounds)):
-        for i, net in enumerate(nets):
-            per[i].append(float(measure(net, x)))
-    return [statistics.median(v) for v in per]
-
-
-def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(a, b) >= 0 minimising the squared error of y = a + b * x over points (x, y)."""
-    n = len(points)
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx > 0 else 0.0
-    a = my - b * mx
-    if b < 0:  # the part outside the layers never grows as channels go: a constant
-        return max(my, 0.0), 0.0
-    if a < 0:  # nor is it negative at zero width: a line through the origin
-        sxy, sx2 = sum(x * y for x, y in points), sum(x * x for x in xs)
-        return 0.0, max(sxy / sx2, 0.0) if sx2 > 0 else 0.0
-    return a, b
-
-
 def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple[int, ...], batch_size: int = 64,
                 runtime: str = "eager", model_name: str | None = None, cache_dir: str | Path | None = None,
                 grid_step: int = 8, grid_points: int = 9, iters: int = 10, progress: bool = True,
@@ -379,8 +339,8 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
             rows.append(row)
         measured[sig] = {"in": ins, "out": outs, "ms": rows}
     x = torch.randn((batch_size, *input_shape))
-    plans = [{}, *_calibration_plans(groups)]
-    whole = _round_robin([model, *(_pruned(model, groups, p, input_shape) for p in plans[1:])], x, measure, rounds=3)
+    plans = [{}, *calibration_plans(groups)]
+    whole = round_robin([model, *(pruned_to(model, groups, p, input_shape) for p in plans[1:])], x, measure, rounds=3)
     if bar is not None:
         bar.update(len(plans))
         bar.close()
@@ -392,30 +352,3 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
 
         on_main(atomic_write_text, path, json.dumps(table.to_json()) + "\n")  # under torchrun only rank 0 writes
     return table
-
-
-def random_plans(groups: list[ChannelGroup], n: int, seed: int = 0, low: float = 0.25) -> list[dict[str, int]]:
-    """n random kept-count plans (each group keeps between low and all of its channels), reproducible by seed."""
-    gen = torch.Generator().manual_seed(seed)
-    plans = []
-    for _ in range(n):
-        plans.append({g.name: int(torch.randint(max(1, int(low * g.size)), g.size + 1, (1,), generator=gen))
-                      for g in groups})
-    return plans
-
-
-def validate(table: LatencyTable, model: nn.Module, groups: list[ChannelGroup], plans: list[dict[str, int]],
-             rounds: int = 3, iters: int = 10, measure: Measure | None = None) -> dict:
-    """Predicted vs measured whole-model latency of each plan; median and max relative error."""
-    batch = table.key["batch_size"]
-    measure = measure or measure_on(table.key["runtime"], iters)
-    shape = tuple(table.key["input_shape"])
-    x = torch.randn((batch, *shape))
-    measured = _round_robin([_pruned(model, groups, kept, shape) for kept in plans], x, measure, rounds)
-    rows = []
-    for kept, ms in zip(plans, measured, strict=True):
-        predicted = table.predict(kept)
-        rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": ms, "error": abs(predicted - ms) / ms})
-    errors = [r["error"] for r in rows]
-    return {"plans": rows, "median_error": statistics.median(errors) if errors else 0.0,
-            "max_error": max(errors, default=0.0)}

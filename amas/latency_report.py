@@ -50,7 +50,8 @@ def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = N
                      progress: bool = True) -> dict:
     """Build (or load) the latency table of cfg's model at prune.latency_batch on prune.latency_runtime."""
     from amas.data import dataset_info
-    from amas.latency_model import build_table, cache_file, random_plans, validate
+    from amas.latency_model import build_table, cache_file
+    from amas.latency_whole import random_plans, validate
     from amas.masks import find_groups
     from amas.models import create_model
 

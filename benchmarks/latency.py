@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
 def by_latency(args: argparse.Namespace) -> dict:
     """--cost latency: plan to half the batch-64 and half the batch-1 latency, time both plans against dense."""
     from amas.block_removal import prune_with_blocks, removable_groups
-    from amas.latency_model import build_table, random_plans, validate
+    from amas.latency_model import build_table
     from amas.latency_plan import plan_keep_latency
     from amas.latency_report import runtime_latency
+    from amas.latency_whole import random_plans, validate
 
     shape = tuple(int(s) for s in args.shape.split("x"))
     torch.manual_seed(0)

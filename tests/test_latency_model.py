@@ -14,8 +14,9 @@ from torch import nn
 
 from amas.block_removal import removable_groups
 from amas.cost import count
-from amas.latency_model import build_table, fit_line, random_plans, validate, width_grid
+from amas.latency_model import build_table, width_grid
 from amas.latency_plan import plan_counts_latency, plan_keep_latency
+from amas.latency_whole import fit_line, random_plans, validate
 from amas.masks import find_groups
 from amas.models import create_model
 from amas.planner import PruneError, rounded_count
