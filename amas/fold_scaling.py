@@ -26,8 +26,9 @@ def folded_mask_scales(folded: nn.Module, plain: nn.Module) -> dict[str, torch.T
         if ref is None or ref.weight is None or ref.weight.shape != module.weight.shape:
             continue
         w, w0 = module.weight.detach(), ref.weight.detach()
-        m = torch.where(w0.abs() > 1e-12, w / torch.where(w0.abs() > 1e-12, w0, torch.ones_like(w0)),
-                        torch.ones_like(w))
+        m = torch.ones_like(w)
+        live = w0.abs() > 1e-12  # a channel whose BN weight is zero carries no mask to recover
+        m[live] = w[live] / w0[live]
         if not torch.allclose(m, torch.ones_like(m)):
             scales[name] = m.abs().clone()
     return scales

@@ -225,8 +225,11 @@ def amas_cut(
     prune_cfg: Any,
     device: torch.device,
     extra_overrides: list[str] | None = None,
+    mask_scales: bool = False,
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
-    """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there."""
+    """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there.
+
+    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.fold_scaling)."""
     from amas.adversarial import search
     from amas.checkpoint import load_masked
     from amas.fold_scaling import folded_mask_scales
@@ -249,14 +252,15 @@ def amas_cut(
     scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
     keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
     pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
-    plain = prune_model(student, groups, keep, input_shape=cost.input_shape)  # the same cut, masks not folded
     info = {
-        "_mask_scales": folded_mask_scales(pruned, plain),
         "search_epochs": int(acfg.search.train.epochs),
         "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
         "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),
         "search_final_lr": rec.get("final_lr"),
     }
+    if mask_scales:  # the same cut with the masks not folded gives each BN's folded mask
+        plain = prune_model(student, groups, keep, input_shape=cost.input_shape)
+        info["_mask_scales"] = folded_mask_scales(pruned, plain)
     return pruned, keep, info
 
 

@@ -101,7 +101,8 @@ def amas_search_cut(
     ns = argparse.Namespace(amas_config=args.config, amas_search_epochs=epochs, val_size=args.val_size,
                             train_subset=args.train_subset, device=args.device, teacher=args.teacher)
     overrides = [*args.overrides, f"prune.round_to={cfg.prune.round_to}", *cont]
-    pruned, keep, info = compare.amas_cut(target, seed, groups, cost, ns, cfg.prune, device, extra_overrides=overrides)
+    pruned, keep, info = compare.amas_cut(target, seed, groups, cost, ns, cfg.prune, device, extra_overrides=overrides,
+                                          mask_scales=args.amas_keep_mask_scale)
     info["kept"] = {n: int(v.numel()) for n, v in keep.items()}
     return pruned, info
 
@@ -160,7 +161,7 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
         pruned, extra, spent = criterion_cut(method, target, seed, teacher, groups, cost, data, cfg)
     pruned = pruned.to(device)
     scales = extra.pop("_mask_scales", None)
-    if method == "amas" and args.amas_keep_mask_scale and scales:
+    if scales:
         scale_folded_grads(pruned, scales)  # fine-tune at the step sizes the search trained the channels with
     val_before = _val(pruned, data, device)
     ft_epochs = budget - spent
