@@ -7,7 +7,8 @@ on one device, batch size, thread count and runtime (HALP's lookup table, per la
 share their measurements. A width between grid points is looked up at the next multiple of 8, then
 interpolated linearly: CPU conv kernels compute channels in blocks, so a conv's time is a staircase in its
 width (on this CPU a 36-channel output costs what a 48-channel one does, far more than linear interpolation
-between 32 and 40 says).
+between 32 and 40 says). A grouped conv (ResNeXt, RegNet) is measured with its own ``groups`` at multiples of
+them, the only widths amas prunes it to; a depthwise conv with its input following its output.
 
 A plan's latency is the sum of its layers' latencies plus the part outside those layers (activations,
 residual adds, shortcuts, pooling, the call overhead), modelled as ``a + b * f``: f is the plan's fraction of
@@ -42,7 +43,7 @@ from amas.masks import ChannelGroup
 from amas.runtimes import make_runner
 from amas.timing import time_call
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 
 Measure = Callable[[nn.Module, torch.Tensor], float]
 
@@ -65,11 +66,19 @@ class LayerShape:
     bias: bool = False
     spatial: tuple[int, ...] = ()
     out_elems: int = 0  # elements of one image's output at full width (the element-wise ops' share)
+    groups: int = 1  # conv groups of a grouped conv that is not depthwise (kept when pruned: widths are multiples)
 
     def signature(self) -> str:
         """A string naming the measurement this layer needs (layers with equal signatures share it)."""
+        grouped = f"g{self.groups}" if self.groups > 1 else ""
         return (f"{self.kind}:{self.in_full}x{self.out_full}:k{self.kernel}s{self.stride}p{self.padding}"
-                f"d{self.dilation}:dw{int(self.depthwise)}b{int(self.bias)}:{self.spatial}")
+                f"d{self.dilation}:dw{int(self.depthwise)}b{int(self.bias)}{grouped}:{self.spatial}")
+
+    def grid(self, full: int, step: int, points: int) -> list[int]:
+        """The widths measured for a dimension of full channels (multiples of the conv groups when grouped)."""
+        if self.groups == 1:
+            return width_grid(full, step, points)
+        return [self.groups * w for w in width_grid(full // self.groups, max(1, -(-step // self.groups)), points)]
 
 
 @dataclass
@@ -119,7 +128,7 @@ def _trace_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, L
                 found[name] = LayerShape("conv", m.in_channels, m.out_channels, tuple(m.kernel_size), tuple(m.stride),
                                          tuple(m.padding) if not isinstance(m.padding, str) else (0,) * len(m.stride),
                                          tuple(m.dilation), dw, m.bias is not None, tuple(x.shape[2:]),
-                                         int(out[0].numel()))
+                                         int(out[0].numel()), 1 if dw else int(m.groups))
         return fn
 
     for name, m in model.named_modules():
@@ -141,7 +150,7 @@ def _unit(shape: LayerShape, cin: int, cout: int) -> tuple[nn.Module, tuple[int,
     """The module measured for shape at widths (cin, cout) and its input shape without the batch."""
     if shape.kind == "linear":
         return nn.Linear(cin, cout, bias=shape.bias), (cin,)
-    groups = cout if shape.depthwise else 1
+    groups = cout if shape.depthwise else shape.groups
     if shape.depthwise:
         cin = cout
     conv = nn.Conv2d(cin, cout, shape.kernel, shape.stride, shape.padding, shape.dilation, groups=groups,
@@ -313,8 +322,8 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
     plan: dict[str, tuple[LayerShape, list[int], list[int]]] = {}
     for n, s in layers.items():
         sig = s.signature()
-        ins = width_grid(s.in_full, grid_step, grid_points) if touched[n][0] else [s.in_full]
-        outs = width_grid(s.out_full, grid_step, grid_points) if touched[n][1] else [s.out_full]
+        ins = s.grid(s.in_full, grid_step, grid_points) if touched[n][0] else [s.in_full]
+        outs = s.grid(s.out_full, grid_step, grid_points) if touched[n][1] else [s.out_full]
         if sig in plan:  # equal layers under different groups: measure the union of their grids
             _, a, b = plan[sig]
             ins, outs = sorted(set(a) | set(ins)), sorted(set(b) | set(outs))

@@ -196,3 +196,38 @@ def test_latency_table_command_writes_the_cached_table_and_reports_it(tmp_path, 
     assert main(argv) == 0 and files[0].stat().st_mtime_ns == mtime  # the second call reads the cache
     assert main([*argv, "prune.latency_runtime=tpu"]) == 1
     assert "latency_runtime" in capsys.readouterr().err
+
+
+class GroupedNet(nn.Module):
+    """A stem, a grouped conv (4 conv groups, not depthwise) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32),
+                                     nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.grouped(self.stem(x)))
+
+
+def test_grouped_convs_are_timed_with_their_groups_at_multiples_of_them() -> None:
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    groups = find_groups(model, SHAPE)
+    assert {g.conv_groups for g in groups} == {4}
+    seen: list[tuple[int, int, int]] = []
+
+    class Recorded(Counted):
+        def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+            conv = module[0] if isinstance(module, nn.Sequential) else None
+            if conv is not None and conv.kernel_size == (3, 3) and conv.out_channels % 4 == 0 and conv.groups > 1:
+                seen.append((conv.in_channels, conv.out_channels, conv.groups))
+            return super().__call__(module, x)
+
+    measure = Recorded()
+    table = build_table(model, groups, SHAPE, batch_size=2, measure=measure, progress=False, block=1)
+    assert seen and all(g == 4 and cin % 4 == 0 and cout % 4 == 0 for cin, cout, g in seen)
+    report = validate(table, model, groups, random_plans(groups, 4, seed=0), rounds=1, measure=measure)
+    assert report["max_error"] < 1e-6  # timed as groups=1 the grouped layer would cost 4x its MACs
