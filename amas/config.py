@@ -120,6 +120,9 @@ class SearchConfig(AlignmentConfig):
     # the penalty weights each channel by cost**penalty_power (1: as costly as it is, 0: every channel alike, the
     # architecture then follows the masks' importance alone), rescaled to the same total so lam keeps its scale
     penalty_power: float = field(default=1.0, metadata=_range(0))
+    # the strongest ceil(min_keep * size) channels of every group are exempt from the penalty's shrinkage, so no
+    # layer is emptied to pay for the budget (0: no floor; the controller takes the MACs from the other channels)
+    min_keep: float = field(default=0.0, metadata=_range(0, 1))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))
     target_ramp: float = field(

@@ -220,7 +220,7 @@ class SearchObjective(AlignmentObjective):
         distributed.average_gradients(list(self.masks.masks))  # masks live outside DDP: keep the ranks' masks equal
         mask_lr = self.cfg.mask_lr * (lr / self.cfg.train.lr if self.cfg.mask_lr_schedule else 1.0)
         before = [v.clone() for v in self.updater.values()] if self._holds() else None
-        self.updater.step(mask_lr, [self.lam * c for c in self.costs])
+        self.updater.step(mask_lr, self._thresholds())
         if before is not None:
             self.hold_budget(before)
         self.steps_done = step + 1
@@ -228,6 +228,19 @@ class SearchObjective(AlignmentObjective):
             self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
             if self.controller.error < 0:  # past the set point: stop the masks' momentum too
                 self.updater.drop_momentum()
+
+    def _thresholds(self) -> list[float | torch.Tensor]:
+        """The L1 weight of each group's masks: lam·cost, but 0 on each group's strongest search.min_keep share."""
+        weights: list[float | torch.Tensor] = [self.lam * c for c in self.costs]
+        if self.cfg.min_keep <= 0:
+            return weights
+        out: list[float | torch.Tensor] = []
+        for p, w in zip(self.updater.params, weights, strict=True):
+            k = min(p.numel(), math.ceil(self.cfg.min_keep * p.numel()))
+            t = torch.full_like(p.detach(), float(w))
+            t[torch.topk(p.detach(), k).indices] = 0.0
+            out.append(t)
+        return out
 
     def _holds(self) -> bool:
         return self.cfg.hold_budget and self.controller is not None

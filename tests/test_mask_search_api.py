@@ -80,3 +80,31 @@ def test_hold_budget_stops_a_step_from_cutting_past_the_target() -> None:
         search.close()
     assert got[False] > 0.35  # the step alone would cut well past the target
     assert 0.25 <= got[True] <= 0.3
+
+
+def test_min_keep_exempts_each_groups_strongest_share_from_the_penalty() -> None:
+    """With lam 500 one mask step empties groups; search.min_keep=0.5 keeps every group's strongest half alive."""
+    import math
+
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    x, y = next(iter(train))
+    least = {}
+    for floor in (0.0, 0.5):
+        torch.manual_seed(0)
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        search = amas.MaskSearch(student, teacher, SHAPE, 0.0, lam=500.0, min_keep=floor)
+        with torch.no_grad():
+            for m in search.masks.masks:
+                m.copy_(torch.linspace(1.0, 0.05, m.numel()))
+        search.objective.updater.reset()
+        search.loss(x, y).backward()
+        search.step(lr=0.01)
+        alive = {n: int((v > 0).sum()) for n, v in search.mask_values().items()}
+        least[floor] = min(alive[n] / math.ceil(0.5 * v.numel()) for n, v in search.mask_values().items())
+        if floor:
+            for v in search.mask_values().values():  # the survivors are the strongest half, the rest shrank to 0
+                k = math.ceil(0.5 * v.numel())
+                assert bool((v[:k] > 0).all()) and bool((v[k:] == 0).all())
+        search.close()
+    assert least[0.0] < 1.0 <= least[0.5]
