@@ -194,6 +194,14 @@ def test_latency_table_command_writes_the_cached_table_and_reports_it(tmp_path, 
     assert str(files[0]) in capsys.readouterr().out
     mtime = files[0].stat().st_mtime_ns
     assert main(argv) == 0 and files[0].stat().st_mtime_ns == mtime  # the second call reads the cache
+    from amas.config import load_config
+    from amas.latency_report import shared_table
+
+    conf = load_config(str(cfg), ["prune.latency_batch=1", f"prune.latency_tables={cache}"])
+    model = create_model("resnet20", num_classes=4, in_channels=1).eval()  # synthetic data: 4 classes, 1x16x16
+    groups = find_groups(model, (1, 16, 16), residual=conf.prune.residual_channels)
+    shared_table(model, groups, (1, 16, 16), conf.prune)  # what amas prune plans with
+    assert list(cache.iterdir()) == files and files[0].stat().st_mtime_ns == mtime  # the command's table, reused
     assert main([*argv, "prune.latency_runtime=tpu"]) == 1
     assert "latency_runtime" in capsys.readouterr().err
 
