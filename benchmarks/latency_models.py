@@ -30,7 +30,7 @@ def _load(path: str) -> tuple[torch.nn.Module, list[int]]:
     """The model in a model.pt or pruned.pt, and the input shape its file records."""
     try:
         model, obj = load_pruned(path)
-        return model, list(obj["input_shape"])
+        return model, list(obj.get("input_shape") or obj["recipe"]["input_shape"])
     except CheckpointError as e:
         if "'pruned' file is needed" not in str(e):
             raise SystemExit(f"error: {e}") from None
