@@ -23,18 +23,13 @@ if TYPE_CHECKING:
 __all__ = ["table_for_config", "runtime_latency", "shared_table", "plan_by_latency", "runtime_comparison"]
 
 
-def table_name(model: nn.Module) -> str:
-    """The model name a table is keyed by (its class: the groups and input shape in the key tell sizes apart)."""
-    return type(model).__name__
-
-
 def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg) -> LatencyTable:
     """The latency table of prune_cfg's target, measured on rank 0 only and read from its cache by the other ranks."""
     from amas.distributed import barrier, context
     from amas.latency_model import build_table
 
     kw = dict(batch_size=prune_cfg.latency_batch, runtime=prune_cfg.latency_runtime,
-              model_name=table_name(model), cache_dir=Path(prune_cfg.latency_tables).expanduser())
+              cache_dir=Path(prune_cfg.latency_tables).expanduser())
     table = build_table(model, groups, tuple(input_shape), **kw) if context().is_main else None
     barrier()
     return table if table is not None else build_table(model, groups, tuple(input_shape), progress=False, **kw)
@@ -68,8 +63,8 @@ def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = N
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=shape[0]).eval()
     groups = find_groups(model, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
     cache = Path(cfg.prune.latency_tables).expanduser()
-    table = build_table(model, groups, shape, batch_size=batch, runtime=runtime, model_name=table_name(model),
-                        cache_dir=cache, progress=progress)
+    # keyed by the model's class, as the pipeline's shared_table keys it, so amas prune reuses this table
+    table = build_table(model, groups, shape, batch_size=batch, runtime=runtime, cache_dir=cache, progress=progress)
     out = {"model": cfg.model.name, "input_shape": list(shape), "batch_size": batch, "runtime": runtime,
            "threads": table.key["threads"], "layers": len(table.layers), "measured_shapes": len(table.measured),
            "dense_ms": table.dense_ms, "overhead_ms": table.overhead_ms, "table": str(cache_file(cache, table.key))}
