@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,16 @@ class CostModel:
         if unknown:
             raise MaskError(f"unknown channel group {unknown[0]!r}; use the names from find_groups")
         return self._rest + self._layer_macs(full)
+
+    def uniform_share(self, target_reduction: float) -> float:
+        """The largest share r of every group's channels (ceil(r·size) kept) whose cut reaches the target reduction."""
+        budget = (1.0 - float(target_reduction)) * self.total_macs
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            r = (lo + hi) / 2
+            kept = {n: max(1, math.ceil(r * g.size)) for n, g in self.groups.items()}
+            lo, hi = (r, hi) if self.macs(kept) <= budget else (lo, r)
+        return lo
 
     def channel_costs(self) -> dict[str, float]:
         """MACs saved by removing one channel of each group from the full model."""

@@ -144,6 +144,13 @@ class BudgetController:
         self.error, self.updates = float(state["error"]), int(state["updates"])
 
 
+def exempt_counts(groups: list, cost: Any, cfg: SearchConfig) -> list[int]:
+    """Channels per group exempt from the penalty: min_keep of its size, or min_keep_uniform of a uniform cut's."""
+    share = cost.uniform_share(cfg.target_reduction) if cfg.min_keep_uniform > 0 and cfg.target_reduction > 0 else 0.0
+    return [min(g.size, max(math.ceil(cfg.min_keep * g.size), math.floor(cfg.min_keep_uniform * share * g.size)))
+            for g in groups]
+
+
 def _powered(costs: list[float], sizes: list[int], power: float) -> list[float]:
     """costs**power, rescaled so that Σ size·cost (the penalty of all masks at 1) is unchanged."""
     if power == 1.0 or not costs:
@@ -177,6 +184,7 @@ class SearchObjective(AlignmentObjective):
         if penalty_costs is not None:  # e.g. ms saved per channel over the model's ms (search.penalty_cost latency)
             self.costs = [float(penalty_costs[n]) for n in self.names]
         self.costs = _powered(self.costs, [g.size for g in groups], float(cfg.penalty_power))
+        self.floors = exempt_counts(groups, cost, cfg)
         self.lam = float(cfg.lam)
         self.total_steps = int(total_steps)
         self.steps_done = 0
@@ -230,15 +238,15 @@ class SearchObjective(AlignmentObjective):
                 self.updater.drop_momentum()
 
     def _thresholds(self) -> list[float | torch.Tensor]:
-        """The L1 weight of each group's masks: lam·cost, but 0 on each group's strongest search.min_keep share."""
+        """The L1 weight of each group's masks: lam·cost, but 0 on each group's strongest self.floors[g] channels."""
         weights: list[float | torch.Tensor] = [self.lam * c for c in self.costs]
-        if self.cfg.min_keep <= 0:
+        if not any(self.floors):
             return weights
         out: list[float | torch.Tensor] = []
-        for p, w in zip(self.updater.params, weights, strict=True):
-            k = min(p.numel(), math.ceil(self.cfg.min_keep * p.numel()))
+        for p, w, k in zip(self.updater.params, weights, self.floors, strict=True):
             t = torch.full_like(p.detach(), float(w))
-            t[torch.topk(p.detach(), k).indices] = 0.0
+            if k:
+                t[torch.topk(p.detach(), k).indices] = 0.0
             out.append(t)
         return out
 

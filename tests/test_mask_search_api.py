@@ -108,3 +108,31 @@ def test_min_keep_exempts_each_groups_strongest_share_from_the_penalty() -> None
                 assert bool((v[:k] > 0).all()) and bool((v[k:] == 0).all())
         search.close()
     assert least[0.0] < 1.0 <= least[0.5]
+
+
+def test_min_keep_uniform_floors_follow_the_target() -> None:
+    """The uniform share reaches the target (one more channel each would not); the exempt floors shrink with it."""
+    import math
+
+    from amas.config import SearchConfig
+    from amas.mask_search import exempt_counts
+    from amas.masks import CostModel, find_groups
+    from amas.models import create_model
+
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    groups = find_groups(model, (1, 28, 28))
+    cost = CostModel(model, groups, (1, 28, 28))
+    floors = {}
+    for target in (0.5, 0.7, 0.8):
+        r = cost.uniform_share(target)
+        kept = {g.name: max(1, math.ceil(r * g.size)) for g in groups}
+        assert cost.macs(kept) <= (1 - target) * cost.total_macs
+        wider = {g.name: min(g.size, kept[g.name] + 1) for g in groups}
+        assert cost.macs(wider) > (1 - target) * cost.total_macs
+        cfg = SearchConfig(target_reduction=target, min_keep_uniform=0.8)
+        floors[target] = exempt_counts(groups, cost, cfg)
+        assert floors[target] == [math.floor(0.8 * r * g.size) for g in groups]
+    assert floors[0.5] > floors[0.7] > floors[0.8] and min(floors[0.8]) >= 1
+    # no target, no uniform floor; min_keep still holds
+    assert exempt_counts(groups, cost, SearchConfig(min_keep_uniform=0.8)) == [0] * len(groups)
+    assert exempt_counts(groups, cost, SearchConfig(min_keep=0.25)) == [math.ceil(g.size / 4) for g in groups]
