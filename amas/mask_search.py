@@ -144,11 +144,18 @@ class BudgetController:
         self.error, self.updates = float(state["error"]), int(state["updates"])
 
 
-def exempt_counts(groups: list, cost: Any, cfg: SearchConfig) -> list[int]:
-    """Channels per group exempt from the penalty: min_keep of its size, or min_keep_uniform of a uniform cut's."""
+def exempt_counts(groups: list, cost: Any, cfg: SearchConfig, round_to: int = 1) -> list[int]:
+    """Channels per group exempt from the penalty: min_keep of its size, or min_keep_uniform of a uniform cut's.
+
+    The uniform floor is rounded up to the planner's multiple (prune.round_to), so the rounded cut keeps no channel
+    the penalty has shrunk just to fill a multiple."""
     share = cost.uniform_share(cfg.target_reduction) if cfg.min_keep_uniform > 0 and cfg.target_reduction > 0 else 0.0
-    return [min(g.size, max(math.ceil(cfg.min_keep * g.size), math.floor(cfg.min_keep_uniform * share * g.size)))
-            for g in groups]
+    out = []
+    for g in groups:
+        k = math.floor(cfg.min_keep_uniform * share * g.size)
+        k = round_to * math.ceil(k / round_to) if k > 0 and round_to > 1 else k
+        out.append(min(g.size, max(math.ceil(cfg.min_keep * g.size), k)))
+    return out
 
 
 def _powered(costs: list[float], sizes: list[int], power: float) -> list[float]:
@@ -184,7 +191,7 @@ class SearchObjective(AlignmentObjective):
         if penalty_costs is not None:  # e.g. ms saved per channel over the model's ms (search.penalty_cost latency)
             self.costs = [float(penalty_costs[n]) for n in self.names]
         self.costs = _powered(self.costs, [g.size for g in groups], float(cfg.penalty_power))
-        self.floors = exempt_counts(groups, cost, cfg)
+        self.floors = exempt_counts(groups, cost, cfg, self.round_to)
         self.lam = float(cfg.lam)
         self.total_steps = int(total_steps)
         self.steps_done = 0

@@ -132,7 +132,12 @@ def test_min_keep_uniform_floors_follow_the_target() -> None:
         cfg = SearchConfig(target_reduction=target, min_keep_uniform=0.8)
         floors[target] = exempt_counts(groups, cost, cfg)
         assert floors[target] == [math.floor(0.8 * r * g.size) for g in groups]
+        rounded = exempt_counts(groups, cost, cfg, round_to=4)
+        assert all(k % 4 == 0 and k - 4 < f <= k for k, f in zip(rounded, floors[target], strict=True))
     assert floors[0.5] > floors[0.7] > floors[0.8] and min(floors[0.8]) >= 1
+    # at -70% the rounded floors are a quarter of every group (4 / 8 / 16 of 16 / 32 / 64)
+    r70 = exempt_counts(groups, cost, SearchConfig(target_reduction=0.7, min_keep_uniform=0.8), round_to=4)
+    assert r70 == [g.size // 4 for g in groups]
     # no target, no uniform floor; min_keep still holds
     assert exempt_counts(groups, cost, SearchConfig(min_keep_uniform=0.8)) == [0] * len(groups)
     assert exempt_counts(groups, cost, SearchConfig(min_keep=0.25)) == [math.ceil(g.size / 4) for g in groups]
