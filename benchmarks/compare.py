@@ -277,7 +277,8 @@ def relatency(result: dict, iters: int) -> None:
     from amas.planner import make_recipe, model_from_recipe
 
     t = result["teacher"]
-    teacher, obj = load_model(t["path"], "cpu")
+    path = Path(t["path"]) if Path(t["path"]).is_absolute() else ROOT / t["path"]  # repo-relative in new results
+    teacher, obj = load_model(path, "cpu")
     rec = obj["model"]
     shape = (int(rec["data"]["in_channels"]), int(rec["data"]["image_size"]), int(rec["data"]["image_size"]))
     teacher_rec = {"name": rec["name"], "num_classes": int(rec["num_classes"]), "in_channels": shape[0]}

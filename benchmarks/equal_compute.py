@@ -379,12 +379,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _repo_relative(path: Path) -> str:
+    """The path relative to this repository when it (or a copy of the repository holding it) has the file."""
+    parts = path.resolve().parts
+    for i in range(1, len(parts)):  # /elsewhere/copy/benchmarks/teachers/x.pt -> benchmarks/teachers/x.pt
+        if (ROOT.joinpath(*parts[i:])).is_file():
+            return str(Path(*parts[i:]))
+    return str(path)
+
+
+def _teacher_key(t: dict) -> tuple:
+    """What makes two result files one teacher's: its file name and its measured accuracy and size."""
+    return Path(t["path"]).name, t["model"], t["dataset"], t["test_acc"], t["val_acc"], t["macs"], t["params"]
+
+
 def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, png: bool) -> int:
     """Combine result files of one teacher (e.g. one per target or session) into NAME; optionally re-time latency."""
     parts = compare.read_results(paths, "an equal-compute")
-    if len({r["teacher"]["path"] for r in parts}) > 1:
+    if len({_teacher_key(r["teacher"]) for r in parts}) > 1:
         raise AmasError("--merge: the files come from different teachers; merge one teacher's runs")
     result = copy.deepcopy(parts[0])
+    result["teacher"]["path"] = _repo_relative(Path(result["teacher"]["path"]))
     rows: dict[tuple, dict] = {}
     for r in parts:
         for row in r["rows"]:
@@ -444,7 +459,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "command": command,
         "teacher": {
             "method": "teacher",
-            "path": str(teacher_path),
+            "path": _repo_relative(teacher_path),
             "model": rec["name"],
             "dataset": rec["data"]["name"],
             "test_acc": round(t_test, 3),
