@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from amas.atomic_files import temp_beside
 from amas.errors import AmasError
 
 FORMAT_VERSION = 1
@@ -23,9 +23,7 @@ class CheckpointError(AmasError):
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file beside path, then rename over it."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_beside(p)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, p)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from amas.atomic_files import temp_beside
 from amas.config_check import ConfigError, build_section
 
 
@@ -327,10 +327,9 @@ def to_dict(cfg: Any) -> dict:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text to path through a temp file and rename, so a crash never leaves half a file."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    tmp = temp_beside(p)
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, p)
     except BaseException:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.atomic_files import temp_beside
 from amas.checkpoint import CheckpointError, load_file
 from amas.pruned_file import ExportError, load_any_model, load_pruned, peek_format, save_pruned
 
@@ -39,10 +39,7 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> 
 
 def _tmp_beside(path: Path) -> str:
     """A temp file beside path with the same suffix (torch.export.save wants '.pt2')."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    return tmp
+    return temp_beside(path, suffix=f".tmp{path.suffix}")
 
 
 def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,

@@ -23,10 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from amas.atomic_files import temp_beside
 from amas.config import SelectConfig, atomic_write_text
 from amas.errors import AmasError
 
@@ -285,9 +285,7 @@ def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, i
 
 def _save_figure(fig: Any, path: Path) -> None:
     """Save a figure as PNG through a temp file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    tmp = temp_beside(path, suffix=".png")
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)

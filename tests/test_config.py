@@ -78,3 +78,23 @@ def test_generated_config_reference_is_current():
     tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "config_reference.py"))
     ref = Path(__file__).resolve().parents[1] / "configs" / "REFERENCE.md"
     assert ref.read_text() == tool["render"](), "run python tools/config_reference.py"
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps(tmp_path) -> None:
+    """Files written through a temp file and rename are as readable as plain writes (0644 under umask 022)."""
+    import os
+
+    import torch
+
+    from amas.checkpoint import atomic_save
+    from amas.config import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt"]  # no temp file left
