@@ -123,9 +123,9 @@ class SearchConfig(AlignmentConfig):
     # the strongest ceil(min_keep * size) channels of every group are exempt from the penalty's shrinkage, so no
     # layer is emptied to pay for the budget (0: no floor; the controller takes the MACs from the other channels)
     min_keep: float = field(default=0.0, metadata=_range(0, 1))
-    # a floor that follows the target: floor(min_keep_uniform * r * size) channels of every group are exempt as well,
-    # r the share a uniform cut to target_reduction keeps of each group (0.8: most of the kept budget sits in the
-    # floors, the masks place the rest and choose which channels fill each floor)
+    # a floor that follows the target: floor(min_keep_uniform * r * size) channels of every group, rounded up to
+    # prune.round_to, are exempt as well, r the share a uniform cut to target_reduction keeps of each group (0.8: most
+    # of the kept budget sits in the floors, the masks place the rest and choose which channels fill each floor)
     min_keep_uniform: float = field(default=0.0, metadata=_range(0, 1))
     # budget controller: when target_reduction > 0, adapt lam so the effective MACs reduction settles there
     target_reduction: float = field(default=0.0, metadata=_range(0, 1))

@@ -37,11 +37,6 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> 
     return torch.randn((batch, *input_shape), device=device, dtype=dtype)
 
 
-def _tmp_beside(path: Path) -> str:
-    """A temp file beside path with the same suffix (torch.export.save wants '.pt2')."""
-    return temp_beside(path, suffix=f".tmp{path.suffix}")
-
-
 def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
                dynamic_batch: bool = True) -> dict:
     """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}."""
@@ -67,7 +62,7 @@ def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | 
     finally:
         model.train(was_training)
     p = Path(path)
-    tmp = _tmp_beside(p)
+    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
     try:
         torch.export.save(ep, tmp)
         os.replace(tmp, p)
@@ -99,7 +94,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
     model.eval()
     x = _example(model, tuple(input_shape))
     p = Path(path)
-    tmp = _tmp_beside(p)
+    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
     dynamic = False
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
