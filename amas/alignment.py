@@ -85,26 +85,29 @@ def last_global_pool(model: nn.Module) -> nn.Module | None:
 
 
 class _FeatureTap:
-    """Forward pre-hook on a pooling module: keeps its input globally averaged to [N, C]."""
+    """Forward pre-hook on a pooling module: keeps its input (the final feature map)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.value: torch.Tensor | None = None
         self.handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        self.value = x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
+        self.value = args[0]
 
     def take(self) -> torch.Tensor:
         v, self.value = self.value, None
         if v is None:
-            raise SearchError(
-                "the pooling layer tapped for search.d_input=features did not run; use search.d_input=logits"
-            )
+            raise SearchError("the pooling layer tapped for d_input=features or feature_kd did not run; "
+                              "use d_input=logits and feature_kd=0")
         return v
 
     def remove(self) -> None:
         self.handle.remove()
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """A feature map globally averaged to [N, C] (already flat features as they are)."""
+    return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
 
 
 def _inplace_relus(gm: torch.fx.GraphModule) -> None:
@@ -172,19 +175,20 @@ class AlignmentObjective(Objective):
         teacher.eval().requires_grad_(False)
         # what runs the teacher's forwards: the teacher, or its conv+BN-folded copy (same outputs to float rounding)
         self.teacher_fwd = fast_inference_copy(teacher, input_shape) if cfg.fast_teacher else teacher
-        if cfg.d_input == "features":
+        self._tapped = cfg.d_input == "features" or cfg.feature_kd > 0
+        if self._tapped:
+            what = f"{section}.d_input=features" if cfg.d_input == "features" else f"{section}.feature_kd"
+            fix = f"use {section}.d_input=logits and {section}.feature_kd=0"
             pool = last_global_pool(teacher)
             if pool is None:
-                raise SearchError(f"{section}.d_input=features needs a pooling layer before the classifier; "
-                                  f"this model has none, use {section}.d_input=logits")
-            d_in = _feature_width(teacher, pool, input_shape)
+                raise SearchError(f"{what} needs a pooling layer before the classifier; this model has none, {fix}")
+            width = _feature_width(teacher, pool, input_shape)
             student_pool = last_global_pool(student) if student is not None else None
-            if student_pool is not None and _feature_width(student, student_pool, input_shape) != d_in:
+            if student_pool is not None and _feature_width(student, student_pool, input_shape) != width:
                 raise SearchError(
-                    f"{section}.d_input=features needs the pruned model's pooled features as wide as the teacher's "
-                    f"({_feature_width(student, student_pool, input_shape)} vs {d_in}); use {section}.d_input=logits")
-        else:
-            d_in = num_classes
+                    f"{what} needs the pruned model's pooled features as wide as the teacher's "
+                    f"({_feature_width(student, student_pool, input_shape)} vs {width}); {fix}")
+        d_in = width if cfg.d_input == "features" else num_classes
         self.discriminator = Discriminator(d_in, cfg.d_hidden)
         self.d_opt: torch.optim.Optimizer | None = None
         self._taps: list[_FeatureTap] = []
@@ -206,7 +210,7 @@ class AlignmentObjective(Objective):
         else:
             self.d_opt = torch.optim.SGD(self.discriminator.parameters(), lr=self.cfg.d_lr, momentum=0.9,
                                          weight_decay=self.cfg.d_weight_decay)
-        if self.cfg.d_input == "features":
+        if self._tapped:
             self._taps = [_FeatureTap(last_global_pool(self.teacher_fwd)), _FeatureTap(last_global_pool(model))]
 
     def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
@@ -215,8 +219,12 @@ class AlignmentObjective(Objective):
         with torch.no_grad():
             t_logits = self.teacher_fwd(images)
         s_logits = model(images)
+        t_map = s_map = None
         if self._taps:
-            t_out, s_out = self._taps[0].take(), self._taps[1].take()
+            t_map, s_map = self._taps[0].take(), self._taps[1].take()
+        if cfg.d_input == "features":
+            assert t_map is not None and s_map is not None
+            t_out, s_out = _pooled(t_map), _pooled(s_map)
         else:
             t_out, s_out = t_logits, s_logits
         assert self.d_opt is not None, "setup() must run before compute()"
@@ -249,6 +257,11 @@ class AlignmentObjective(Objective):
             "ce": ce.detach(), "kd": kd.detach(), "adv": adv.detach(),
             "d_loss": d_loss.detach(), "d_teacher": torch.sigmoid(d_t).mean(), "d_student": torch.sigmoid(d_s).mean(),
         }
+        if cfg.feature_kd > 0:
+            assert t_map is not None and s_map is not None
+            feat = F.mse_loss(s_map.float(), t_map.float())
+            loss = loss + cfg.feature_kd * feat
+            terms["feature_kd"] = feat.detach()
         return StepOutput(loss, s_logits, terms)
 
     def state_dict(self) -> dict:

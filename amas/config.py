@@ -91,6 +91,9 @@ class AlignmentConfig:
     d_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))
     d_weight_decay: float = field(default=0.0, metadata=_range(0))
     d_steps: int = field(default=1, metadata=_range(0))
+    # weight of an MSE between the student's and the teacher's final feature maps (the last global pool's input,
+    # as FitNets' hints), added to the student loss; needs the pruned model's features as wide as the teacher's
+    feature_kd: float = field(default=0.0, metadata=_range(0))
 
 
 @dataclass

@@ -258,6 +258,24 @@ def test_every_loss_term_is_finite(teacher_path, tmp_path, extra):
     assert all(p.grad is None for p in obj.discriminator.parameters())  # the adversarial term spares D
 
 
+def test_feature_kd_matches_the_final_feature_maps(teacher_path, tmp_path):
+    """search.feature_kd adds w·MSE(student map, teacher map) at the last pool's input: 0 for the teacher's copy."""
+    trainer, obj, teacher, data = _objective(teacher_path, tmp_path, **{"search.feature_kd": "2.0"})
+    x, y = next(iter(data.train))
+    trainer.model.eval()  # eval-mode BN: the unmasked student computes exactly the teacher's maps
+    same = obj.compute(trainer.model, x, y)
+    assert float(same.terms["feature_kd"]) < 1e-8
+    with torch.no_grad():
+        trainer.model.layer3[-1].conv2.weight.mul_(1.5)
+    moved = obj.compute(trainer.model, x, y)
+    assert float(moved.terms["feature_kd"]) > 1e-4
+    trainer.model.zero_grad(set_to_none=True)
+    moved.loss.backward()
+    assert trainer.model.layer3[-1].conv2.weight.grad is not None
+    without = _objective(teacher_path, tmp_path, "plain")[1].compute(trainer.model, x, y)
+    assert "feature_kd" not in without.terms
+
+
 def test_teacher_is_untouched_by_search(teacher_path, tmp_path):
     trainer, obj, teacher, _ = _objective(teacher_path, tmp_path, **{"search.lam": "5"})
     before = {k: v.clone() for k, v in load_model(teacher_path)[0].state_dict().items()}
