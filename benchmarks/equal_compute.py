@@ -296,13 +296,15 @@ def plot(result: dict, path: Path) -> None:
     budgets = sorted({x["budget_epochs"] for x in result["summary"]})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.2), squeeze=False)
     t = result["teacher"]
+    methods = list(dict.fromkeys(x["method"] for x in result["summary"]))
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # a method keeps its colour in every panel
     for ax, budget in zip(axes[0], budgets, strict=True):
         cells = [x for x in result["summary"] if x["budget_epochs"] == budget and x["test_acc"]]
         for m in dict.fromkeys(x["method"] for x in cells):
             pts = sorted((x["macs_reduction"]["mean"] * 100, x["test_acc"]["mean"], x["test_acc"]["sd"])
                          for x in cells if x["method"] == m)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        label=m, lw=2.2 if m == "amas" else 1.2)
+                        label=m, color=colour[m], lw=2.2 if m == "amas" else 1.2)
         ax.axhline(t["test_acc"], color="grey", ls="--", lw=1, label="teacher")
         ax.set_title(f"E = {budget} epochs")
         ax.set_xlabel("MACs reduction (%)")
