@@ -184,10 +184,10 @@ class AlignmentObjective(Objective):
                 raise SearchError(f"{what} needs a pooling layer before the classifier; this model has none, {fix}")
             width = _feature_width(teacher, pool, input_shape)
             student_pool = last_global_pool(student) if student is not None else None
-            if student_pool is not None and _feature_width(student, student_pool, input_shape) != width:
-                raise SearchError(
-                    f"{what} needs the pruned model's pooled features as wide as the teacher's "
-                    f"({_feature_width(student, student_pool, input_shape)} vs {width}); {fix}")
+            s_width = _feature_width(student, student_pool, input_shape) if student_pool is not None else width
+            if s_width != width:
+                raise SearchError(f"{what} needs the pruned model's pooled features as wide as the teacher's "
+                                  f"({s_width} vs {width}); {fix}")
         d_in = width if cfg.d_input == "features" else num_classes
         self.discriminator = Discriminator(d_in, cfg.d_hidden)
         self.d_opt: torch.optim.Optimizer | None = None
