@@ -422,3 +422,19 @@ def test_search_stopped_part_way_through_a_longer_schedule(teacher_path, tmp_pat
     assert result["final_lr"] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi / 4)), rel=0.02)
     plain = search(load_config(None, search_overrides()), tmp_path / "plain", teacher_path)
     assert plain["final_lr"] < 1e-4  # its own cosine ends at zero
+
+
+@pytest.mark.parametrize("key", ["feature_kd", "d_input"])
+def test_feature_options_need_equal_widths(key):
+    """feature_kd / d_input=features on a student with narrower final features stop with one line naming the fix."""
+    from amas.alignment import AlignmentObjective
+    from amas.config import FinetuneConfig
+
+    def net(width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(width, 10))
+
+    cfg = FinetuneConfig(feature_kd=1.0) if key == "feature_kd" else FinetuneConfig(d_input="features")
+    with pytest.raises(SearchError, match=rf"finetune\.{key}.*as wide as the teacher's \(4 vs 8\); use finetune"):
+        AlignmentObjective(net(8), cfg, (1, 8, 8), 10, student=net(4), section="finetune")
+    AlignmentObjective(net(8), cfg, (1, 8, 8), 10, student=net(8), section="finetune")  # equal widths: fine
