@@ -210,11 +210,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_blend_search_improves_held_out_fitness(trained: dict) -> None:
     cfg = CriteriaConfig(
-        batches=2, blend_population=6, blend_generations=4, blend_val_batches=2, blend_layer_scales=True
+        batches=2, blend_population=6, blend_generations=6, blend_val_batches=2, blend_layer_scales=True
     )
     res = blend.search(trained["model"], trained["groups"], trained["cost"], 0.75, train=trained["data"].train,
                        val=trained["data"].val, cfg=cfg, prune_cfg=PruneConfig(round_to=1), num_classes=4, seed=0)
-    assert len(res.history) == 4
+    assert len(res.history) == 6  # on an AMD EPYC (2026-12) generations 0-4 tie at 51.56%, the sixth gains an image
     assert res.history[-1] > res.history[0]  # the best genome beats the best of generation 0 (equal blend included)
     assert res.fitness == res.history[-1] and 0.0 <= res.fitness <= 100.0
     assert set(res.weights) == set(cfg.blend_pool) and res.evaluations > 6
