@@ -28,6 +28,11 @@ __all__ = ["AlignmentObjective", "Discriminator", "SearchError", "discriminator_
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 
 
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """t as float32, or as is when it is float64 (losses never run in bf16/fp16, nor lose a float64 run's precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
 class SearchError(AmasError):
     """A search or fine-tuning that cannot start: mismatched teacher and data, unusable options."""
 
@@ -47,12 +52,12 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logit that x comes from the teacher, shape [N]."""
-        return self.net(x.float().flatten(1)).squeeze(1)
+        return self.net(full_precision(x).flatten(1)).squeeze(1)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", temperature: float = 4.0) -> torch.Tensor:
     """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T."""
-    s, t = student.float(), teacher.float()
+    s, t = full_precision(student), full_precision(teacher)
     if kind == "mse":
         return F.mse_loss(s, t)
     if kind == "kl":
@@ -230,7 +235,7 @@ class AlignmentObjective(Objective):
         assert self.d_opt is not None, "setup() must run before compute()"
         d = self.discriminator
         with _no_autocast(self.device):
-            t_out_f, s_out_f = t_out.float(), s_out.float()
+            t_out_f, s_out_f = full_precision(t_out), full_precision(s_out)
             d_loss = d_t = d_s = None
             for _ in range(cfg.d_steps):
                 self.d_opt.zero_grad(set_to_none=True)
@@ -249,7 +254,7 @@ class AlignmentObjective(Objective):
             finally:
                 d.requires_grad_(True)
             adv = real_fake_bce(d_fake, True)
-        s32 = s_logits.float()
+        s32 = full_precision(s_logits)
         ce = F.cross_entropy(s32, labels, label_smoothing=self.label_smoothing)
         kd = kd_loss(s32, t_logits, cfg.kd, cfg.temperature)
         loss = cfg.ce_weight * ce + cfg.mu * kd + cfg.adv_weight * adv
@@ -259,7 +264,7 @@ class AlignmentObjective(Objective):
         }
         if cfg.feature_kd > 0:
             assert t_map is not None and s_map is not None
-            feat = F.mse_loss(s_map.float(), t_map.float())
+            feat = F.mse_loss(full_precision(s_map), full_precision(t_map))
             loss = loss + cfg.feature_kd * feat
             terms["feature_kd"] = feat.detach()
         return StepOutput(loss, s_logits, terms)

@@ -238,8 +238,9 @@ class TensorBatches:
         return self.apply_augmentation(x, *self.draw_augmentation(x.shape[0], g))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 batch to normalised float32."""
-        x = (x.float() - self.mean) * self.inv_std
+        """uint8 batch to normalised floats of the default dtype (float32 unless a caller set another)."""
+        dtype = torch.get_default_dtype()
+        x = (x.to(dtype) - self.mean.to(dtype)) * self.inv_std.to(dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

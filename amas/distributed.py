@@ -144,7 +144,7 @@ class CrossRankBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 where the model runs in it
         xd = x.double()  # sum and sum of squares in float64: E[x²]−E[x]² cancels badly in float32
         n_local = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float64, device=x.device)
         stats = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), n_local])
@@ -153,7 +153,7 @@ class CrossRankBatchNorm(nn.BatchNorm2d):
         n = stats[2 * c]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
-        mean, var, n = mean.float(), var.float(), n.float()
+        mean, var, n = mean.to(xf.dtype), var.to(xf.dtype), n.to(xf.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -36,34 +36,32 @@ if _run and _log and "RANK" in os.environ:
                 _out.write(p + "\\n")
 
     sys.addaudithook(_hook)
+if os.environ.get("AMAS_TEST_FLOAT64"):
+    import torch
+    torch.set_default_dtype(torch.float64)
 '''
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_processes_prune_like_one_process(teacher_path, tmp_path):
-    # float32 rounding differs between 1 and 2 processes; the test keeps out what amplifies it by orders of magnitude:
-    # - channels_last on the CPU, as the train and search tests do: PyTorch's CPU BatchNorm kernel for channels_last
-    #   tensors sums in float32 10-40x less precisely than its contiguous kernel, so the 1-process run's BN gradients
-    #   carried errors of ~1e-3 relative (2.5e-3 in a conv gradient of a cut candidate, against 3e-6 contiguous and
-    #   5e-7 for CrossRankBatchNorm, the 2-process run's BN, measured against float64); with it the masks ended
-    #   4e-3 apart and the final weights 6e-3 (0.23 in a running variance)
-    # - Adam's first steps for the discriminators (SGD here) and FISTA's extrapolation and restart test for the masks
-    #   (plain proximal steps here), which turn differences at the 1e-7 level into 1e-3 (final weights 5e-3 apart
-    #   with both, channels_last off)
-    # - a third training step per epoch: on an AMD EPYC (AVX2, 2026-12) it turned 1e-7 drift into 4e-2 in a one-channel
-    #   BN's running mean; 64 training images give two (tests/test_distributed.py measures the same jump)
-    # - a near tie in successive halving: on the 64-image synthetic val split two candidates can end a round two images
-    #   apart, and 1e-4 differences then pick a different winner on some CPUs; one candidate within the budget here
+    # both sides run in float64 (the default dtype, which amas' models and data follow; the workers set it in the
+    # sitecustomize below): float32 rounding differs between 1 and 2 processes and between CPUs, and FISTA, Adam,
+    # channels_last BatchNorm kernels and a third step per epoch amplified it to 1e-3..1e-2 (AVX2, AVX-512 and
+    # AVX512-BF16 machines each needed other tolerances). In float64 the drift stays near 1e-12, far below the 1e-6
+    # tolerance, while an unsynchronised rank is off by 1e-3 or more. One candidate within the budget: on the 64-image
+    # synthetic val split two candidates can tie within two images, and the test is about equality, not about halving.
     cl = {f"{s}.train.channels_last": "false" for s in ("search", "finetune")}
     overrides = prune_overrides(**{"search.d_optimizer": "sgd", "finetune.d_optimizer": "sgd", "search.fista": "false",
                                    "select.min_reduction": "0.55", "data.train_subset": "64", **cl})
     one = tmp_path / "one"
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)  # as each torchrun worker: on some CPUs oneDNN picks other conv kernels per thread count
+    torch.set_default_dtype(torch.float64)
     try:
         run_pipeline(load_config(None, overrides), one, teacher=str(teacher_path), latency_iters=2)
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
 
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -72,7 +70,7 @@ def test_torchrun_two_processes_prune_like_one_process(teacher_path, tmp_path):
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text("model:\n  name: resnet20\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=f"{hook}{os.pathsep}{ROOT}",
-               AMAS_AUDIT_RUN=str(two), AMAS_AUDIT_LOG=str(tmp_path / "writes"))
+               AMAS_AUDIT_RUN=str(two), AMAS_AUDIT_LOG=str(tmp_path / "writes"), AMAS_TEST_FLOAT64="1")
     cmd = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "amas.cli", "prune", "--config", str(cfg_file),
            "--teacher", str(teacher_path), "--out", str(two), "--latency-iters", "2", *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1200)
@@ -92,23 +90,17 @@ def test_torchrun_two_processes_prune_like_one_process(teacher_path, tmp_path):
     assert sel2["winner_row"]["kept"] == sel1["winner_row"]["kept"]
     rows1, rows2 = (json.loads((r / "candidates" / "candidates.json").read_text())["rows"] for r in (one, two))
     assert [r["kept"] for r in rows2] == [r["kept"] for r in rows1]
-    # masks, then the final weights, at the train/search tests' 5e-3 (measured over seeds 0-3: masks 6e-7, weights
-    # 7e-7 to 3.9e-4: a ReLU input within rounding of 0 that flips sign moves one step's gradient, and fine-tuning
-    # carries it); BN running statistics follow the activations' scale, so also 1e-3 relative (needed: 4e-4). On a
-    # Xeon with AVX512-BF16 (2026-12) the masks ended 5.4e-3 apart in one entry of 336: masks at 1e-2
     m1, m2 = (torch.load(r / "search" / "search.pt", weights_only=True)["masks"] for r in (one, two))
     assert m1.keys() == m2.keys()
     for k in m1:
-        torch.testing.assert_close(m2[k], m1[k], atol=1e-2, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(m2[k].double(), m1[k].double(), atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     w1, w2 = (torch.load(r / "final" / "final.pt", weights_only=True)["state_dict"] for r in (one, two))
     assert w1.keys() == w2.keys()
     cut = torch.load(one / "candidates" / f"{sel1['winner_name']}_cut.pt", weights_only=True)["state_dict"]
     assert max(float((w1[k] - cut[k]).abs().max()) for k in w1 if w1[k].is_floating_point()) > 1e-3  # it trained
-    # weights at 1e-2 and BN running statistics at 10% of each tensor's scale: on a Xeon with AVX512-BF16 (2026-12)
-    # the weights ended up to 6.0e-3 apart and running means near zero 0.8-1.9x apart relative (0.18 in a variance)
     for k, v in w1.items():
         if v.is_floating_point():
-            tol = 0.1 * float(v.abs().max()) + 1e-3 if "running" in k else 1e-2
-            torch.testing.assert_close(w2[k], v, atol=tol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+            assert v.dtype == torch.float64, k
+            torch.testing.assert_close(w2[k], v, atol=1e-6, rtol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
         else:
             assert torch.equal(w2[k], v), k
