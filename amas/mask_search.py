@@ -52,13 +52,13 @@ class ProximalMaskUpdate:
         self.t = 1.0
 
     @torch.no_grad()
-    def drop_momentum(self) -> None:
-        """Drop the momentum now: the parameters go back to the iterate x."""
+    def drop_momentum(self, count: bool = True) -> None:
+        """Drop the momentum now: the parameters go back to the iterate x (count: as a restart in the statistics)."""
         if self.fista and self.t > 1.0:
             for p, x in zip(self.params, self.x, strict=True):
                 p.copy_(x)
             self.t = 1.0
-            self.restarts += 1
+            self.restarts += int(count)
 
     @torch.no_grad()
     def step(self, lr: float, thresholds: list[float | torch.Tensor]) -> None:
@@ -201,6 +201,7 @@ class SearchObjective(AlignmentObjective):
                                                cfg.lam_min, cfg.lam_max, cfg.controller_overshoot)
             self.lam = self.controller.lam
         self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart)
+        self._eval_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ------------------------------------------------------------ engine hooks
 
@@ -210,7 +211,13 @@ class SearchObjective(AlignmentObjective):
         self.updater.params = list(self.masks.masks)
         self.updater.reset()
         self.masks.attach(model)
+        self._eval_hook = model.register_forward_pre_hook(self._iterate_in_eval)
         super().setup(model, device)
+
+    def _iterate_in_eval(self, module: nn.Module, inputs: Any) -> None:
+        """Before a forward in eval mode, put the masks back at the iterate x: what is evaluated is what is cut."""
+        if not module.training:
+            self.updater.drop_momentum(count=False)
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The student's weights only: masks are updated by the proximal step, not by the engine's SGD."""
@@ -373,4 +380,7 @@ class SearchObjective(AlignmentObjective):
     def close(self) -> None:
         """Remove the mask hooks from the student and the feature hooks."""
         self.masks.detach()
+        if self._eval_hook is not None:
+            self._eval_hook.remove()
+            self._eval_hook = None
         super().close()

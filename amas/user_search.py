@@ -106,7 +106,7 @@ class MaskSearch:
         return self.objective.reduction()
 
     def mask_values(self) -> dict[str, torch.Tensor]:
-        """The current mask values by channel group."""
+        """The current mask values by channel group (the iterates: what the student runs in eval mode, and cuts)."""
         return self.objective.mask_values()
 
     def plan(self, target_reduction: float | None = None, round_to: int | None = None) -> dict[str, torch.Tensor]:
@@ -122,6 +122,7 @@ class MaskSearch:
         from amas.planner import prune_model
 
         keep = self.plan(target_reduction, round_to)
+        self.objective.updater.drop_momentum(count=False)  # the student now runs the masks the cut folds
         was_training = self.student.training
         try:
             return prune_model(self.student, self.groups, keep, masks=self.mask_values(),

@@ -141,3 +141,28 @@ def test_min_keep_uniform_floors_follow_the_target() -> None:
     # no target, no uniform floor; min_keep still holds
     assert exempt_counts(groups, cost, SearchConfig(min_keep_uniform=0.8)) == [0] * len(groups)
     assert exempt_counts(groups, cost, SearchConfig(min_keep=0.25)) == [math.ceil(g.size / 4) for g in groups]
+
+
+def test_eval_mode_runs_the_masks_the_cut_folds() -> None:
+    """With FISTA the training forward runs an extrapolated point; evaluation and the cut both use the iterate."""
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    batches = list(train)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    search = amas.MaskSearch(student, teacher, SHAPE, 0.3, total_steps=40, round_to=1, fista=True,
+                             fista_restart=False, mask_lr=0.05)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    run_steps(search, opt, batches[:4])
+    updater = search.objective.updater
+    assert updater.t > 1.0  # live momentum: the parameters hold the extrapolated point, not the iterate
+    assert any(not torch.equal(p, x) for p, x in zip(search.masks.masks, updater.values(), strict=True))
+    x = batches[0][0]
+    student.eval()
+    with torch.no_grad():
+        masked = student(x)
+    for p, v in zip(search.masks.masks, search.mask_values().values(), strict=True):
+        assert torch.equal(p.detach(), v)
+    small = search.cut(0.0, round_to=1)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked, atol=1e-4, rtol=1e-4)
+    search.close()
