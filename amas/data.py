@@ -60,6 +60,16 @@ class Batches(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
+def batch_count(n: int, global_batch: int, world_size: int, drop_last: bool) -> int:
+    """Batches per epoch of n images; drop_last drops a partial last batch, but never the only one (a whole epoch)
+    unless it cannot give every process an image."""
+    if not drop_last:
+        return -(-n // global_batch)
+    if n >= global_batch:
+        return n // global_batch
+    return 1 if n >= world_size else 0
+
+
 # ---------------------------------------------------------------- raw tensors
 
 
@@ -202,10 +212,7 @@ class TensorBatches:
         return self.batch_size * self.world_size
 
     def __len__(self) -> int:
-        gb = self._global_batch()
-        if self.drop_last and self.num_samples >= gb:
-            return self.num_samples // gb
-        return -(-self.num_samples // gb)
+        return batch_count(self.num_samples, self._global_batch(), self.world_size, self.drop_last)
 
     def _generator(self) -> torch.Generator:
         # one stream per (seed, epoch): resuming at an epoch boundary replays the same batches
@@ -301,8 +308,7 @@ class FolderBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        gb = self.batch_size * self.world_size
-        return self.num_samples // gb if self.train else -(-self.num_samples // gb)
+        return batch_count(self.num_samples, self.batch_size * self.world_size, self.world_size, self.train)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader, Subset

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 from amas import distributed
 from amas.checkpoint import FORMAT_VERSION, atomic_save, load_file
@@ -87,6 +86,8 @@ def evaluate(
     model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
+    from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
+
     was_training = model.training
     model.eval()
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
@@ -113,6 +114,30 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+# the config key that sets each stage's batch size (candidates, the final fine-tune and criteria use finetune's)
+_BATCH_KEYS = {"train": "train.batch_size", "search": "search.train.batch_size"}
+
+
+def _no_steps(stage: str, train: Batches, world_size: int, batch_key: str | None) -> str:
+    """Why a stage would take no optimiser step, and the fix, in one line."""
+    n = int(getattr(train, "num_samples", 0))
+    images = f"{n} training image{'' if n == 1 else 's'}"
+    per_rank = getattr(train, "batch_size", None)
+    if per_rank is None:  # the user's own batches: their loader sets the batch size
+        return (f"{stage}: 0 optimiser steps per epoch from {images} over {world_size} processes; pass at least one "
+                "batch per process, or run fewer processes")
+    key = batch_key or _BATCH_KEYS.get(stage, "finetune.train.batch_size")
+    batch = f"a global batch of {per_rank * world_size} ({key}"
+    batch += f", {per_rank} on each of {world_size} processes)" if world_size > 1 else ")"
+    if n == 0:
+        fix = "add training images"
+    elif n < world_size:
+        fix = "add training images or run fewer processes: every process needs an image of each batch"
+    else:
+        fix = f"lower {key} to at most {n} or add training images"
+    return f"{stage}: 0 optimiser steps per epoch: {images} for {batch}; {fix}"
+
+
 class Trainer:
     """Trains model on batches with an objective; checkpoints every epoch and resumes exactly."""
 
@@ -130,9 +155,12 @@ class Trainer:
         device: torch.device | None = None,
         writer: Any = None,
         on_epoch_end: Callable[[int, dict], None] | None = None,
+        batch_key: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = distributed.context()
+        if cfg.epochs > 0 and len(train) == 0:
+            raise TrainingError(_no_steps(stage, train, self.dist.world_size, batch_key))
         self.device = distributed.device_for(self.dist, device or resolve_device(cfg.device))
         self.model = distributed.convert_batchnorm(model.to(self.device), self.device)
         if cfg.channels_last:
@@ -355,6 +383,10 @@ class Trainer:
             if stop.signum is not None:
                 break
         bar.close()
+        if n_steps == 0 and skip == 0 and stop.signum is None:
+            raise TrainingError(f"{self.stage}: epoch {self.epoch + 1} took 0 optimiser steps: the training batches "
+                                f"yielded nothing (their length says {self.steps_per_epoch}); pass batches that can be "
+                                "iterated once per epoch")
         totals = distributed.all_reduce_sum(
             torch.stack(
                 [

@@ -38,15 +38,22 @@ class UserBatches:
         if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
             raise DataError(f"{name} is a {type(batches).__name__}; pass an iterable of (images, labels) batches, "
                             "e.g. a torch DataLoader")
+        if isinstance(batches, Iterator):  # a generator or iterator: the second epoch would find it exhausted
+            raise DataError(f"{name} is a one-shot {type(batches).__name__}; pass an iterable that can be read once "
+                            "per epoch, e.g. a DataLoader or a list of (images, labels) batches")
         self.batches, self.input_shape, self.device, self.name = batches, tuple(input_shape), torch.device(device), name
         ctx = distributed.context()
         self.rank, self.world = ctx.rank, ctx.world_size
         first = self._check(next(iter(batches), None), 0)
+        total = self._total()
+        if total < self.world:
+            raise DataError(f"{name} has {total} batch{'' if total == 1 else 'es'} for {self.world} processes; pass "
+                            "at least one batch per process (a smaller batch size), or run fewer processes")
         self.num_samples = len(first[1]) * len(self)
 
     def _check(self, batch: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if batch is None:
-            raise DataError(f"{self.name} yields no batches; pass a non-empty iterable of (images, labels)")
+            raise DataError(f"{self.name} yields no batches{_dropped(self.batches)}")
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor)
                                                                              for t in batch):
             raise DataError(f"{self.name} batch {i} is a {type(batch).__name__}, not (images, labels) tensors; make "
@@ -60,12 +67,16 @@ class UserBatches:
                             "images; labels must be one integer class index per image")
         return x, y
 
-    def __len__(self) -> int:
+    def _total(self) -> int:
+        """The batches of one pass over the user's iterable, over all processes."""
         try:
-            n = len(self.batches)  # type: ignore[arg-type]
+            return len(self.batches)  # type: ignore[arg-type]
         except TypeError:
-            n = sum(1 for _ in self.batches)
-        return max(1, (n - self.rank + self.world - 1) // self.world) if self.world > 1 else n
+            return sum(1 for _ in self.batches)
+
+    def __len__(self) -> int:
+        n = self._total()
+        return (n - self.rank + self.world - 1) // self.world if self.world > 1 else n
 
     def set_epoch(self, epoch: int) -> None:
         """Pass the epoch on to the user's loader or its sampler (reshuffling per epoch), where they have one."""
@@ -80,6 +91,19 @@ class UserBatches:
                 continue
             x, y = self._check(batch, i)
             yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, torch.long, non_blocking=True)
+
+
+def _dropped(batches: Any) -> str:
+    """Why a DataLoader yields no batch (drop_last with fewer samples than its batch size) and the fix, or the fix."""
+    size, dataset = getattr(batches, "batch_size", None), getattr(batches, "dataset", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if getattr(batches, "drop_last", False) and isinstance(size, int) and n is not None and n < size:
+        return (f": its drop_last drops the only batch ({n} samples, batch_size {size}); pass drop_last=False or a "
+                f"batch_size of at most {n}")
+    return "; pass a non-empty iterable of (images, labels)"
 
 
 def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
