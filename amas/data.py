@@ -349,16 +349,63 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
     return perm[val_size:].sort().values, perm[:val_size].sort().values
 
 
+def _class_folders(split_dir: Path) -> list[str]:
+    """The class folders of an ImageFolder split, as torchvision finds them (every directory, sorted)."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether torchvision's ImageFolder finds at least one image in folder (any depth, its extensions)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def check_image_folder(cfg: DataConfig) -> list[str]:
+    """The class names of an ImageFolder tree, or one DataError naming the folder that cannot work (missing, no
+    class folders, a class folder without images, val/ or test/ with other classes than train/)."""
+    if not cfg.root:
+        raise DataError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"ImageFolder root '{root}' does not exist; set data.root to the folder holding train/ and "
+                        "val/")
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(f"ImageFolder root '{root}' has no train/ folder; set data.root to the folder that holds "
+                        "train/ and val/ with one folder per class")
+    classes = _class_folders(train_dir)
+    if not classes:
+        raise DataError(f"'{train_dir}' has no class folders; put each class's training images in a folder of its own "
+                        "there")
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        raise DataError(f"ImageFolder data needs '{val_dir}' (held-out images per class); create it next to train/")
+    splits = [train_dir, val_dir] + ([root / "test"] if (root / "test").is_dir() else [])
+    for split in splits[1:]:
+        # ImageFolder numbers classes by their sorted folder names in each split: other folders mean other labels
+        other = _class_folders(split)
+        if other != classes:
+            missing, extra = sorted(set(classes) - set(other)), sorted(set(other) - set(classes))
+            what = f"lacks {', '.join(missing)}" if missing else f"has {', '.join(extra)}, which train/ lacks"
+            raise DataError(f"'{split}' {what}; give it the same class folders as '{train_dir}'")
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for split in splits:
+        for name in classes:
+            if not _holds_an_image(split / name):
+                raise DataError(f"class folder '{split / name}' holds no images ({', '.join(IMG_EXTENSIONS)}); add "
+                                f"images of class '{name}' to it, or remove that class folder from every split")
+    return classes
+
+
 def dataset_info(cfg: DataConfig) -> DatasetInfo:
-    """Classes, channels, size and normalisation of the configured dataset."""
+    """Classes, channels, size and normalisation of the configured dataset (an ImageFolder tree is checked)."""
     if cfg.name == "imagefolder":
-        root = Path(cfg.root).expanduser()
-        train_dir = root / "train"
-        if not train_dir.is_dir():
-            raise DataError(
-                f"ImageFolder data needs '{train_dir}' with one folder per class; set data.root to its parent"
-            )
-        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        classes = check_image_folder(cfg)
         return DatasetInfo("imagefolder", len(classes), 3, cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     return INFOS[cfg.name]
 
@@ -371,8 +418,6 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, device
     if cfg.name == "imagefolder":
         root = Path(cfg.root).expanduser()
         val_dir = root / "val"
-        if not val_dir.is_dir():
-            raise DataError(f"ImageFolder data needs '{val_dir}' (held-out images per class); create it next to train/")
         tr = FolderBatches(root / "train", info, batch_size, train=True, cfg=cfg, seed=seed, **common)
         va = FolderBatches(val_dir, info, eval_batch_size, train=False, cfg=cfg, seed=seed, **common)
         te_dir = root / "test" if (root / "test").is_dir() else val_dir

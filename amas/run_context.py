@@ -118,6 +118,7 @@ class RunContext:
         if "teacher" in self.given:
             model, obj = self.given["teacher"]
             self._teacher = (model.to(self.device).eval().requires_grad_(False), obj)
+        self.user_data = data is not None
         if data is not None:
             self._data = {(s, sh): data for s in ("train", "search", "finetune") for sh in (True, False)}
         self.log = StageLog(self.dir / "pipeline.json", persist=not self.flat)
@@ -173,6 +174,20 @@ class RunContext:
 
         if not self.flat:
             self.write(make)
+
+    def check_data(self) -> None:
+        """Stop on configured data that cannot work (e.g. an ImageFolder class folder without images) before any
+        stage runs or writes; the user's in-memory batches were checked when given."""
+        if self.user_data or (self.command == "export" and not self.export.test):
+            return
+        from amas.data import dataset_info
+
+        dataset_info(self.cfg.data)
+
+    @property
+    def dataset_label(self) -> str:
+        """The data the run trains on, as the stage summaries name it."""
+        return "your batches (in memory)" if self.user_data else self.cfg.data.name
 
     def read_json(self, rel: str) -> dict:
         """A JSON artefact of an earlier stage."""

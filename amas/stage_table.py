@@ -201,6 +201,7 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
     """Run (or continue) the given stages of the table in order in ctx's run directory; returns the stage log."""
     log, names = ctx.log, [s.name for s in stages]
     fps = stage_fingerprints(ctx.cfg, ctx.method, ctx.teacher_arg)
+    ctx.check_data()  # before --redo removes anything and before the run directory is written
     if redo is not None:
         for stage in stages[names.index(redo):]:
             ctx.remove(stage.owns)
