@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -206,8 +207,16 @@ def cmd_prune(args: argparse.Namespace) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `amas` console script."""
+def _name_flags(message: str, flags: dict[str, str]) -> str:
+    """message with each config key in flags named by the flag that set it (a tool's --data for data.root)."""
+    for key, flag in flags.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(key)}(?![\w])", flag, message)
+    return message
+
+
+def main(argv: list[str] | None = None, flags: dict[str, str] | None = None) -> int:
+    """Entry point of the `amas` console script; flags: {config key: flag} for a tool that sets those keys from its
+    own flags, so its errors name the flag the user typed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command.replace('-', '_')}")
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"amas {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
     except AmasError as e:
-        print(f"amas {args.command}: error: {e}", file=sys.stderr)
+        print(f"amas {args.command}: error: {_name_flags(str(e), flags or {})}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"amas {args.command}: interrupted", file=sys.stderr)
