@@ -28,24 +28,43 @@ def run_teacher(ctx: RunContext) -> Rows:
         model, obj = ctx.teacher
         ctx.write(save_model, ctx.teacher_path, model, obj["model"])
         name = obj["model"]["name"]
-        where = ("pruned.pt loads in this process only (the class does not import or rebuild this model); use "
-                 "pruned.pt2 elsewhere") if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
+        where = ("pruned.pt loads in this process only (the class does not import or rebuild this model), or "
+                 "elsewhere with amas.load_pruned(path, base=YourModel(...)); pruned.pt2 loads anywhere"
+                 ) if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
         return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
-                ("rebuild", where)]
+                ("dataset", ctx.dataset_label), ("val acc %", _teacher_val_acc(ctx)), ("rebuild", where)]
     name = ctx.cfg.model.name
     if ctx.teacher_arg:
         _, obj = ctx.teacher
         r, name = dict(obj.get("metrics", {})), obj["model"]["name"]
+        if "val_acc" not in r:  # the user's plain state_dict (or a model.pt without a validation split) says nothing
+            r["val_acc"] = _teacher_val_acc(ctx)
     else:
         from amas.stages import train_dense
 
         r = train_dense(ctx.cfg, ctx.stage_dir("teacher"), resume=True)
-    rows = [("model", name), ("dataset", ctx.cfg.data.name), ("val acc %", r.get("val_acc", float("nan"))),
-            ("test acc %", r.get("test_acc", float("nan")))]
+    rows = [("model", name), ("dataset", ctx.dataset_label), ("val acc %", r["val_acc"] if "val_acc" in r else
+                                                               _no_val(ctx))]
+    rows.append(("test acc %", r["test_acc"] if "test_acc" in r else "measured once, in the export stage"))
     if "macs" in r:
         rows += [("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"),
                  ("epochs", r.get("epochs", "–"))]
     return [*rows, ("checkpoint", str(ctx.teacher_path))]
+
+
+def _no_val(ctx: RunContext) -> str:
+    """Why there is no validation accuracy: the data has no held-out split."""
+    return "no validation split (data.val_size=0)" if not ctx.user_data else "no validation batches"
+
+
+def _teacher_val_acc(ctx: RunContext) -> float | str:
+    """The given teacher's accuracy (%) on the validation split, or why there is none."""
+    from amas.engine import evaluate
+
+    data = ctx.data("finetune")
+    if data.val is None:
+        return _no_val(ctx)
+    return evaluate(ctx.teacher[0], data.val, data.info.num_classes, ctx.device)["acc"]
 
 
 def run_search(ctx: RunContext) -> Rows:
@@ -56,7 +75,7 @@ def run_search(ctx: RunContext) -> Rows:
     r = search(ctx.cfg, out, ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
                teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
     return [
-        ("teacher", str(ctx.teacher_path)), ("dataset", ctx.cfg.data.name),
+        ("teacher", str(ctx.teacher_path)), ("dataset", ctx.dataset_label),
         ("student val acc %", r.get("val_acc", float("nan"))),
         ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
         ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),

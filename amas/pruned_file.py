@@ -79,15 +79,26 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadat
     )
 
 
-def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by save_pruned (weights_only load); returns (model in eval mode, the file's contents)."""
+def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
+                base: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by save_pruned (weights_only load); returns (model in eval mode, the file's contents).
+
+    base: an instance of the architecture the model was pruned from (e.g. YourModel(...), any weights), rebuilt
+    from instead of the class the file records; needed where that class does not import or build by itself here.
+    """
+    if base is not None and not isinstance(base, nn.Module):
+        raise ExportError(f"base is a {type(base).__name__}; pass an nn.Module of the architecture the model was "
+                          "pruned from, e.g. base=YourModel(...)")
     obj = load_file(path, "pruned")
     recipe = obj.get("recipe")
     if not isinstance(recipe, dict):
         raise CheckpointError(f"'{path}' has no pruning recipe; re-export it with amas export")
+    if base is not None and "layers" not in recipe:
+        raise CheckpointError(f"'{path}' predates stored layer widths, so base= cannot rebuild it; load it without "
+                              "base= or re-export it")
     try:
         if "layers" in recipe:
-            model = rebuild_from_shapes(recipe, obj["state_dict"])
+            model = rebuild_from_shapes(recipe, obj["state_dict"], base)
         else:  # files from before the stored layer shapes: prune the base model again (traces it)
             from amas.planner import model_from_recipe
 
@@ -97,6 +108,9 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     try:
         model.load_state_dict(obj["state_dict"])
     except (RuntimeError, KeyError):
+        if base is not None:
+            raise CheckpointError(f"base={type(base).__name__}(...) does not match '{path}' (other layers); pass the "
+                                  "architecture the model was pruned from") from None
         raise CheckpointError(f"'{path}' does not match the architecture its recipe describes; re-export it") from None
     return model.to(device).eval(), obj
 
@@ -118,19 +132,27 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
-def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """The pruned architecture without tracing: the base model with the stored layer widths and tensors resized to
-    the state_dict's shapes (weights still to be loaded)."""
+def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor],
+                        base: nn.Module | None = None) -> nn.Module:
+    """The pruned architecture without tracing: the base model (the recipe's, or a copy of base) with the stored
+    layer widths and tensors resized to the state_dict's shapes (weights still to be loaded)."""
+    import copy
+
     from amas.models import create_model
 
-    base = recipe["model"]
-    model = create_model(base["name"], num_classes=int(base["num_classes"]), in_channels=int(base["in_channels"]),
-                         **base.get("kwargs", {}))
+    rec = recipe["model"]
+    if base is not None:
+        model, where = copy.deepcopy(base).cpu(), f"base={type(base).__name__}(...)"
+    else:
+        model = create_model(rec["name"], num_classes=int(rec["num_classes"]), in_channels=int(rec["in_channels"]),
+                             **rec.get("kwargs", {}))
+        where = rec["name"]
     _remove_blocks(model, recipe.get("removed_blocks", []))
     modules = dict(model.named_modules())
     for name, attrs in recipe["layers"].items():
         if name not in modules:
-            raise CheckpointError(f"the pruned layer '{name}' is not in {base['name']}; re-export the model")
+            fix = "pass the architecture the model was pruned from" if base is not None else "re-export the model"
+            raise CheckpointError(f"the pruned layer '{name}' is not in {where}; {fix}")
         for attr, value in attrs.items():
             setattr(modules[name], attr, int(value))
     for key, tensor in state_dict.items():
