@@ -92,11 +92,11 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         "--teacher", help="trained dense model.pt, or a plain state_dict (torch.save(model.state_dict())) for the "
         "architecture model.name names (default: train one with the config's model and train settings)"
     )
-    from amas.criteria import METHODS
+    from amas.config import BASELINE_METHODS
     from amas.stage_table import STAGE_NAMES
 
     p.add_argument("--method", default="amas", metavar="METHOD",
-                   help=f"amas (searched masks, default) or a baseline criterion: {', '.join(METHODS)}")
+                   help=f"amas (searched masks, default) or a baseline criterion: {', '.join(BASELINE_METHODS)}")
 
     p.add_argument("--redo", choices=STAGE_NAMES,
                    help="redo this stage and every stage after it (after changing their settings)")

@@ -219,6 +219,11 @@ def _blend_pool() -> list[str]:
     return ["l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz"]
 
 
+# the baseline criteria amas.criteria registers, by name (here so that the CLI lists them without importing
+# Torch-Pruning; tests/test_criteria.py checks the two agree)
+BASELINE_METHODS: tuple[str, ...] = ("l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr")
+
+
 @dataclass
 class CriteriaConfig:
     """Baseline channel criteria (amas.criteria): data use, slimming, blended criteria (He 2021), SRR (Wang 2021)."""

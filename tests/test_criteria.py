@@ -262,3 +262,9 @@ def test_plan_accepts_a_whole_config(trained: dict) -> None:
     keep = plan_for_method("l1", trained["model"], trained["groups"], trained["cost"], 0.5, train=None, val=None,
                            cfg=cfg, prune_cfg=cfg.prune, num_classes=4)
     assert set(keep) == {g.name for g in trained["groups"]}
+
+
+def test_the_cli_lists_the_registered_methods() -> None:
+    from amas.config import BASELINE_METHODS
+
+    assert BASELINE_METHODS == METHODS
