@@ -17,6 +17,16 @@ value folds exactly into the producer's weights (BN weight and bias, or conv/lin
 bias). This assumes activations map 0 to 0 between producers and consumers (ReLU, ReLU6, SiLU,
 GELU, Hardswish do; a plain sigmoid activation would not).
 
+**BatchNorms with a built-in activation** (timm's ``BatchNormAct2d`` and ``SyncBatchNormAct``: batch norm, then
+the ``drop`` and ``act`` children inside the module's own forward) are masked at the input of their first such
+child (``mask_site``), i.e. right after the BN affine, where the cut folds the mask; multiplying the module's
+output would mask after the activation, which no fold reproduces. Their conv is not masked (post-BN, as for a
+plain BN). A BatchNorm subclass with its own forward is checked on a randomised copy: when masking at its site
+does not equal folding the mask into its affine (a hidden non-linear step, a site shared with other modules),
+its groups are left out. Groups through norm+act layers of other norms (timm's ``GroupNormAct``,
+``LayerNormAct2d``) are left out as their norms are; torchvision's ``Conv2dNormActivation`` is a Sequential of
+plain layers and needs nothing special.
+
 **Grouped convolutions** (ResNeXt, RegNet) keep their ``groups``: a group through a conv with G groups (not
 depthwise) removes the same position from every conv group at once, as Torch-Pruning does. Its channel ``j``
 (``ChannelGroup.size`` = channels per conv group) is every root output channel ``c`` with ``c % size == j``, and
@@ -27,7 +37,12 @@ when the group passes through grouped convs of different G). The planner rounds 
 classifier's logits); groups whose index mapping Torch-Pruning gets wrong or that touch layers
 whose removal is not equal to masking (channel zero-padding, a grouped conv in a group whose channels are
 not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
-RNNs); groups through a layer ``prune.ignore`` keeps whole (``amas.tracing``); groups of fewer than two channels.
+RNNs); groups through a split, unbind or slice of the channels (the sizes and bounds in the model's forward stay
+as they are after a cut: MixNet's mixed convs); groups through a layer with per-channel tensors Torch-Pruning
+does not cut (a frozen BN, which it traces as plain arithmetic; a conv or BN with extra per-channel parameters,
+as NFNets' gains), or through a conv/linear subclass whose output a fold into its weights does not scale (a
+hidden weight standardisation, checked on a copy); groups through a layer ``prune.ignore`` keeps whole
+(``amas.tracing``); groups of fewer than two channels.
 
 **Option-A CIFAR ResNets.** Torch-Pruning 1.6 treats a channel zero-pad as an element-wise op and
 maps channel indices across it wrongly, so any group that passes through a constant pad of the
@@ -44,7 +59,8 @@ the shortcut feeding it (its scale takes the folded mask).
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +72,8 @@ from amas.channel_cost import CostModel, MaskError
 from amas.shortcut_pruner import CUSTOM_PRUNERS
 from amas.tracing import build_graph, is_kept_whole
 
-__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "channel_dim", "find_groups", "prox_nonneg_l1"]
+__all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "channel_dim", "find_groups", "mask_site",
+           "prox_nonneg_l1"]
 
 
 @dataclass
@@ -83,6 +100,179 @@ _ALLOWED_PARAM_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm
 _GATES = ("sigmoid", "hardsigmoid")
 
 
+_BN = nn.modules.batchnorm._BatchNorm
+_LAYER = (nn.modules.conv._ConvNd, nn.Linear)
+# torch's own forwards: a subclass that keeps one has no hidden step (a BN: none after its affine)
+_PLAIN_BN_FORWARDS = frozenset({_BN.forward, nn.SyncBatchNorm.forward})
+_PLAIN_FORWARDS = _PLAIN_BN_FORWARDS | {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+# the tensors Torch-Pruning's conv, linear and BN pruners cut
+_CUT_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+_SITE_CHILDREN = ("drop", "act")  # timm's norm+act layers: norm, then drop, then act
+
+
+def mask_site(module: nn.Module) -> nn.Module | None:
+    """The child whose input a producer's mask multiplies (timm BatchNormAct2d: drop, else act), or None: its output."""
+    if not isinstance(module, _BN) or type(module).forward in _PLAIN_BN_FORWARDS:
+        return None
+    for attr in _SITE_CHILDREN:
+        child = module._modules.get(attr)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def _shared_modules(model: nn.Module) -> set[nn.Module]:
+    """Modules registered under more than one name (reachable from more than one parent)."""
+    seen = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return {m for m in model.modules() if seen[id(m)] > 1}
+
+
+def _probe_shape(module: nn.Module, channels: int) -> tuple[int, ...]:
+    if isinstance(module, nn.BatchNorm1d):
+        return (2, channels, 3)
+    if isinstance(module, nn.BatchNorm3d):
+        return (2, channels, 2, 2, 2)
+    return (2, channels, 3, 3)
+
+
+def _masks_exactly(module: nn.Module) -> bool:
+    """Whether masking a BatchNorm subclass at its mask_site equals folding the mask into its affine (eval mode),
+    and a zero mask silences the channel (an activation inside that maps 0 elsewhere, as sigmoid, does not).
+
+    Probed in float64 on a randomised copy (wide weights, biases, statistics and inputs, so a hidden clamp or
+    activation shows), with mask values in [0, 1.5) and exact zeros.
+    """
+    if not isinstance(module, _BN) or not module.affine:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    c = int(module.num_features)
+    try:
+        probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+        for m in probe.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        with torch.no_grad():
+            probe.weight.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 4 - 2)
+            probe.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 2)
+            if probe.running_mean is not None and probe.running_var is not None:
+                probe.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+                probe.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+            mask = torch.rand(c, generator=gen, dtype=torch.float64) * 1.5
+            mask[::3] = 0.0
+            x = torch.randn(_probe_shape(module, c), generator=gen, dtype=torch.float64) * 3
+            folded = copy.deepcopy(probe)
+            folded.weight.mul_(mask)
+            folded.bias.mul_(mask)
+            want = folded(x.clone())
+            handle = _mask_hook(probe, lambda channels, like: mask.to(like))
+            try:
+                got = probe(x.clone())
+            finally:
+                handle.remove()
+    except Exception:  # a layer that cannot be probed cannot be vouched for either
+        return False
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.allclose(got, want, 1e-9, 1e-9):
+        return False
+    return bool((got.index_select(1, torch.nonzero(mask == 0).flatten()) == 0).all())  # zero mask: removed channel
+
+
+def _folds_exactly(module: nn.Module) -> bool:
+    """Whether folding a mask into a conv/linear subclass's weight and bias equals multiplying its output by it.
+
+    Probed in float64 on a copy with mask values in [0, 1.5) and exact zeros; a hidden weight standardisation
+    (timm's StdConv2d) undoes the fold and fails.
+    """
+    gen = torch.Generator().manual_seed(0)
+    try:
+        probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+        for m in probe.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        if isinstance(probe, nn.Linear):
+            shape: tuple[int, ...] = (2, probe.in_features)
+        else:
+            shape = (2, probe.in_channels, *([5] * len(probe.kernel_size)))
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            out = probe(x)
+            dim = channel_dim(probe, out)
+            mask = torch.rand(out.shape[dim], generator=gen, dtype=torch.float64) * 1.5
+            mask[::3] = 0.0
+            probe.weight.mul_(mask.view(-1, *([1] * (probe.weight.dim() - 1))))
+            if probe.bias is not None:
+                probe.bias.mul_(mask)
+            got = probe(x)
+    except Exception:  # a layer that cannot be probed cannot be vouched for either
+        return False
+    return bool(torch.allclose(got, _times(out, mask, dim), rtol=1e-9, atol=1e-9))
+
+
+def _unmaskable(model: nn.Module) -> set[nn.Module]:
+    """Conv, linear and BatchNorm layers whose removal is not masking: their groups are left out.
+
+    A layer with per-channel tensors Torch-Pruning would not cut (its own beyond weight, bias and BN statistics, or
+    its children's), a BatchNorm subclass whose mask cannot be placed where the cut folds it, a conv or linear
+    subclass whose output a fold into its weights does not scale.
+    """
+    shared = _shared_modules(model)
+    out = set()
+    for m in model.modules():
+        if not isinstance(m, (_BN, *_LAYER)):
+            continue
+        own = [t for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
+               if n not in _CUT_TENSORS]
+        if any(t.numel() > 1 for t in own):
+            out.add(m)
+        elif isinstance(m, _BN) and type(m).forward not in _PLAIN_BN_FORWARDS:
+            site = mask_site(m)
+            stateful = any(t.numel() > 1 for c in m.children() for t in (*c.parameters(), *c.buffers()))
+            if stateful or (site is not None and site in shared) or not _masks_exactly(m):
+                out.add(m)
+        elif isinstance(m, _LAYER) and type(m).forward not in _PLAIN_FORWARDS and not _folds_exactly(m):
+            out.add(m)
+    return out
+
+
+def _own_state(module: nn.Module) -> bool:
+    """Whether module holds parameters or buffers of its own with more than one value (per-channel state)."""
+    return any(t.numel() > 1 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+
+
+class _StateOutputs:
+    """While a model runs: the autograd nodes of the outputs of its layers with per-channel state of their own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.outputs: dict[nn.Module, list[Any]] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _StateOutputs:
+        self.handles = [m.register_forward_hook(self._keep) for m in self.model.modules() if _own_state(m)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _keep(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """Keep the autograd nodes of module's outputs."""
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                self.outputs.setdefault(module, []).append(t.grad_fn)
+
+
+def _through_own_norm(node: Any) -> Any:
+    """The node after a BatchNorm subclass's own batch-norm op, which Torch-Pruning traces as a separate op."""
+    if len(node.outputs) != 1:
+        return None
+    nxt = node.outputs[0]
+    if isinstance(nxt.module, _BN) or "batchnorm" not in _grad_fn_name(nxt) or len(nxt.outputs) != 1:
+        return None
+    after = nxt.outputs[0]
+    own = isinstance(after.module, _BN) and type(after.module).forward not in _PLAIN_BN_FORWARDS
+    return after if own and len(after.inputs) == 1 else None
+
+
 def _grad_fn_name(node: Any) -> str:
     fn = getattr(node, "grad_fn", None)
     return fn.name().lower() if fn is not None and hasattr(fn, "name") else ""
@@ -97,6 +287,25 @@ def _is_channel_pad(node: Any) -> bool:
         return True  # cannot tell: be conservative
     pad = list(pad)
     return len(pad) > 4 and any(int(p) != 0 for p in pad[4:])
+
+
+def _is_channel_split(node: Any) -> bool:
+    """A split, unbind or slice of the channel dimension: its sizes or bounds are fixed in the model's forward."""
+    name = _grad_fn_name(node)
+    if not any(k in name for k in ("split", "unbind", "slice")) or "copyslices" in name:
+        return False
+    fn = node.grad_fn
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    dim = getattr(fn, "_saved_dim", None)
+    if sizes is None or dim is None:
+        return True  # cannot tell: be conservative
+    ndim, dim = len(sizes), int(dim) % max(len(sizes), 1)
+    if not (dim == 1 or (ndim == 3 and dim == 2)):  # NC..., or the features of a channels-last (N, L, C) tensor
+        return False
+    if "slice" in name:  # a slice that keeps every channel keeps them after the cut too
+        start, end, step = (int(getattr(fn, f"_saved_{k}", 0) or 0) for k in ("start", "end", "step"))
+        return not (start == 0 and step == 1 and end >= int(sizes[dim]))
+    return True
 
 
 def _is_gate_conv(node: Any) -> bool:
@@ -118,7 +327,7 @@ def _is_gate_conv(node: Any) -> bool:
 
 
 def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], size: int,
-                  residual: bool) -> dict | None:
+                  residual: bool, unmaskable: set[nn.Module], hidden: set[Any]) -> dict | None:
     """Check a Torch-Pruning group and extract producers, index maps and cost bookkeeping, or None to skip it."""
     out_nodes: dict[str, Any] = {}
     index: dict[str, tuple[list[int], list[int]]] = {}
@@ -134,8 +343,12 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             return None  # the model's output units (the traced graph's sinks)
         if node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter):
             return None
-        if _is_channel_pad(node) or is_kept_whole(node):
-            return None  # a channel zero-pad, or a layer prune.ignore keeps whole (amas.tracing)
+        if _is_channel_pad(node) or is_kept_whole(node) or getattr(node, "grad_fn", None) in hidden:
+            return None  # a channel zero-pad, a layer prune.ignore keeps whole (amas.tracing), a frozen BN
+        if _is_channel_split(node):
+            return None  # split sizes or slice bounds the model's forward would keep after the cut (MixNet)
+        if module in unmaskable:
+            return None  # removal is not masking there (amas.masks._unmaskable)
         roots = list(item.root_idxs)
         counts = collections.Counter(roots)
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
@@ -183,8 +396,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             producers.append(name)
             continue
         outs = node.outputs
-        if (len(outs) == 1 and outs[0] in members and isinstance(outs[0].module, nn.modules.batchnorm._BatchNorm)
-                and names.get(outs[0].module) in out_nodes):
+        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, _BN) else _through_own_norm(node)
+        if bn is not None and bn in members and names.get(bn.module) in out_nodes:
             continue  # masked after its BN
         if _is_gate_conv(node):
             continue
@@ -218,7 +431,11 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
     """
     input_shape = tuple(int(s) for s in input_shape)
     ignore = tuple(str(n) for n in ignore)
-    dg = build_graph(model, input_shape, ignore)
+    with _StateOutputs(model) as notes:
+        dg = build_graph(model, input_shape, ignore)
+    # layers with per-channel state that Torch-Pruning traced through as plain ops (a frozen BN): it would not cut them
+    hidden = {fn for m, fns in notes.outputs.items() if m not in dg.module2node for fn in fns}
+    unmaskable = _unmaskable(model)
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     found: dict[str, ChannelGroup] = {}
@@ -236,7 +453,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
             continue
         if group.items[0].dep.target.module is not root:
             group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(size)))
-        rec = _group_record(dg, group, names, size, residual)
+        rec = _group_record(dg, group, names, size, residual, unmaskable, hidden)
         if rec is None:
             continue
         found[names[root]] = ChannelGroup(
@@ -256,7 +473,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class ChannelMasks(nn.Module):
-    """One mask vector per channel group, multiplied into the group's producers' outputs by forward hooks."""
+    """One mask vector per channel group, multiplied into the group's producers' outputs by forward hooks (into the
+    input of a norm+act layer's activation by a forward pre-hook: mask_site)."""
 
     def __init__(self, groups: list[ChannelGroup], init: float = 1.0) -> None:
         super().__init__()
@@ -305,18 +523,8 @@ class ChannelMasks(nn.Module):
             s = s.index_copy(0, pos_t, self.masks[gi].to(like.dtype).index_select(0, roots_t))
         return s
 
-    def _hook(self, producer: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            """Multiply the producer's output channels by their masks."""
-            dim = channel_dim(module, output)
-            s = self.scale(producer, output.shape[dim], output)
-            return output * s.view(-1, *([1] * (output.dim() - 1 - dim % output.dim())))
-
-        hook._amas_mask_hook = True  # type: ignore[attr-defined]
-        return hook
-
     def attach(self, model: nn.Module) -> None:
-        """Register the forward hooks on the producers of every group (detaches earlier hooks first)."""
+        """Register the mask hooks on the producers of every group (detaches earlier hooks first)."""
         self.detach()
         net = _unwrap(model)
         for prod in self._plan:
@@ -326,7 +534,7 @@ class ChannelMasks(nn.Module):
                 raise MaskError(
                     f"the model has no module '{prod}' that the masks expect; build the masks from this model's groups"
                 ) from None
-            self._handles.append(module.register_forward_hook(self._hook(prod)))
+            self._handles.append(_mask_hook(module, lambda channels, like, prod=prod: self.scale(prod, channels, like)))
 
     def detach(self) -> None:
         """Remove the hooks (the model runs unmasked again)."""
@@ -364,12 +572,39 @@ def channel_dim(module: nn.Module, output: torch.Tensor) -> int:
     return -1 if isinstance(module, nn.Linear) or output.dim() < 2 else 1
 
 
+def _times(x: torch.Tensor, s: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with its channels (dimension dim) multiplied by s."""
+    return x * s.view(-1, *([1] * (x.dim() - 1 - dim % x.dim())))
+
+
+def _mask_hook(producer: nn.Module, scale: Callable[[int, torch.Tensor], torch.Tensor]) -> Any:
+    """Multiply scale(channels, like) into producer's output channels, or into the input of its mask_site."""
+    site = mask_site(producer)
+    if site is None:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            """Multiply the producer's output channels by their masks."""
+            dim = channel_dim(module, output)
+            return _times(output, scale(output.shape[dim], output), dim)
+
+        hook._amas_mask_hook = True  # type: ignore[attr-defined]
+        return producer.register_forward_hook(hook)
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        """Multiply the channels of the BN's affine output by their masks, before its drop and activation."""
+        x = args[0]
+        return (_times(x, scale(x.shape[1], x), 1), *args[1:])
+
+    pre_hook._amas_mask_hook = True  # type: ignore[attr-defined]
+    return site.register_forward_pre_hook(pre_hook)
+
+
 def remove_mask_hooks(model: nn.Module) -> None:
     """Remove every amas mask hook from model's modules (e.g. on a deep copy of a masked model)."""
     for m in model.modules():
-        for key, fn in list(m._forward_hooks.items()):
-            if getattr(fn, "_amas_mask_hook", False):
-                del m._forward_hooks[key]
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key, fn in list(hooks.items()):
+                if getattr(fn, "_amas_mask_hook", False):
+                    del hooks[key]
 
 
 def prox_nonneg_l1(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:

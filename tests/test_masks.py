@@ -123,3 +123,150 @@ def test_cost_model_totals_and_channel_costs(name: str, shape: tuple[int, int, i
         assert costs["layer1.0.conv1"] == 2 * 16 * 9 * 64
     with pytest.raises(MaskError, match="unknown channel group"):
         cost.macs({"nope": 1})
+
+
+# ---------------------------------------------------------------- where masks go, and groups amas cannot cut
+
+
+class _ActBN(nn.BatchNorm2d):
+    """A BN that runs its activation inside its own forward, as timm's BatchNormAct2d."""
+
+    def __init__(self, c: int, act: nn.Module | None = None) -> None:
+        super().__init__(c)
+        self.act = act if act is not None else nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """act(bn(x))."""
+        return self.act(super().forward(x))
+
+
+class _ClampBN(nn.BatchNorm2d):
+    """A BN with a hidden clamp after its affine: no mask site equals folding the mask."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bn(x) clamped at 0.5."""
+        return super().forward(x).clamp(max=0.5)
+
+
+class _PlainBN(nn.BatchNorm2d):
+    """A BN subclass whose own forward changes nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """bn(x)."""
+        return super().forward(x)
+
+
+class _StdConv(nn.Conv2d):
+    """A weight-standardised conv (timm's StdConv2d): a mask folded into its weights is normalised away."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """conv with each output channel's weights standardised."""
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _Pair(nn.Module):
+    """conv → norm → conv → norm → linear, with the two norms given."""
+
+    def __init__(self, bn1: nn.Module, bn2: nn.Module, conv2: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), bn1
+        self.conv2, self.bn2 = conv2 or nn.Conv2d(8, 8, 3, padding=1, bias=False), bn2
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.fc(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+def _cut_equals_masked(model: nn.Module, shape: tuple[int, int, int]) -> list:
+    """The model's groups, after checking that a random partial cut equals the masked model."""
+    from conftest import masked_and_cut, random_cut, randomize_norms
+
+    gen = torch.Generator().manual_seed(0)
+    model.eval()
+    randomize_norms(model, gen)
+    groups = find_groups(model, shape)
+    masks, keep = random_cut(groups, gen)
+    _, masked, cut, _ = masked_and_cut(model, groups, masks, keep, torch.randn(2, *shape, generator=gen))
+    assert (masked - cut).abs().max().item() <= 1e-5 * max(1.0, masked.abs().max().item())
+    return groups
+
+
+def test_a_bn_with_its_own_activation_is_masked_before_it_and_the_hooks_come_off() -> None:
+    import copy
+
+    from amas.masks import mask_site, remove_mask_hooks
+
+    model = _Pair(_ActBN(8), _ActBN(8, nn.Hardswish()))
+    groups = _cut_equals_masked(model, (3, 8, 8))
+    assert [g.producers for g in groups] == [["bn1"], ["bn2"]]  # the BNs, not the convs before them
+    assert mask_site(model.bn1) is model.bn1.act and mask_site(nn.BatchNorm2d(4)) is None
+    masks = ChannelMasks(groups, init=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        masks.attach(model)
+        twin = copy.deepcopy(model)
+        assert len(model.bn1.act._forward_pre_hooks) == 1 and not model.bn1._forward_hooks
+        remove_mask_hooks(twin)
+        assert not twin.bn1.act._forward_pre_hooks and torch.equal(twin(x), ref)
+        assert not torch.allclose(model(x), ref)
+        masks.detach()
+        assert torch.equal(model(x), ref)
+
+
+def test_bn_and_conv_subclasses_amas_cannot_mask_exactly_are_left_out() -> None:
+    shared = nn.SiLU()
+    cases = {
+        "clamp": _Pair(_ClampBN(8), nn.BatchNorm2d(8)),  # a hidden step after the affine
+        "shared": _Pair(_ActBN(8, shared), _ActBN(8, shared)),  # one activation module, two BNs
+        "sigmoid": _Pair(_ActBN(8, nn.Sigmoid()), nn.BatchNorm2d(8)),  # a zero mask would not silence the channel
+        # removing its input channels changes the standardisation of the weights left
+        "stdconv": _Pair(nn.BatchNorm2d(8), nn.BatchNorm2d(8), conv2=_StdConv(8, 8, 3, padding=1, bias=False)),
+    }
+    assert [g.name for g in _cut_equals_masked(cases["clamp"], (3, 8, 8))] == ["conv2"]
+    assert [g.name for g in _cut_equals_masked(cases["shared"], (3, 8, 8))] == []
+    assert [g.name for g in _cut_equals_masked(cases["sigmoid"], (3, 8, 8))] == ["conv2"]
+    assert [g.name for g in _cut_equals_masked(cases["stdconv"], (3, 8, 8))] == []
+    plain = _cut_equals_masked(_Pair(_PlainBN(8), nn.BatchNorm2d(8)), (3, 8, 8))  # nothing hidden: kept
+    assert [g.producers for g in plain] == [["bn1"], ["bn2"]]
+
+
+def test_torchvision_conv_norm_activation_needs_nothing_special() -> None:
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    model = nn.Sequential(Conv2dNormActivation(3, 8, activation_layer=nn.Hardswish),
+                          Conv2dNormActivation(8, 8, groups=8, activation_layer=nn.SiLU),
+                          Conv2dNormActivation(8, 16, kernel_size=1, activation_layer=nn.Hardswish),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))
+    groups = _cut_equals_masked(model, (3, 8, 8))
+    assert [g.producers for g in groups] == [["0.1", "1.1"], ["2.1"]]
+
+
+class _Mixed(nn.Module):
+    """Two convs concatenated, then split again by fixed sizes into two convs (MixNet's mixed convs), or sliced."""
+
+    def __init__(self, split: bool) -> None:
+        super().__init__()
+        self.split = split
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 4, 1, bias=False), nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(8)
+        self.a, self.b, self.w = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        y = torch.relu(self.bn(torch.cat([self.c1(x), self.c2(x)], 1)))
+        if self.split:
+            p, q = torch.split(y, [4, 4], dim=1)
+            y = torch.cat([self.a(p), self.b(q)], 1)
+        else:  # a slice that keeps every channel
+            y = self.w(y[:, :8])
+        return self.fc(y.mean((2, 3)))
+
+
+def test_groups_through_fixed_channel_splits_are_left_out() -> None:
+    """After a cut the split sizes in the forward would no longer add up; a slice that keeps every channel is fine."""
+    assert not {"c1", "c2"} & {g.name for g in _cut_equals_masked(_Mixed(split=True), (3, 6, 6))}
+    assert {"c1", "c2"} <= {g.name for g in _cut_equals_masked(_Mixed(split=False), (3, 6, 6))}
