@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR ResNets, VGG-16-BN, GoogLeNet, MobileNetV2, and any torchvision classifier."""
+"""Model zoo: CIFAR ResNets, VGG-16-BN, GoogLeNet, MobileNetV2, any torchvision classifier and any timm model."""
 
 # Importing each family registers its constructors.
 from amas.models import cifar_resnet, googlenet, mobilenetv2, vgg  # noqa: E402,F401

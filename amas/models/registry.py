@@ -1,4 +1,4 @@
-"""Model registry: constructors register by name; `create_model` builds zoo or torchvision nets."""
+"""Model registry: constructors register by name; `create_model` builds zoo, torchvision or timm nets."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ ModelFn = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFn)
 
 TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"  # amas.models.timm_models (timm is an optional extra, imported when used)
 MEMORY_PREFIX = "memory:"
 _REGISTRY: dict[str, ModelFn] = {}
 # models handed to amas in memory (amas.prune), by name: their architecture is rebuilt as a copy of the model
@@ -91,7 +92,7 @@ def _create_imported(name: str, num_classes: int, in_channels: int, kwargs: dict
 
 
 def list_models() -> list[str]:
-    """Return the sorted names of the registered zoo models (torchvision ones use 'tv:<name>')."""
+    """Return the sorted names of the registered zoo models (torchvision ones use 'tv:<name>', timm 'timm:<name>')."""
     return sorted(_REGISTRY)
 
 
@@ -112,12 +113,12 @@ def _unknown(name: str) -> AmasError:
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     return AmasError(
         f"unknown model {name!r}{hint}; available: {', '.join(zoo)}, "
-        f"or '{TV_PREFIX}<name>' for any torchvision classifier"
+        f"'{TV_PREFIX}<name>' for any torchvision classifier, or '{TIMM_PREFIX}<name>' for any timm model"
     )
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build model `name` (zoo, 'tv:<torchvision name>' or 'package.module:ClassName') for these classes/channels."""
+    """Build model `name` (zoo, 'tv:<name>', 'timm:<name>' or 'package.module:ClassName') for these classes/channels."""
     if num_classes < 1 or in_channels < 1:
         raise AmasError(
             f"model {name!r} needs num_classes >= 1 and in_channels >= 1, "
@@ -125,6 +126,10 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwarg
         )
     if name.startswith(MEMORY_PREFIX):
         return _memory_model(name)
+    if name.startswith(TIMM_PREFIX):
+        from amas.models.timm_models import create_timm_model
+
+        return create_timm_model(name[len(TIMM_PREFIX):], num_classes=num_classes, in_channels=in_channels, **kwargs)
     if ":" in name and not name.startswith(TV_PREFIX):
         return _create_imported(name, num_classes, in_channels, kwargs)
     if name.startswith(TV_PREFIX):
