@@ -136,11 +136,12 @@ def test_timm_models_with_batchnorm_act_cut_as_searched(name: str) -> None:
     assert close(masked, cut)
 
 
-# small timm CNNs of many families (BN+act layers, SE, grouped and mixed convs, aggregation, selective kernels)
+# small timm CNNs of many families (BN+act layers, SE, grouped and mixed convs, aggregation, one-shot NAS)
 SWEEP = ["resnet10t", "efficientnet_b0", "mobilenetv3_small_050", "mobilenetv3_large_100", "ghostnet_050",
          "regnetx_002", "regnety_002", "lcnet_050", "mixnet_s", "tinynet_e", "dla46_c", "tf_efficientnetv2_b0",
-         "skresnet18", "ese_vovnet19b_dw", "gernet_s"]
-EXPORTED = {"lcnet_050", "tinynet_e", "regnetx_002", "mixnet_s", "skresnet18"}  # torch.export takes seconds a model
+         "semnasnet_050", "ese_vovnet19b_dw", "gernet_s"]
+# torch.export takes seconds a model: five families
+EXPORTED = {"lcnet_050", "tinynet_e", "regnetx_002", "mixnet_s", "mobilenetv3_small_050"}
 
 
 @pytest.mark.parametrize("name", SWEEP)
