@@ -103,6 +103,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-iters", type=int, default=20, help="timed iterations per batch size in the report")
 
 
+_EPILOG = ("Any config key can follow as key.path=value (e.g. search.target_reduction=0.6 finetune.train.epochs=5); "
+           "every key, its type, default and allowed values: configs/REFERENCE.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The amas argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="amas", description="structured channel pruning with adversarial alignment")
@@ -111,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"amas {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help, add) in COMMANDS.items():
-        add(sub.add_parser(name, help=help, description=help))
+        add(sub.add_parser(name, help=help, description=help, epilog=_EPILOG))
     return parser
 
 

@@ -23,7 +23,11 @@ FLAGS = {"data.root": "--data", "data.image_size": "--image-size", "model.name":
 
 def parser() -> argparse.ArgumentParser:
     """The tool's arguments; anything else goes on to `amas prune`."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Any amas config key can follow as key.path=value, e.g. search.train.epochs=10 (the mask search), "
+               "select.budget_epochs=6 (the candidates' fine-tuning by halving), finetune.train.epochs=20 (the "
+               "winner's fine-tune), search.train.batch_size=64; every key: configs/REFERENCE.md")
     p.add_argument("--arch", required=True, help="torchvision classifier name, e.g. resnet50")
     p.add_argument("--weights", required=True, help="plain state_dict .pth of that architecture")
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
