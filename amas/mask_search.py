@@ -211,13 +211,20 @@ class SearchObjective(AlignmentObjective):
         self.updater.params = list(self.masks.masks)
         self.updater.reset()
         self.masks.attach(model)
-        self._eval_hook = model.register_forward_pre_hook(self._iterate_in_eval)
+        self._eval_hook = model.register_forward_pre_hook(self._iterate_in_eval())
         super().setup(model, device)
 
-    def _iterate_in_eval(self, module: nn.Module, inputs: Any) -> None:
-        """Before a forward in eval mode, put the masks back at the iterate x: what is evaluated is what is cut."""
-        if not module.training:
-            self.updater.drop_momentum(count=False)
+    def _iterate_in_eval(self) -> Any:
+        """A forward pre-hook: in eval mode, the masks go back to the iterate x, so what is evaluated is what is cut."""
+        updater = self.updater
+
+        def hook(module: nn.Module, inputs: Any) -> None:
+            """Drop FISTA's momentum before an eval-mode forward."""
+            if not module.training:
+                updater.drop_momentum(count=False)
+
+        hook._amas_mask_hook = True  # type: ignore[attr-defined]  # copies of the student drop it (remove_mask_hooks)
+        return hook
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The student's weights only: masks are updated by the proximal step, not by the engine's SGD."""
