@@ -1,7 +1,8 @@
-"""Compatibility names: the alignment objective moved to amas.alignment, the mask search to amas.mask_search and
-the search stage to amas.search_stage."""
+"""Compatibility names: the alignment objective moved to amas.search.alignment, the mask search to
+amas.search.objective and the search stage to amas.pipeline.search."""
 
-from amas.alignment import (
+from amas.pipeline.search import check_teacher_matches, search
+from amas.search.alignment import (
     AlignmentObjective,
     Discriminator,
     SearchError,
@@ -11,8 +12,7 @@ from amas.alignment import (
     last_global_pool,
     real_fake_bce,
 )
-from amas.mask_search import BudgetController, ProximalMaskUpdate, SearchObjective
-from amas.search_stage import check_teacher_matches, search
+from amas.search.objective import BudgetController, ProximalMaskUpdate, SearchObjective
 
 __all__ = [
     "AlignmentObjective", "BudgetController", "Discriminator", "ProximalMaskUpdate", "SearchError", "SearchObjective",

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import yaml
 
-from amas.atomic_files import temp_beside
 from amas.config_check import ConfigError, build_section
+from amas.files.atomic import temp_beside
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:

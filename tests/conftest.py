@@ -18,7 +18,7 @@ def _seed():
 def teacher_path(tmp_path_factory):
     """A tiny ResNet-20 teacher trained for two epochs on the synthetic data (shared by the whole session)."""
     from amas.config import load_config
-    from amas.stages import train_dense
+    from amas.pipeline.teacher import train_dense
 
     run = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
@@ -75,8 +75,8 @@ def random_cut(groups, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], d
 
 def masked_and_cut(model: torch.nn.Module, groups, masks: dict, keep: dict, x: torch.Tensor):
     """(unmasked, masked student, physically cut model) outputs on x: the cut keeps `keep`, with the masks folded."""
-    from amas.masks import ChannelMasks
-    from amas.planner import prune_model
+    from amas.channels.masks import ChannelMasks
+    from amas.channels.plan import prune_model
 
     hooks = ChannelMasks(groups)
     hooks.load_values(masks)

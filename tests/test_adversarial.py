@@ -17,11 +17,11 @@ from amas.adversarial import (
     kd_loss,
     search,
 )
-from amas.checkpoint import load_masked, load_model
 from amas.cli import main
 from amas.config import load_config
 from amas.data import build_data
-from amas.engine import Trainer
+from amas.engine.loop import Trainer
+from amas.files.checkpoint import load_masked, load_model
 from amas.models import create_model
 
 
@@ -44,7 +44,7 @@ def search_overrides(**extra: str) -> list[str]:
 
 def _objective(teacher_path, tmp_path, name="run", **extra):
     """(trainer, objective, teacher, data) for a search wired exactly like amas.adversarial.search."""
-    from amas.masks import ChannelMasks, CostModel, find_groups
+    from amas.channels.masks import ChannelMasks, CostModel, find_groups
 
     cfg = load_config(None, search_overrides(**extra))
     torch.manual_seed(cfg.seed)
@@ -66,7 +66,7 @@ def _objective(teacher_path, tmp_path, name="run", **extra):
 
 
 def test_prox_operator_exact_on_hand_made_vectors():
-    from amas.masks import prox_nonneg_l1
+    from amas.channels.masks import prox_nonneg_l1
 
     x = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.0, -0.3])
     assert torch.equal(prox_nonneg_l1(x, 0.25), torch.tensor([0.75, 0.25, 0.0, 0.0, 0.0, 0.0]))
@@ -338,7 +338,7 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
     assert main(args) == 0
     assert "search: done" in capsys.readouterr().out
     model, masks, obj = load_masked(out / "search.pt")
-    from amas.masks import find_groups
+    from amas.channels.masks import find_groups
 
     groups = find_groups(model, (1, 16, 16))
     assert list(masks) == [g.name for g in groups]
@@ -358,8 +358,8 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
 
 def test_residual_search_masks_stages_and_exports(teacher_path, tmp_path, capsys):
     """With prune.residual_channels the search also masks the stage channels, and export cuts them exactly."""
-    from amas.export import load_pruned
-    from amas.masks import find_groups
+    from amas.channels.masks import find_groups
+    from amas.files.export import load_pruned
 
     out = tmp_path / "search_run"
     args = ["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path), "--out",
@@ -388,7 +388,7 @@ def test_search_runner_returns_metrics(teacher_path, tmp_path):
 
 def test_controller_measures_the_rounded_cut(teacher_path, tmp_path):
     """With search.count_rounded the effective MACs are those of the planner's rounded cut of the current masks."""
-    from amas.planner import plan_keep
+    from amas.channels.plan import plan_keep
 
     _, obj, _, _ = _objective(teacher_path, tmp_path)
     obj.round_to, obj.min_channels = 8, 1
@@ -427,8 +427,8 @@ def test_search_stopped_part_way_through_a_longer_schedule(teacher_path, tmp_pat
 @pytest.mark.parametrize("key", ["feature_kd", "d_input"])
 def test_feature_options_need_equal_widths(key):
     """feature_kd / d_input=features on a student with narrower final features stop with one line naming the fix."""
-    from amas.alignment import AlignmentObjective
     from amas.config import FinetuneConfig
+    from amas.search.alignment import AlignmentObjective
 
     def net(width: int) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Conv2d(1, width, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

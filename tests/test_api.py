@@ -102,12 +102,12 @@ print("pt ok")
 
 
 def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
-    from amas.checkpoint import load_masked
+    from amas.channels.masks import ChannelMasks, CostModel, find_groups
+    from amas.channels.plan import kept_counts
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import get
-    from amas.masks import ChannelMasks, CostModel, find_groups
-    from amas.planner import kept_counts
-    from amas.pruned_file import load_pruned
+    from amas.files.checkpoint import load_masked
+    from amas.files.pruned import load_pruned
 
     train, val, test = loaders()
     teacher = trained_teacher(train)
@@ -166,9 +166,9 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
 
 
 def test_a_class_that_cannot_be_imported_or_rebuilt_is_named_for_this_process_only() -> None:
+    from amas.inputs import UserDataInfo, importable_name
     from amas.models.registry import MEMORY_PREFIX
-    from amas.run_context import _memory_record
-    from amas.user_inputs import UserDataInfo, importable_name
+    from amas.pipeline.context import _memory_record
 
     class Local(TinyNet):  # defined inside a function: no other process can import it
         pass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amas.block_removal import RemovedBlock, effective_counts, prune_with_blocks, removable_groups
-from amas.cost import count
-from amas.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.blocks import RemovedBlock, effective_counts, prune_with_blocks, removable_groups
+from amas.channels.count import count
+from amas.channels.masks import ChannelMasks, CostModel, find_groups
 from amas.models import create_model
 from tests.test_prune import randomize
 
@@ -54,7 +54,7 @@ def test_block_removal_equals_masking(name: str, shape: tuple[int, int, int], re
 
 
 def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
-    from amas.planner import PruneError
+    from amas.channels.plan import PruneError
 
     model = create_model("resnet20", num_classes=10, in_channels=1).eval()
     groups = find_groups(model, (1, 8, 8), residual=True)
@@ -66,8 +66,8 @@ def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
 
 @pytest.mark.parametrize("name,shape", [("resnet20", (1, 8, 8)), ("tv:resnet18", (3, 32, 32))])
 def test_a_model_with_removed_blocks_saves_and_loads_without_tracing(name, shape, tmp_path) -> None:
-    from amas.planner import make_recipe
-    from amas.pruned_file import load_pruned, save_pruned
+    from amas.channels.plan import make_recipe
+    from amas.files.pruned import load_pruned, save_pruned
 
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
     randomize(model, torch.Generator().manual_seed(5))

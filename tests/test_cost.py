@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from amas.cost import count, latency, param_count
+from amas.channels.count import count, latency, param_count
 from amas.errors import AmasError
 from amas.models import create_model
 

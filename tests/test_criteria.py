@@ -7,15 +7,15 @@ import torch
 from conftest import tiny_overrides
 from torch import nn
 
+from amas.channels.count import count
+from amas.channels.masks import CostModel, find_groups
+from amas.channels.plan import prune_model
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
-from amas.cost import count
 from amas.criteria import METHODS, CriteriaError, blend, channel_scores, plan_for_method, srr
 from amas.criteria.common import aggregate
 from amas.data import build_data
-from amas.engine import Trainer
-from amas.masks import CostModel, find_groups
+from amas.engine.loop import Trainer
 from amas.models import create_model
-from amas.planner import prune_model
 
 SHAPE = (1, 8, 8)
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import amas
-from amas.checkpoint import CheckpointError, model_record, save_masked
+from amas.channels.masks import CostModel, find_groups
+from amas.channels.plan import make_recipe, plan_keep, prune_model
 from amas.cli import main
 from amas.data import INFOS
-from amas.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
-from amas.masks import CostModel, find_groups
+from amas.files.checkpoint import CheckpointError, model_record, save_masked
+from amas.files.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
 from amas.models import create_model
-from amas.planner import make_recipe, plan_keep, prune_model
 
 SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_export_cli_end_to_end(tmp_path, capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["test_acc"] == round(report["test_acc"], 3) and result["macs_M"] == round(report["macs"] / 1e6, 3)
     # a dense model needs a criterion
-    from amas.checkpoint import save_model
+    from amas.files.checkpoint import save_model
 
     save_model(tmp_path / "model.pt", model, _record())
     assert main(["export", "--checkpoint", str(tmp_path / "model.pt"), "--no-eval"]) == 1
@@ -208,8 +208,8 @@ def test_fresh_process_loads_pruned_resnet56_without_tracing(tmp_path) -> None:
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             y = model(torch.load({str(tmp_path / "x.pt")!r}))
-        loaded = [m for m in ("torch_pruning", "amas.engine", "amas.data", "amas.planner", "amas.masks")
-                  if m in sys.modules]
+        loaded = [m for m in ("torch_pruning", "amas.engine.loop", "amas.data", "amas.channels.plan",
+                              "amas.channels.masks") if m in sys.modules]
         torch.save({{"y": y, "seconds": seconds, "loaded": loaded}}, {str(tmp_path / "out.pt")!r})
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -222,11 +222,11 @@ def test_fresh_process_loads_pruned_resnet56_without_tracing(tmp_path) -> None:
 
 
 def test_export_criterion_l1_cuts_what_prune_method_l1_cuts(tmp_path) -> None:
-    from amas.checkpoint import save_model
+    from amas.channels.plan import kept_counts
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import plan_for_method
-    from amas.pipeline import run_export
-    from amas.planner import kept_counts
+    from amas.files.checkpoint import save_model
+    from amas.pipeline.commands import run_export
 
     torch.manual_seed(1)
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()

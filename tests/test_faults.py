@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from amas.checkpoint import load_file
+from amas.files.checkpoint import load_file
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from amas.fold_scaling import folded_mask_scales, scale_folded_grads
-from amas.masks import find_groups
+from amas.channels.fold import folded_mask_scales, scale_folded_grads
+from amas.channels.masks import find_groups
+from amas.channels.plan import prune_model
 from amas.models import create_model
-from amas.planner import prune_model
 
 SHAPE = (1, 8, 8)
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from amas.block_removal import removable_groups
-from amas.cost import count
-from amas.latency_model import build_table, width_grid
-from amas.latency_plan import plan_counts_latency, plan_keep_latency
-from amas.latency_whole import fit_line, random_plans, validate
-from amas.masks import find_groups
+from amas.channels.blocks import removable_groups
+from amas.channels.count import count
+from amas.channels.masks import find_groups
+from amas.channels.plan import PruneError, rounded_count
+from amas.latency.model import build_table, width_grid
+from amas.latency.plan import plan_counts_latency, plan_keep_latency
+from amas.latency.whole import fit_line, random_plans, validate
 from amas.models import create_model
-from amas.planner import PruneError, rounded_count
 
 SHAPE = (1, 8, 8)
 
@@ -33,7 +33,7 @@ class Counted:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
         self.calls += 1
         layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
-        if isinstance(module, nn.Linear):  # the classifier on its own (amas.cost.count takes images)
+        if isinstance(module, nn.Linear):  # the classifier on its own (amas.channels.count.count takes images)
             macs = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
         else:
             macs = count(module, tuple(x.shape))[0]
@@ -195,7 +195,7 @@ def test_latency_table_command_writes_the_cached_table_and_reports_it(tmp_path, 
     mtime = files[0].stat().st_mtime_ns
     assert main(argv) == 0 and files[0].stat().st_mtime_ns == mtime  # the second call reads the cache
     from amas.config import load_config
-    from amas.latency_report import shared_table
+    from amas.latency.table import shared_table
 
     conf = load_config(str(cfg), ["prune.latency_batch=1", f"prune.latency_tables={cache}"])
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()  # synthetic data: 4 classes, 1x16x16

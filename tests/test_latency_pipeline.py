@@ -6,11 +6,11 @@ import json
 from test_latency_model import Counted
 from test_pipeline import prune_overrides
 
+from amas.channels.masks import find_groups
 from amas.config import load_config
-from amas.latency_model import build_table
-from amas.masks import find_groups
+from amas.latency.model import build_table
 from amas.models import create_model
-from amas.pipeline import run_pipeline
+from amas.pipeline.commands import run_pipeline
 
 
 def analytic_table(cache, batch: int = 1):
@@ -39,7 +39,7 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
     cand = json.loads((run / "candidates" / "candidates.json").read_text())
     deep = max(cand["rows"], key=lambda r: r["level"])
     assert any(k == 0 for k in deep["kept"].values())  # 85% of the latency cannot go without removing blocks
-    from amas.pruned_file import load_pruned
+    from amas.files.pruned import load_pruned
 
     cut, obj = load_pruned(run / "candidates" / f"{deep['name']}_cut.pt")
     assert obj["recipe"]["removed_blocks"]
@@ -50,7 +50,7 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
     assert sel["winner"] == min(sel["candidates"], key=lambda r: (r["latency_ms"], -r["val_acc"]))["id"]
     assert (run / "pruned.pt").is_file() and (run / "pareto.png").is_file()
     report = json.loads((run / "report.json").read_text())["runtimes"]
-    from amas.runtimes import available_runtimes
+    from amas.latency.runtimes import available_runtimes
 
     assert set(report["by_runtime"]) == {"eager", "onnx"} & set(available_runtimes())
     assert all(r["speedup_b1"] > 0 and r["speedup_b64"] > 0 for r in report["by_runtime"].values())
@@ -61,7 +61,7 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
 def test_latency_planned_cuts_meet_their_levels(tmp_path):
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import channel_scores
-    from amas.latency_report import plan_by_latency
+    from amas.latency.table import plan_by_latency
 
     table, model, groups = analytic_table(tmp_path)
     cfg = PruneConfig(cost="latency", latency_batch=1, latency_tables=str(tmp_path), round_to=1)
@@ -73,7 +73,7 @@ def test_latency_planned_cuts_meet_their_levels(tmp_path):
 
 
 def test_latency_settings_enter_the_fingerprints_only_when_used():
-    from amas.stage_table import stage_fingerprints
+    from amas.pipeline.runner import stage_fingerprints
 
     base = stage_fingerprints(load_config(None, []))
     unused = stage_fingerprints(load_config(None, ["prune.latency_batch=64", "select.latency_runtime=onnx"]))
@@ -88,10 +88,10 @@ def test_latency_settings_enter_the_fingerprints_only_when_used():
 def test_search_penalty_can_weight_channels_by_predicted_latency(tmp_path):
     import pytest
 
+    from amas.channels.masks import ChannelMasks, CostModel
     from amas.config import SearchConfig
-    from amas.mask_search import SearchObjective
-    from amas.masks import ChannelMasks, CostModel
-    from amas.search_stage import _penalty_costs
+    from amas.pipeline.search import _penalty_costs
+    from amas.search.objective import SearchObjective
 
     table, model, groups = analytic_table(tmp_path)
     cfg = load_config(None, [f"prune.latency_tables={tmp_path}", "search.penalty_cost=latency"])

@@ -8,8 +8,8 @@ import torch
 from test_api import SHAPE, loaders, trained_teacher
 
 import amas
-from amas.cost import count
-from amas.planner import kept_counts
+from amas.channels.count import count
+from amas.channels.plan import kept_counts
 
 
 def run_steps(search: amas.MaskSearch, opt: torch.optim.Optimizer, batches) -> None:
@@ -114,10 +114,10 @@ def test_min_keep_uniform_floors_follow_the_target() -> None:
     """The uniform share reaches the target (one more channel each would not); the exempt floors shrink with it."""
     import math
 
+    from amas.channels.masks import CostModel, find_groups
     from amas.config import SearchConfig
-    from amas.mask_search import exempt_counts
-    from amas.masks import CostModel, find_groups
     from amas.models import create_model
+    from amas.search.objective import exempt_counts
 
     model = create_model("resnet20", num_classes=10, in_channels=1)
     groups = find_groups(model, (1, 28, 28))

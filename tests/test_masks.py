@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from amas.cost import count
-from amas.masks import ChannelMasks, CostModel, MaskError, find_groups, prox_nonneg_l1
+from amas.channels.count import count
+from amas.channels.masks import ChannelMasks, CostModel, MaskError, find_groups, prox_nonneg_l1
 from amas.models import create_model
 
 
@@ -197,7 +197,7 @@ def _cut_equals_masked(model: nn.Module, shape: tuple[int, int, int]) -> list:
 def test_a_bn_with_its_own_activation_is_masked_before_it_and_the_hooks_come_off() -> None:
     import copy
 
-    from amas.masks import mask_site, remove_mask_hooks
+    from amas.channels.masks import mask_site, remove_mask_hooks
 
     model = _Pair(_ActBN(8), _ActBN(8, nn.Hardswish()))
     groups = _cut_equals_masked(model, (3, 8, 8))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amas.pruned_file import load_pruned
+from amas.files.pruned import load_pruned
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

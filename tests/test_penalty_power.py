@@ -2,7 +2,7 @@
 
 import pytest
 
-from amas.mask_search import _powered
+from amas.search.objective import _powered
 
 
 def test_power_one_keeps_the_costs_and_zero_weights_every_channel_alike():

@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_overrides
 
 from amas.config import load_config
-from amas.pipeline import PipelineError, run_pipeline
-from amas.select import SelectionError
+from amas.pipeline.commands import PipelineError, run_pipeline
+from amas.pipeline.select import SelectionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +124,7 @@ def test_prune_cli_end_to_end_then_rerun_skips_everything(teacher_path, tmp_path
     assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tb" / "select").iterdir())
 
-    from amas.export import load_pruned
+    from amas.files.export import load_pruned
 
     model, obj = load_pruned(run / "pruned.pt")
     x = torch.randn(3, 1, 16, 16)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from amas.cost import count
-from amas.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.count import count
+from amas.channels.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.plan import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 from amas.models import create_model
-from amas.planner import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 
 
 def randomize(model: nn.Module, gen: torch.Generator) -> None:

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from amas.alignment import AlignmentObjective
 from amas.config import FinetuneConfig, load_config
-from amas.halving import halving_schedule, successive_halving
-from amas.select import SelectionError, budget_bound, choose, halving_score, pareto_front
+from amas.pipeline.halving import halving_schedule, successive_halving
+from amas.pipeline.select import SelectionError, budget_bound, choose, halving_score, pareto_front
+from amas.search.alignment import AlignmentObjective
 
 
 def row(i, macs, acc, params=None, channels=None):
@@ -164,9 +164,9 @@ def test_tolerance_halving_score_prefers_cheap_candidates_that_meet_the_threshol
 
 
 def test_fine_tuning_uses_the_alignment_objective_on_every_weight():
-    from amas.masks import find_groups
+    from amas.channels.masks import find_groups
+    from amas.channels.plan import prune_model
     from amas.models import create_model
-    from amas.planner import prune_model
 
     teacher = create_model("resnet20", num_classes=4, in_channels=1).eval()
     before = copy.deepcopy(teacher.state_dict())

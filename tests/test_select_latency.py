@@ -5,7 +5,7 @@ import json
 import pytest
 
 from amas.config import SelectConfig
-from amas.select import SelectionError, choose, latency_bound, pareto_front, select_candidates
+from amas.pipeline.select import SelectionError, choose, latency_bound, pareto_front, select_candidates
 
 
 def row(i, macs, lat, acc):

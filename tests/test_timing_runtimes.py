@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from amas.errors import AmasError
-from amas.runtimes import available_runtimes, make_runner
-from amas.timing import BUSY_SPREAD, alternating_latency, spread
+from amas.latency.runtimes import available_runtimes, make_runner
+from amas.latency.timing import BUSY_SPREAD, alternating_latency, spread
 
 
 def test_spread_is_the_interquartile_range_over_the_median():

@@ -13,12 +13,12 @@ import torch
 from conftest import masked_and_cut, random_cut, randomize_norms, tiny_overrides
 from torch import nn
 
-from amas.cost import count
+from amas.channels.count import count
+from amas.channels.masks import CostModel, find_groups, mask_site
+from amas.channels.plan import kept_counts
 from amas.errors import AmasError
-from amas.export import export_pt2
-from amas.masks import CostModel, find_groups, mask_site
+from amas.files.export import export_pt2
 from amas.models import create_model
-from amas.planner import kept_counts
 
 timm = pytest.importorskip("timm")
 from timm.layers import BatchNormAct2d, GroupNormAct, convert_sync_batchnorm  # noqa: E402
@@ -168,9 +168,9 @@ def test_timm_removal_equals_masking_and_exports(name: str, tmp_path) -> None:
 
 def test_a_timm_model_trains_from_a_config(tmp_path) -> None:
     """model.name: timm:<name> builds through the registry for the data's classes and channels, and trains."""
+    from amas.channels.plan import make_recipe, model_from_recipe
     from amas.config import load_config
-    from amas.planner import make_recipe, model_from_recipe
-    from amas.stages import train_dense
+    from amas.pipeline.teacher import train_dense
 
     cfg = load_config(None, tiny_overrides(**{"model.name": "timm:resnet10t", "train.epochs": "1",
                                               "train.device": "cpu"}))

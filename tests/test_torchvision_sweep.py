@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_prune import random_masks, randomize
 
-from amas.cost import count
-from amas.export import export_pt2
-from amas.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.count import count
+from amas.channels.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.plan import kept_counts, prune_model
+from amas.files.export import export_pt2
 from amas.models import create_model
-from amas.planner import kept_counts, prune_model
 
 MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "mobilenet_v3_large",
           "convnext_tiny", "squeezenet1_1", "inception_v3", "shufflenet_v2_x0_5",
@@ -64,7 +64,7 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
 
 
 def test_an_untraceable_model_names_the_layer_in_one_line() -> None:
-    from amas.channel_cost import MaskError
+    from amas.channels.cost import MaskError
 
     model = create_model("tv:shufflenet_v2_x0_5", num_classes=10, in_channels=3).eval()
     with pytest.raises(MaskError, match=r"cannot trace layer 'stage\d\.\d' \(InvertedResidual\) of ShuffleNetV2") as e:
@@ -87,7 +87,7 @@ def test_ignored_layers_stay_whole() -> None:
 
 def test_prune_ignore_enters_the_fingerprints_only_when_set() -> None:
     from amas.config import load_config
-    from amas.stage_table import stage_fingerprints
+    from amas.pipeline.runner import stage_fingerprints
 
     base = stage_fingerprints(load_config(None, []))
     assert stage_fingerprints(load_config(None, ["prune.ignore=[]"])) == base  # runs from before the key resume

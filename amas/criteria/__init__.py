@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.masks import ChannelGroup, CostModel
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.registry import (
     REGISTRY,
@@ -36,7 +37,6 @@ from amas.criteria.registry import (
     need_batches,
     register,
 )
-from amas.masks import ChannelGroup, CostModel
 
 __all__ = ["METHODS", "CriteriaError", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
            "prepare_model", "register"]

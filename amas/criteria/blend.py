@@ -41,12 +41,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from amas.channels.masks import ChannelGroup, CostModel
+from amas.channels.plan import plan_keep, prune_model
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import model_device, take
 from amas.data import Batches
-from amas.engine import evaluate
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import plan_keep, prune_model
+from amas.engine.loop import evaluate
 
 __all__ = ["BlendResult", "average_ranks", "spearman_matrix", "cluster_criteria", "blend_scores", "search"]
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.masks import ChannelGroup, CostModel
+from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import AmasError
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import plan_keep
 
 __all__ = ["Criterion", "CriteriaError", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
 
@@ -73,7 +73,7 @@ class Criterion:
         """Kept channel indices per group at the MACs target."""
         scores = self.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
         if getattr(prune_cfg, "cost", "macs") == "latency":  # target: the fraction of the latency to remove
-            from amas.latency_report import plan_by_latency
+            from amas.latency.table import plan_by_latency
 
             return plan_by_latency(scores, model, groups, cost.input_shape, prune_cfg, 1.0 - float(target))
         return plan_keep(scores, cost, target, prune_cfg.min_channels, prune_cfg.round_to)

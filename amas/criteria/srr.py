@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from amas.channels.masks import ChannelGroup, CostModel
+from amas.channels.plan import PruneError, rounded_count
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.norms import l1_scores, member_filters
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import PruneError, rounded_count
 
 __all__ = [
     "group_filters",
