@@ -57,7 +57,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     the run happens in a temporary directory that is deleted before returning.
     Under torchrun every rank calls prune with the same arguments; each rank trains on its share of the batches.
     """
-    from amas.data import DataError
+    from amas.errors import DataError
     from amas.files.pruned import load_pruned
     from amas.inputs import UserDataInfo, classes_of, user_bundle
     from amas.pipeline.commands import _check_method

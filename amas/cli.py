@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None, flags: dict[str, str] | None = None) -> 
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command.replace('-', '_')}")
     from amas import distributed
-    from amas.engine.loop import Stopped
+    from amas.errors import Stopped
 
     try:
         distributed.init_from_env(_device_hint(args))

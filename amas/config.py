@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import yaml
 
-from amas.config_check import ConfigError, build_section
+from amas.config_check import build_section
+from amas.errors import ConfigError
 from amas.files.atomic import temp_beside
 
 

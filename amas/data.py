@@ -14,14 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from amas.config import DataConfig
-from amas.errors import AmasError
+from amas.errors import DataError
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = os.path.expanduser("~/.cache/amas/data")
-
-
-class DataError(AmasError):
-    """Data that cannot be found or read."""
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,12 @@ if str(ROOT) not in sys.path:
 
 from amas.channels.count import count, latency  # noqa: E402
 from amas.channels.masks import CostModel, find_groups  # noqa: E402
-from amas.channels.plan import PruneError, plan_keep, prune_model  # noqa: E402
+from amas.channels.plan import plan_keep, prune_model  # noqa: E402
 from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
-from amas.criteria import METHODS, CriteriaError, check_method, plan_for_method, prepare_model  # noqa: E402
+from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
 from amas.engine.loop import Trainer, evaluate, resolve_device  # noqa: E402
-from amas.errors import AmasError  # noqa: E402
+from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.pipeline.teacher import seed_everything  # noqa: E402
 
@@ -230,9 +230,9 @@ def amas_cut(
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there.
 
     mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.channels.fold)."""
-    from amas.adversarial import search
     from amas.channels.fold import folded_mask_scales
     from amas.files.checkpoint import load_masked
+    from amas.pipeline.search import search
 
     overrides = [
         *(extra_overrides or []),

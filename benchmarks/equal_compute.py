@@ -57,14 +57,14 @@ import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning ref
 from amas.channels.count import count  # noqa: E402
 from amas.channels.fold import scale_folded_grads  # noqa: E402
 from amas.channels.masks import CostModel, find_groups  # noqa: E402
-from amas.channels.plan import PruneError, prune_model  # noqa: E402
+from amas.channels.plan import prune_model  # noqa: E402
 from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
 from amas.engine.loop import evaluate, resolve_device  # noqa: E402
-from amas.errors import AmasError  # noqa: E402
+from amas.errors import AmasError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
-from amas.pipeline.select import finetune_trainer  # noqa: E402
+from amas.pipeline.candidates import finetune_trainer  # noqa: E402
 from amas.pipeline.teacher import seed_everything  # noqa: E402
 
 ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude", "amas_arch")

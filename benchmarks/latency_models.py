@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from amas.files.checkpoint import CheckpointError, load_model
+from amas.errors import CheckpointError
+from amas.files.checkpoint import load_model
 from amas.files.pruned import load_pruned
 from amas.latency.table import runtime_latency
 

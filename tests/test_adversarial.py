@@ -7,22 +7,16 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from amas.adversarial import (
-    BudgetController,
-    Discriminator,
-    ProximalMaskUpdate,
-    SearchError,
-    SearchObjective,
-    discriminator_loss,
-    kd_loss,
-    search,
-)
 from amas.cli import main
 from amas.config import load_config
 from amas.data import build_data
 from amas.engine.loop import Trainer
+from amas.errors import SearchError
 from amas.files.checkpoint import load_masked, load_model
 from amas.models import create_model
+from amas.pipeline.search import search
+from amas.search.alignment import Discriminator, discriminator_loss, kd_loss
+from amas.search.objective import BudgetController, ProximalMaskUpdate, SearchObjective
 
 
 def search_overrides(**extra: str) -> list[str]:
@@ -43,7 +37,7 @@ def search_overrides(**extra: str) -> list[str]:
 
 
 def _objective(teacher_path, tmp_path, name="run", **extra):
-    """(trainer, objective, teacher, data) for a search wired exactly like amas.adversarial.search."""
+    """(trainer, objective, teacher, data) for a search wired exactly like amas.pipeline.search.search."""
     from amas.channels.masks import ChannelMasks, CostModel, find_groups
 
     cfg = load_config(None, search_overrides(**extra))
@@ -118,7 +112,7 @@ def test_fista_restart_drops_momentum_when_the_step_turns_back():
 
 
 def test_fast_teacher_copy_matches_and_leaves_the_teacher_alone():
-    from amas.adversarial import fast_inference_copy
+    from amas.search.alignment import fast_inference_copy
 
     torch.manual_seed(0)
     net = create_model("resnet20", num_classes=4, in_channels=1)

@@ -54,7 +54,7 @@ def test_block_removal_equals_masking(name: str, shape: tuple[int, int, int], re
 
 
 def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
-    from amas.channels.plan import PruneError
+    from amas.errors import PruneError
 
     model = create_model("resnet20", num_classes=10, in_channels=1).eval()
     groups = find_groups(model, (1, 8, 8), residual=True)

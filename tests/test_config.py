@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from amas.config import Config, ConfigError, load_config, save_config
+from amas.config import Config, load_config, save_config
+from amas.errors import ConfigError
 
 
 def test_defaults_and_overrides(tmp_path):

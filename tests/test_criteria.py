@@ -11,10 +11,11 @@ from amas.channels.count import count
 from amas.channels.masks import CostModel, find_groups
 from amas.channels.plan import prune_model
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
-from amas.criteria import METHODS, CriteriaError, blend, channel_scores, plan_for_method, srr
+from amas.criteria import METHODS, blend, channel_scores, plan_for_method, srr
 from amas.criteria.common import aggregate
 from amas.data import build_data
 from amas.engine.loop import Trainer
+from amas.errors import CriteriaError
 from amas.models import create_model
 
 SHAPE = (1, 8, 8)

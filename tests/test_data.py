@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from amas.config import DataConfig
-from amas.data import INFOS, DataError, TensorBatches, build_data, split_indices
+from amas.data import INFOS, TensorBatches, build_data, split_indices
+from amas.errors import DataError
 
 
 def _batches(seed=0, **kw):

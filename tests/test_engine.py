@@ -6,7 +6,8 @@ from conftest import tiny_overrides
 
 from amas.config import load_config
 from amas.data import build_data
-from amas.engine.loop import Objective, StepOutput, Stopped, Trainer, TrainingError, evaluate, make_scheduler
+from amas.engine.loop import Objective, StepOutput, Trainer, evaluate, make_scheduler
+from amas.errors import Stopped, TrainingError
 from amas.models import create_model
 
 

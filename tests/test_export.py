@@ -17,7 +17,8 @@ from amas.channels.masks import CostModel, find_groups
 from amas.channels.plan import make_recipe, plan_keep, prune_model
 from amas.cli import main
 from amas.data import INFOS
-from amas.files.checkpoint import CheckpointError, model_record, save_masked
+from amas.errors import CheckpointError
+from amas.files.checkpoint import model_record, save_masked
 from amas.files.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
 from amas.models import create_model
 

@@ -15,7 +15,8 @@ from torch import nn
 from amas.channels.blocks import removable_groups
 from amas.channels.count import count
 from amas.channels.masks import find_groups
-from amas.channels.plan import PruneError, rounded_count
+from amas.channels.plan import rounded_count
+from amas.errors import PruneError
 from amas.latency.model import build_table, width_grid
 from amas.latency.plan import plan_counts_latency, plan_keep_latency
 from amas.latency.whole import fit_line, random_plans, validate

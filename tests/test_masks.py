@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from amas.channels.count import count
-from amas.channels.masks import ChannelMasks, CostModel, MaskError, find_groups, prox_nonneg_l1
+from amas.channels.masks import ChannelMasks, CostModel, find_groups, prox_nonneg_l1
+from amas.errors import MaskError
 from amas.models import create_model
 
 

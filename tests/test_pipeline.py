@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_overrides
 
 from amas.config import load_config
-from amas.pipeline.commands import PipelineError, run_pipeline
-from amas.pipeline.select import SelectionError
+from amas.errors import PipelineError, SelectionError
+from amas.pipeline.commands import run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from amas.channels.count import count
 from amas.channels.masks import ChannelMasks, CostModel, find_groups
-from amas.channels.plan import PruneError, kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
+from amas.channels.plan import kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
+from amas.errors import PruneError
 from amas.models import create_model
 
 

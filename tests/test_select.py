@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from amas.config import FinetuneConfig, load_config
+from amas.errors import SelectionError
 from amas.pipeline.halving import halving_schedule, successive_halving
-from amas.pipeline.select import SelectionError, budget_bound, choose, halving_score, pareto_front
+from amas.pipeline.select import budget_bound, choose, halving_score, pareto_front
 from amas.search.alignment import AlignmentObjective
 
 

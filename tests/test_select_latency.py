@@ -5,7 +5,8 @@ import json
 import pytest
 
 from amas.config import SelectConfig
-from amas.pipeline.select import SelectionError, choose, latency_bound, pareto_front, select_candidates
+from amas.errors import SelectionError
+from amas.pipeline.select import choose, latency_bound, pareto_front, select_candidates
 
 
 def row(i, macs, lat, acc):

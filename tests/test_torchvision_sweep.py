@@ -64,7 +64,7 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
 
 
 def test_an_untraceable_model_names_the_layer_in_one_line() -> None:
-    from amas.channels.cost import MaskError
+    from amas.errors import MaskError
 
     model = create_model("tv:shufflenet_v2_x0_5", num_classes=10, in_channels=3).eval()
     with pytest.raises(MaskError, match=r"cannot trace layer 'stage\d\.\d' \(InvertedResidual\) of ShuffleNetV2") as e:

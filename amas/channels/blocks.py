@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from amas.channels.masks import ChannelGroup
-from amas.channels.plan import PruneError, prune_model
+from amas.channels.plan import prune_model
+from amas.errors import PruneError
 from amas.models.removed_block import RemovedBlock
 
 __all__ = ["RemovedBlock", "removable_groups", "prune_with_blocks", "effective_counts"]

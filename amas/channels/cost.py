@@ -9,16 +9,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from amas.errors import AmasError
+from amas.errors import MaskError
 
 if TYPE_CHECKING:
     from amas.channels.masks import ChannelGroup
 
 __all__ = ["CostModel", "MaskError", "device_dtype"]
-
-
-class MaskError(AmasError):
-    """Masks or groups that do not fit the model."""
 
 
 def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -68,9 +68,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from amas.channels.cost import CostModel, MaskError
+from amas.channels.cost import CostModel
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.channels.tracing import build_graph, is_kept_whole
+from amas.errors import MaskError
 
 __all__ = ["ChannelGroup", "ChannelMasks", "CostModel", "MaskError", "channel_dim", "find_groups", "mask_site",
            "prox_nonneg_l1"]

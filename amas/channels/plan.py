@@ -30,15 +30,11 @@ from torch import nn
 
 from amas.channels.masks import ChannelGroup, CostModel, find_groups, remove_mask_hooks
 from amas.channels.tracing import build_graph
-from amas.errors import AmasError
+from amas.errors import PruneError
 
 __all__ = ["PruneError", "plan_keep", "prune_model", "make_recipe", "model_from_recipe", "kept_counts"]
 
 RECIPE_VERSION = 1
-
-
-class PruneError(AmasError):
-    """A pruning plan or removal that cannot be carried out."""
 
 
 def rounded_count(k: int, size: int, round_to: int, min_channels: int, dead: bool = False, unit: int = 1) -> int:

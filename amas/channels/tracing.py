@@ -22,8 +22,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from amas.channels.cost import MaskError, device_dtype
+from amas.channels.cost import device_dtype
 from amas.channels.shortcut import CUSTOM_PRUNERS
+from amas.errors import MaskError
 
 __all__ = ["build_graph", "is_kept_whole", "ignored_modules"]
 

@@ -27,16 +27,8 @@ from torch import nn
 
 from amas.channels.masks import ChannelGroup, CostModel
 from amas.config import CriteriaConfig, PruneConfig
-from amas.criteria.registry import (
-    REGISTRY,
-    CriteriaError,
-    Criterion,
-    check_name,
-    criteria_cfg,
-    get,
-    need_batches,
-    register,
-)
+from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
+from amas.errors import CriteriaError
 
 __all__ = ["METHODS", "CriteriaError", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
            "prepare_model", "register"]

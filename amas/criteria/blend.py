@@ -161,7 +161,8 @@ def search(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, 
            train: Batches | None, val: Batches, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int,
            seed: int = 0, pool_scores: dict[str, dict[str, torch.Tensor]] | None = None) -> BlendResult:
     """Cluster the pool per group, then evolve the blend weights; fitness = held-out accuracy after pruning."""
-    from amas.criteria import CriteriaError, channel_scores
+    from amas.criteria import channel_scores
+    from amas.errors import CriteriaError
 
     pool = list(cfg.blend_pool)
     if not pool:

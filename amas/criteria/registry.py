@@ -17,15 +17,11 @@ from torch import nn
 from amas.channels.masks import ChannelGroup, CostModel
 from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
-from amas.errors import AmasError
+from amas.errors import CriteriaError
 
 __all__ = ["Criterion", "CriteriaError", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
 
 Scores = dict[str, torch.Tensor]
-
-
-class CriteriaError(AmasError):
-    """A pruning method that is unknown or lacks what it needs."""
 
 
 def criteria_cfg(cfg: Any) -> CriteriaConfig:

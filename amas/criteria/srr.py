@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from amas.channels.masks import ChannelGroup, CostModel
-from amas.channels.plan import PruneError, rounded_count
+from amas.channels.plan import rounded_count
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.norms import l1_scores, member_filters
+from amas.errors import PruneError
 
 __all__ = [
     "group_filters",

@@ -18,13 +18,9 @@ from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.engine.schedules import make_scheduler
-from amas.engine.stopping import Stopped, StopRequest
-from amas.errors import AmasError
+from amas.engine.stopping import StopRequest
+from amas.errors import AmasError, Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
-
-
-class TrainingError(AmasError):
-    """Training cannot go on (non-finite loss, incompatible resume state)."""
 
 
 @dataclass

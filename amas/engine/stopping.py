@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from amas.errors import AmasError
+from amas.errors import Stopped
 
 __all__ = ["StopRequest", "Stopped"]
 
@@ -34,10 +34,3 @@ class StopRequest:
         for s, h in self._old.items():
             signal.signal(s, h)
 
-
-class Stopped(AmasError):
-    """The run was asked to stop (SIGTERM/SIGINT) and saved a checkpoint."""
-
-    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
-        super().__init__(message)
-        self.signum = int(signum)

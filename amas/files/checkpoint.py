@@ -10,14 +10,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from amas.errors import AmasError
+from amas.errors import CheckpointError
 from amas.files.atomic import temp_beside
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(AmasError):
-    """A file that is not a usable amas checkpoint."""
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

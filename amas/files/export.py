@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.errors import CheckpointError, ExportError
 from amas.files.atomic import temp_beside
-from amas.files.checkpoint import CheckpointError, load_file
-from amas.files.pruned import ExportError, load_any_model, load_pruned, peek_format, save_pruned
+from amas.files.checkpoint import load_file
+from amas.files.pruned import load_any_model, load_pruned, peek_format, save_pruned
 
 __all__ = [
     "ExportError", "save_pruned", "load_pruned", "load_any_model", "export_pt2", "export_onnx", "onnx_available",

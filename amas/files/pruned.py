@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.errors import AmasError
-from amas.files.checkpoint import FORMAT_VERSION, CheckpointError, atomic_save, load_file
+from amas.errors import CheckpointError, ExportError
+from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
 
 __all__ = ["ExportError", "save_pruned", "load_pruned", "load_any_model", "layer_shapes", "rebuild_from_shapes",
            "removed_blocks"]
@@ -26,10 +26,6 @@ __all__ = ["ExportError", "save_pruned", "load_pruned", "load_any_model", "layer
 # the layer attributes channel pruning changes (torch's conv/linear/BN, amas' option-A shortcut)
 _WIDTHS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "in_planes",
            "out_planes")
-
-
-class ExportError(AmasError):
-    """A model or file that cannot be exported as asked."""
 
 
 def _plain(value: Any, where: str) -> Any:

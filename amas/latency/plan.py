@@ -25,7 +25,8 @@ import math
 import torch
 
 from amas.channels.blocks import effective_counts
-from amas.channels.plan import PruneError, rounded_count
+from amas.channels.plan import rounded_count
+from amas.errors import PruneError
 from amas.latency.model import LatencyTable
 
 __all__ = ["plan_keep_latency", "plan_counts_latency"]

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from amas.config import FinetuneConfig, atomic_write_text
+from amas.errors import SelectionError
 from amas.pipeline.halving import halving_schedule, successive_halving
-from amas.pipeline.select import SelectionError, budget_bound, choose, halving_score, latency_bound
+from amas.pipeline.select import budget_bound, choose, halving_score, latency_bound
 from amas.search.alignment import AlignmentObjective
 
 __all__ = ["Candidate", "cut_candidates", "finetune_trainer", "run_candidates"]
@@ -68,7 +69,8 @@ def cut_candidates(
     """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
     from amas.channels.blocks import prune_with_blocks
     from amas.channels.count import count
-    from amas.channels.plan import PruneError, kept_counts
+    from amas.channels.plan import kept_counts
+    from amas.errors import PruneError
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:

@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from amas.config import Config
-from amas.pipeline.context import ExportOptions, PipelineError, RunContext
+from amas.errors import PipelineError
+from amas.pipeline.context import ExportOptions, RunContext
 from amas.pipeline.runner import STAGE_NAMES, STAGES, check_run_dir, run_stages, stage_fingerprints, stages_of
 
 __all__ = ["PipelineError", "STAGES", "STAGE_NAMES", "run_export", "run_pipeline", "run_search", "run_train",

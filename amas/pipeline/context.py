@@ -15,13 +15,9 @@ from torch import nn
 
 from amas import distributed
 from amas.config import Config, atomic_write_text, save_config
-from amas.errors import AmasError
+from amas.errors import PipelineError
 
 __all__ = ["ExportOptions", "PipelineError", "RunContext", "StageLog"]
-
-
-class PipelineError(AmasError):
-    """A pipeline run that cannot continue as asked (other settings in the run directory, unknown method)."""
 
 
 def now() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from amas.pipeline.select import SelectionError
+from amas.errors import SelectionError
 
 __all__ = ["halving_schedule", "successive_halving"]
 

@@ -22,9 +22,9 @@ from typing import Any
 from amas import distributed
 from amas.config import Config, to_dict
 from amas.console import print_table
-from amas.engine.loop import Stopped
+from amas.errors import PipelineError, Stopped
 from amas.pipeline import stages as run
-from amas.pipeline.context import PipelineError, RunContext, now
+from amas.pipeline.context import RunContext, now
 from amas.pipeline.teacher import seed_everything
 
 __all__ = ["COMMANDS", "Stage", "STAGES", "STAGE_NAMES", "check_run_dir", "stage_fingerprints", "stages_of",

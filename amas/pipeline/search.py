@@ -11,7 +11,7 @@ from typing import Any
 
 from amas import distributed
 from amas.config import Config, atomic_write_text
-from amas.search.alignment import SearchError
+from amas.errors import SearchError
 from amas.search.objective import SearchObjective
 
 __all__ = ["check_teacher_matches", "search"]

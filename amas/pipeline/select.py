@@ -27,30 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from amas.config import SelectConfig, atomic_write_text
-from amas.errors import AmasError
+from amas.errors import SelectionError
 from amas.files.atomic import temp_beside
 
 __all__ = ["SelectionError", "pareto_front", "budget_bound", "latency_bound", "choose", "halving_score",
            "select_candidates", "plot_front"]
-
-# names that moved to amas.pipeline.candidates and amas.pipeline.halving, still importable from here
-_MOVED = {"Candidate": "amas.pipeline.candidates", "cut_candidates": "amas.pipeline.candidates",
-          "finetune_trainer": "amas.pipeline.candidates", "run_candidates": "amas.pipeline.candidates",
-          "halving_schedule": "amas.pipeline.halving", "successive_halving": "amas.pipeline.halving"}
-
-
-def __getattr__(name: str) -> Any:
-    """The names of _MOVED, from their new modules."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'amas.pipeline.select' has no attribute {name!r}")
-
-
-class SelectionError(AmasError):
-    """A selection that cannot be made: no feasible candidate, a budget too small, unusable levels."""
-
 
 _COST_KEY = {"channels": "channels", "macs": "macs", "latency": "latency_ms"}
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from amas import distributed
 from amas.config import AlignmentConfig
 from amas.engine.loop import Objective, StepOutput
-from amas.errors import AmasError
+from amas.errors import SearchError
 
 __all__ = ["AlignmentObjective", "Discriminator", "SearchError", "discriminator_loss", "fast_inference_copy",
            "kd_loss", "last_global_pool", "real_fake_bce"]
@@ -32,10 +32,6 @@ GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 def full_precision(t: torch.Tensor) -> torch.Tensor:
     """t as float32, or as is when it is float64 (losses never run in bf16/fp16, nor lose a float64 run's precision)."""
     return t if t.dtype == torch.float64 else t.float()
-
-class SearchError(AmasError):
-    """A search or fine-tuning that cannot start: mismatched teacher and data, unusable options."""
-
 
 class Discriminator(nn.Module):
     """MLP with LeakyReLU non-linearities; one raw logit per sample (use with BCE-with-logits, no sigmoid)."""

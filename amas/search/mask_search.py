@@ -54,7 +54,7 @@ class MaskSearch:
         known = {f.name for f in fields(SearchConfig)}
         bad = [k for k in options if k not in known]
         if bad:
-            from amas.config import ConfigError
+            from amas.errors import ConfigError
 
             raise ConfigError(f"MaskSearch has no option {bad[0]!r}; use a search.* key of configs/REFERENCE.md")
         data = to_dict(SearchConfig())

@@ -18,8 +18,9 @@ import torch.nn as nn
 
 from amas import distributed
 from amas.config import SearchConfig
-from amas.engine.loop import StepOutput, TrainingError
-from amas.search.alignment import AlignmentObjective, SearchError
+from amas.engine.loop import StepOutput
+from amas.errors import SearchError, TrainingError
+from amas.search.alignment import AlignmentObjective
 
 __all__ = ["BudgetController", "ProximalMaskUpdate", "SearchObjective"]
 
