@@ -4,7 +4,7 @@ For each MACs-reduction target (default 50% and 75%) and seed (default 0 and 1),
 same dense teacher to the target, the cut model is evaluated on the test split (accuracy before fine-tuning),
 fine-tuned with the same budget for all (the engine's Trainer with the default cross-entropy Objective,
 ``--epochs`` epochs, SGD + cosine, ``--lr``), and evaluated again. Rows: accuracy before and after fine-tuning,
-MACs and params (amas.channels.count.count), measured CPU latency at batch 64 and 1 (amas.channels.count.latency), and
+MACs and params (amas.channels.cost.count), measured CPU latency at batch 64 and 1 (amas.latency.timing.latency), and
 wall time (planning + cutting, fine-tuning). The summary gives mean ± sample standard deviation over the seeds, so a
 difference between methods can be told from noise; JSON and Markdown go to ``benchmarks/results/``, rewritten
 after every run (``--resume`` skips the runs already in the JSON).
@@ -56,8 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from amas.channels.count import count, latency  # noqa: E402
-from amas.channels.masks import CostModel, find_groups  # noqa: E402
+from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
 from amas.channels.plan import plan_keep, prune_model  # noqa: E402
 from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
@@ -65,6 +65,7 @@ from amas.data import build_data  # noqa: E402
 from amas.engine.loop import Trainer, evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
+from amas.latency.timing import latency  # noqa: E402
 from amas.pipeline.teacher import seed_everything  # noqa: E402
 
 DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"

@@ -26,7 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amas.channels.masks import ChannelMasks, CostModel, find_groups  # noqa: E402
+from amas.channels.cost import CostModel  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
+from amas.channels.masks import ChannelMasks  # noqa: E402
 from amas.config import load_config  # noqa: E402
 from amas.data import INFOS, TensorBatches  # noqa: E402
 from amas.engine.loop import Objective, Trainer  # noqa: E402

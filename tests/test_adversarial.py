@@ -38,7 +38,9 @@ def search_overrides(**extra: str) -> list[str]:
 
 def _objective(teacher_path, tmp_path, name="run", **extra):
     """(trainer, objective, teacher, data) for a search wired exactly like amas.pipeline.search.search."""
-    from amas.channels.masks import ChannelMasks, CostModel, find_groups
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
+    from amas.channels.masks import ChannelMasks
 
     cfg = load_config(None, search_overrides(**extra))
     torch.manual_seed(cfg.seed)
@@ -332,7 +334,7 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
     assert main(args) == 0
     assert "search: done" in capsys.readouterr().out
     model, masks, obj = load_masked(out / "search.pt")
-    from amas.channels.masks import find_groups
+    from amas.channels.groups import find_groups
 
     groups = find_groups(model, (1, 16, 16))
     assert list(masks) == [g.name for g in groups]
@@ -352,7 +354,7 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
 
 def test_residual_search_masks_stages_and_exports(teacher_path, tmp_path, capsys):
     """With prune.residual_channels the search also masks the stage channels, and export cuts them exactly."""
-    from amas.channels.masks import find_groups
+    from amas.channels.groups import find_groups
     from amas.files.export import load_pruned
 
     out = tmp_path / "search_run"

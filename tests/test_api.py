@@ -102,7 +102,9 @@ print("pt ok")
 
 
 def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
-    from amas.channels.masks import ChannelMasks, CostModel, find_groups
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
+    from amas.channels.masks import ChannelMasks
     from amas.channels.plan import kept_counts
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import get

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from amas.channels.blocks import RemovedBlock, effective_counts, prune_with_blocks, removable_groups
-from amas.channels.count import count
-from amas.channels.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
+from amas.channels.masks import ChannelMasks
 from amas.models import create_model
 from tests.test_prune import randomize
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from amas.channels.count import count, latency, param_count
+from amas.channels.cost import count, param_count
 from amas.errors import AmasError
+from amas.latency.timing import latency
 from amas.models import create_model
 
 # (model, MACs, MAC unit, decimals, params in M) as published for 3x32x32 inputs and 10 classes.

@@ -7,8 +7,8 @@ import torch
 from conftest import tiny_overrides
 from torch import nn
 
-from amas.channels.count import count
-from amas.channels.masks import CostModel, find_groups
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
 from amas.channels.plan import prune_model
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
 from amas.criteria import METHODS, blend, channel_scores, plan_for_method, srr

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import amas
-from amas.channels.masks import CostModel, find_groups
+from amas.channels.cost import CostModel
+from amas.channels.groups import find_groups
 from amas.channels.plan import make_recipe, plan_keep, prune_model
 from amas.cli import main
 from amas.data import INFOS

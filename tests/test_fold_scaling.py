@@ -3,7 +3,7 @@
 import torch
 
 from amas.channels.fold import folded_mask_scales, scale_folded_grads
-from amas.channels.masks import find_groups
+from amas.channels.groups import find_groups
 from amas.channels.plan import prune_model
 from amas.models import create_model
 

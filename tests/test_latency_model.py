@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from amas.channels.blocks import removable_groups
-from amas.channels.count import count
-from amas.channels.masks import find_groups
+from amas.channels.cost import count
+from amas.channels.groups import find_groups
 from amas.channels.plan import rounded_count
 from amas.errors import PruneError
 from amas.latency.model import build_table, width_grid
@@ -34,7 +34,7 @@ class Counted:
     def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
         self.calls += 1
         layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
-        if isinstance(module, nn.Linear):  # the classifier on its own (amas.channels.count.count takes images)
+        if isinstance(module, nn.Linear):  # the classifier on its own (amas.channels.cost.count takes images)
             macs = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
         else:
             macs = count(module, tuple(x.shape))[0]

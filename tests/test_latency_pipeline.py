@@ -6,7 +6,7 @@ import json
 from test_latency_model import Counted
 from test_pipeline import prune_overrides
 
-from amas.channels.masks import find_groups
+from amas.channels.groups import find_groups
 from amas.config import load_config
 from amas.latency.model import build_table
 from amas.models import create_model
@@ -88,7 +88,8 @@ def test_latency_settings_enter_the_fingerprints_only_when_used():
 def test_search_penalty_can_weight_channels_by_predicted_latency(tmp_path):
     import pytest
 
-    from amas.channels.masks import ChannelMasks, CostModel
+    from amas.channels.cost import CostModel
+    from amas.channels.masks import ChannelMasks
     from amas.config import SearchConfig
     from amas.pipeline.search import _penalty_costs
     from amas.search.objective import SearchObjective

@@ -8,7 +8,7 @@ import torch
 from test_api import SHAPE, loaders, trained_teacher
 
 import amas
-from amas.channels.count import count
+from amas.channels.cost import count
 from amas.channels.plan import kept_counts
 
 
@@ -114,7 +114,8 @@ def test_min_keep_uniform_floors_follow_the_target() -> None:
     """The uniform share reaches the target (one more channel each would not); the exempt floors shrink with it."""
     import math
 
-    from amas.channels.masks import CostModel, find_groups
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
     from amas.config import SearchConfig
     from amas.models import create_model
     from amas.search.objective import exempt_counts

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from amas.channels.count import count
-from amas.channels.masks import ChannelMasks, CostModel, find_groups, prox_nonneg_l1
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
+from amas.channels.masks import ChannelMasks, prox_nonneg_l1
 from amas.errors import MaskError
 from amas.models import create_model
 

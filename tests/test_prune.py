@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from amas.channels.count import count
-from amas.channels.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
+from amas.channels.masks import ChannelMasks
 from amas.channels.plan import kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
 from amas.errors import PruneError
 from amas.models import create_model

@@ -13,8 +13,9 @@ import torch
 from conftest import masked_and_cut, random_cut, randomize_norms, tiny_overrides
 from torch import nn
 
-from amas.channels.count import count
-from amas.channels.masks import CostModel, find_groups, mask_site
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
+from amas.channels.masks import mask_site
 from amas.channels.plan import kept_counts
 from amas.errors import AmasError
 from amas.files.export import export_pt2

@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_prune import random_masks, randomize
 
-from amas.channels.count import count
-from amas.channels.masks import ChannelMasks, CostModel, find_groups
+from amas.channels.cost import CostModel, count
+from amas.channels.groups import find_groups
+from amas.channels.masks import ChannelMasks
 from amas.channels.plan import kept_counts, prune_model
 from amas.files.export import export_pt2
 from amas.models import create_model

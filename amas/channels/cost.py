@@ -1,20 +1,94 @@
-"""The exact MACs of a model with fewer channels in its groups, without pruning it (what the planner measures)."""
+"""Model cost: MACs and parameters (literature convention), and the exact MACs of a model with fewer channels in its
+groups, without pruning it (what the planner measures)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from amas.errors import MaskError
+from amas.errors import AmasError, MaskError
 
 if TYPE_CHECKING:
-    from amas.channels.masks import ChannelGroup
+    from amas.channels.groups import ChannelGroup
 
-__all__ = ["CostModel", "MaskError", "device_dtype"]
+__all__ = ["CostModel", "count", "device_dtype", "param_count"]
+
+
+# Convention (matches the CIFAR pruning literature, e.g. HRank/GAL tables): MACs of conv and
+# linear layers, plus one per output element for their bias adds; BN, activations, pooling
+# and element-wise adds are free. torch's FlopCounterMode counts conv/matmul flops (2 per MAC)
+# but ignores biases, so its conv and addmm formulas are wrapped to add 2 flops per biased
+# output element. Plain FlopCounterMode/2 gives the same numbers for bias-free nets (ResNets)
+# but 313.46M instead of the published 313.7M for VGG-16-BN, whose convs have biases.
+
+
+def _plus_bias(base: Callable[..., int], bias_index: int) -> Callable[..., int]:
+    """Wrap torch's flop formula `base` to add 2 flops per output element when the op has a bias."""
+
+    def formula(*args, out_val=None, **kwargs) -> int:
+        flops = base(*args, out_val=out_val, **kwargs)
+        if args[bias_index] is not None and isinstance(out_val, torch.Tensor):
+            flops += 2 * out_val.numel()
+        return flops
+
+    formula._get_raw = True  # receive tensors (FlopCounterMode protocol), as `base` expects
+    return formula
+
+
+_aten = torch.ops.aten
+# aten.convolution(input, weight, bias, ...); aten.addmm(bias, input, weight_t) is what nn.Linear runs.
+_BIAS_AWARE = {
+    op: _plus_bias(flop_registry[op], bias_index)
+    for op, bias_index in ((_aten.convolution, 2), (_aten._convolution, 2), (_aten.addmm, 0))
+    if op in flop_registry
+}
+
+
+def _batched_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Return (N, C, H, W) from (C, H, W) (N = 1) or (N, C, H, W)."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        return (1, *shape)
+    if len(shape) == 4:
+        return shape
+    raise AmasError(f"input_shape must be (C, H, W) or (N, C, H, W), got {tuple(input_shape)}")
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Return the device and floating dtype of the model's first parameter (CPU/float32 if none)."""
+    for p in model.parameters():
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        return p.device, dtype
+    return torch.device("cpu"), torch.float32
+
+
+def param_count(model: nn.Module) -> int:
+    """Return the number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
+    """Return (MACs per image, params) for an eval-mode forward pass on an input of `input_shape`."""
+    shape = _batched_shape(input_shape)
+    device, dtype = _device_and_dtype(model)
+    x = torch.zeros(shape, device=device, dtype=dtype)
+    was_training = model.training
+    counter = FlopCounterMode(display=False, custom_mapping=_BIAS_AWARE)
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    macs = counter.get_total_flops() // 2 // shape[0]
+    return int(macs), param_count(model)
+
 
 
 def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -37,11 +111,9 @@ class _Layer:
 
 
 class CostModel:
-    """Exact MACs (amas.channels.count convention) of a model pruned to given kept channel counts per group."""
+    """Exact MACs (count's convention) of a model pruned to given kept channel counts per group."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], input_shape: tuple[int, int, int]) -> None:
-        from amas.channels.count import count
-
         self.groups = {g.name: g for g in groups}
         self.input_shape = tuple(int(s) for s in input_shape)
         self.total_macs: int = int(count(model, self.input_shape)[0])

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.channels.masks import ChannelGroup, CostModel, find_groups, remove_mask_hooks
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup, find_groups
+from amas.channels.masks import remove_mask_hooks
 from amas.channels.tracing import build_graph
 from amas.errors import PruneError
 

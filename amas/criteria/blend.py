@@ -41,7 +41,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from amas.channels.masks import ChannelGroup, CostModel
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup
 from amas.channels.plan import plan_keep, prune_model
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import model_device, take

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.channels.masks import ChannelGroup, CostModel
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup
 from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import CriteriaError

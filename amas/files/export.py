@@ -176,8 +176,8 @@ def cut_checkpoint(checkpoint: str | os.PathLike, target_reduction: float, round
     Returns (pruned model, its pruned.pt record {'recipe', 'metadata'}, the dense model it was cut from, the
     checkpoint's file object): what `amas export` gives the export stage.
     """
-    from amas.channels.count import count
-    from amas.channels.masks import CostModel, find_groups
+    from amas.channels.cost import CostModel, count
+    from amas.channels.groups import find_groups
     from amas.channels.plan import kept_counts, make_recipe, plan_keep, prune_model
     from amas.config import CriteriaConfig
     from amas.criteria import channel_scores

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.channels.masks import ChannelGroup
+from amas.channels.groups import ChannelGroup
 from amas.errors import AmasError
 from amas.latency.runtimes import make_runner
 from amas.latency.timing import time_call

@@ -49,7 +49,7 @@ def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: S
 def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = None, validate_plans: int = 0,
                      progress: bool = True) -> dict:
     """Build (or load) the latency table of cfg's model at prune.latency_batch on prune.latency_runtime."""
-    from amas.channels.masks import find_groups
+    from amas.channels.groups import find_groups
     from amas.data import dataset_info
     from amas.latency.model import build_table, cache_file
     from amas.latency.whole import random_plans, validate

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from amas.channels.masks import ChannelGroup
+from amas.channels.groups import ChannelGroup
 
 if TYPE_CHECKING:
     from amas.latency.model import LatencyTable, Measure

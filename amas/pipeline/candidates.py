@@ -68,7 +68,7 @@ def cut_candidates(
 ) -> tuple[list[Candidate], list[dict]]:
     """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
     from amas.channels.blocks import prune_with_blocks
-    from amas.channels.count import count
+    from amas.channels.cost import count
     from amas.channels.plan import kept_counts
     from amas.errors import PruneError
 
@@ -127,8 +127,8 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
 
     planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
     """
-    from amas.channels.count import count
-    from amas.channels.masks import CostModel, find_groups
+    from amas.channels.cost import CostModel, count
+    from amas.channels.groups import find_groups
     from amas.channels.plan import make_recipe
     from amas.distributed import barrier, context, on_main
     from amas.engine.loop import evaluate

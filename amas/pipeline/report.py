@@ -35,7 +35,8 @@ def _num(v: Any, digits: int = 3) -> float | None:
 def measure(model: nn.Module, input_shape: tuple[int, ...], latency_iters: int = 20, test_acc: float | None = None,
             val_acc: float | None = None, checkpoint: str | None = None) -> dict:
     """One model's block of the report: accuracies given, MACs and params counted, CPU latency at batch 1 and 64."""
-    from amas.channels.count import count, latency
+    from amas.channels.cost import count
+    from amas.latency.timing import latency
 
     macs, params = count(model, input_shape)
     warmup = min(5, latency_iters)

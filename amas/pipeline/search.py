@@ -41,7 +41,9 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
 
     teacher, data: an in-memory (model, file record) and DataBundle used instead of teacher_path and cfg.data.
     """
-    from amas.channels.masks import ChannelMasks, CostModel, find_groups
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
+    from amas.channels.masks import ChannelMasks
     from amas.data import dataset_info
     from amas.engine.loop import Trainer, evaluate, resolve_device
     from amas.files.checkpoint import load_model, save_masked

@@ -52,7 +52,7 @@ def stage_data(cfg: Config, train_cfg: TrainConfig, device: torch.device) -> Dat
 
 def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train cfg.model on cfg.data from scratch, evaluate it once on the test set, and save model.pt."""
-    from amas.channels.count import count
+    from amas.channels.cost import count
     from amas.models import create_model
 
     run_dir = Path(run_dir)
@@ -91,8 +91,9 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
 
 def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20) -> dict[str, Any]:
     """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model."""
-    from amas.channels.count import count, latency
+    from amas.channels.cost import count
     from amas.files.export import load_any_model
+    from amas.latency.timing import latency
 
     model, obj = load_any_model(path)  # dense 'model' or 'pruned' file
     rec = obj["model"]

@@ -47,7 +47,9 @@ class MaskSearch:
                  target_reduction: float = 0.5, *, total_steps: int = 0, round_to: int = 8, min_channels: int = 1,
                  residual_channels: bool = False, ignore: Sequence[str] = (), lr: float | None = None,
                  **options: Any) -> None:
-        from amas.channels.masks import ChannelMasks, CostModel, find_groups
+        from amas.channels.cost import CostModel
+        from amas.channels.groups import find_groups
+        from amas.channels.masks import ChannelMasks
         from amas.inputs import classes_of
         from amas.search.objective import SearchObjective
 
