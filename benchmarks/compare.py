@@ -57,8 +57,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
-from amas.channels.plan import plan_keep, prune_model  # noqa: E402
+from amas.channels.plan import plan_keep  # noqa: E402
 from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
@@ -275,7 +276,7 @@ def relatency(result: dict, iters: int) -> None:
     Latency depends only on the architecture, so each run's model is rebuilt from its kept counts (random weights);
     runs without kept counts keep the latency measured during the run and say so.
     """
-    from amas.channels.plan import make_recipe, model_from_recipe
+    from amas.channels.cut import make_recipe, model_from_recipe
 
     t = result["teacher"]
     path = Path(t["path"]) if Path(t["path"]).is_absolute() else ROOT / t["path"]  # repo-relative in new results

@@ -55,9 +55,9 @@ for p in (ROOT, ROOT / "benchmarks"):
 import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning reference, latency helpers)
 
 from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.fold import scale_folded_grads  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
-from amas.channels.plan import prune_model  # noqa: E402
 from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402

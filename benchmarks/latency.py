@@ -5,7 +5,7 @@
 
 The model is a random-init ResNet-56 (or the dense amas model file given by --checkpoint). Channels are
 ranked by filter L1 norm per unit of MAC cost (amas.channels.plan.plan_keep), kept counts rounded to multiples of
---round-to, removed with Torch-Pruning (amas.channels.plan.prune_model). Latency is amas.latency.timing.latency (eval,
+--round-to, removed with Torch-Pruning (amas.channels.cut.prune_model). Latency is amas.latency.timing.latency (eval,
 inference_mode, channels_last): dense and pruned are timed in alternating rounds so a background load on
 the machine hits both alike; the median over rounds of each round's median is reported. Pass criterion:
 speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
-from amas.channels.plan import kept_counts, plan_keep, prune_model  # noqa: E402
+from amas.channels.plan import kept_counts, plan_keep  # noqa: E402
 from amas.config import CriteriaConfig, atomic_write_text  # noqa: E402
 from amas.criteria import channel_scores  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402

@@ -75,8 +75,8 @@ def random_cut(groups, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], d
 
 def masked_and_cut(model: torch.nn.Module, groups, masks: dict, keep: dict, x: torch.Tensor):
     """(unmasked, masked student, physically cut model) outputs on x: the cut keeps `keep`, with the masks folded."""
+    from amas.channels.cut import prune_model
     from amas.channels.masks import ChannelMasks
-    from amas.channels.plan import prune_model
 
     hooks = ChannelMasks(groups)
     hooks.load_values(masks)

@@ -67,7 +67,7 @@ def test_a_group_outside_a_block_cannot_keep_nothing() -> None:
 
 @pytest.mark.parametrize("name,shape", [("resnet20", (1, 8, 8)), ("tv:resnet18", (3, 32, 32))])
 def test_a_model_with_removed_blocks_saves_and_loads_without_tracing(name, shape, tmp_path) -> None:
-    from amas.channels.plan import make_recipe
+    from amas.channels.cut import make_recipe
     from amas.files.pruned import load_pruned, save_pruned
 
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()

@@ -8,8 +8,8 @@ from conftest import tiny_overrides
 from torch import nn
 
 from amas.channels.cost import CostModel, count
+from amas.channels.cut import prune_model
 from amas.channels.groups import find_groups
-from amas.channels.plan import prune_model
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
 from amas.criteria import METHODS, blend, channel_scores, plan_for_method, srr
 from amas.criteria.common import aggregate

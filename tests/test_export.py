@@ -14,8 +14,9 @@ import torch
 
 import amas
 from amas.channels.cost import CostModel
+from amas.channels.cut import make_recipe, prune_model
 from amas.channels.groups import find_groups
-from amas.channels.plan import make_recipe, plan_keep, prune_model
+from amas.channels.plan import plan_keep
 from amas.cli import main
 from amas.data import INFOS
 from amas.errors import CheckpointError

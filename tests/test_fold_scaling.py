@@ -2,9 +2,9 @@
 
 import torch
 
+from amas.channels.cut import prune_model
 from amas.channels.fold import folded_mask_scales, scale_folded_grads
 from amas.channels.groups import find_groups
-from amas.channels.plan import prune_model
 from amas.models import create_model
 
 SHAPE = (1, 8, 8)

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from amas.channels.cost import CostModel, count
+from amas.channels.cut import make_recipe, model_from_recipe, prune_model
 from amas.channels.groups import find_groups
 from amas.channels.masks import ChannelMasks
-from amas.channels.plan import kept_counts, make_recipe, model_from_recipe, plan_keep, prune_model
+from amas.channels.plan import kept_counts, plan_keep
 from amas.errors import PruneError
 from amas.models import create_model
 

@@ -165,8 +165,8 @@ def test_tolerance_halving_score_prefers_cheap_candidates_that_meet_the_threshol
 
 
 def test_fine_tuning_uses_the_alignment_objective_on_every_weight():
+    from amas.channels.cut import prune_model
     from amas.channels.groups import find_groups
-    from amas.channels.plan import prune_model
     from amas.models import create_model
 
     teacher = create_model("resnet20", num_classes=4, in_channels=1).eval()

@@ -169,7 +169,7 @@ def test_timm_removal_equals_masking_and_exports(name: str, tmp_path) -> None:
 
 def test_a_timm_model_trains_from_a_config(tmp_path) -> None:
     """model.name: timm:<name> builds through the registry for the data's classes and channels, and trains."""
-    from amas.channels.plan import make_recipe, model_from_recipe
+    from amas.channels.cut import make_recipe, model_from_recipe
     from amas.config import load_config
     from amas.pipeline.teacher import train_dense
 

@@ -11,9 +11,10 @@ import torch
 from test_prune import random_masks, randomize
 
 from amas.channels.cost import CostModel, count
+from amas.channels.cut import prune_model
 from amas.channels.groups import find_groups
 from amas.channels.masks import ChannelMasks
-from amas.channels.plan import kept_counts, prune_model
+from amas.channels.plan import kept_counts
 from amas.files.export import export_pt2
 from amas.models import create_model
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.cut import prune_model
 from amas.channels.groups import ChannelGroup
-from amas.channels.plan import prune_model
 from amas.errors import PruneError
 from amas.models.removed_block import RemovedBlock
 

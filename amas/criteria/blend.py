@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from amas.channels.cost import CostModel
+from amas.channels.cut import prune_model
 from amas.channels.groups import ChannelGroup
-from amas.channels.plan import plan_keep, prune_model
+from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import model_device, take
 from amas.data import Batches

@@ -177,8 +177,9 @@ def cut_checkpoint(checkpoint: str | os.PathLike, target_reduction: float, round
     checkpoint's file object): what `amas export` gives the export stage.
     """
     from amas.channels.cost import CostModel, count
+    from amas.channels.cut import make_recipe, prune_model
     from amas.channels.groups import find_groups
-    from amas.channels.plan import kept_counts, make_recipe, plan_keep, prune_model
+    from amas.channels.plan import kept_counts, plan_keep
     from amas.config import CriteriaConfig
     from amas.criteria import channel_scores
 

@@ -5,7 +5,7 @@ state_dict, the recipe (base model name and arguments, the kept channel count of
 amas.prune, and the width attributes of every layer), and metadata (dataset, input shape, normalisation, class
 count, accuracy, MACs, params, amas and format versions). Loading builds the base model, sets the stored widths
 and resizes its tensors to the file's; files from before the stored widths are rebuilt by pruning the base model
-again (amas.channels.plan.model_from_recipe).
+again (amas.channels.cut.model_from_recipe).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
         if "layers" in recipe:
             model = rebuild_from_shapes(recipe, obj["state_dict"], base)
         else:  # files from before the stored layer shapes: prune the base model again (traces it)
-            from amas.channels.plan import model_from_recipe
+            from amas.channels.cut import model_from_recipe
 
             model = model_from_recipe(recipe)
     except KeyError:

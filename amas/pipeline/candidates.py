@@ -128,8 +128,8 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
     """
     from amas.channels.cost import CostModel, count
+    from amas.channels.cut import make_recipe
     from amas.channels.groups import find_groups
-    from amas.channels.plan import make_recipe
     from amas.distributed import barrier, context, on_main
     from amas.engine.loop import evaluate
     from amas.files.export import load_pruned, save_pruned

@@ -121,7 +121,7 @@ class MaskSearch:
 
     def cut(self, target_reduction: float | None = None, round_to: int = 8) -> nn.Module:
         """The physically pruned student at target_reduction (kept counts rounded), mask values folded, no hooks."""
-        from amas.channels.plan import prune_model
+        from amas.channels.cut import prune_model
 
         keep = self.plan(target_reduction, round_to)
         self.objective.updater.drop_momentum(count=False)  # the student now runs the masks the cut folds
