@@ -60,9 +60,8 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     from amas.errors import DataError
     from amas.files.pruned import load_pruned
     from amas.inputs import UserDataInfo, classes_of, user_bundle
-    from amas.pipeline.commands import _check_method
     from amas.pipeline.context import RunContext
-    from amas.pipeline.runner import run_stages
+    from amas.pipeline.runner import _check_method, run_stages
 
     if not isinstance(teacher, nn.Module):
         raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module classifier")

@@ -129,7 +129,7 @@ def _out_dir(path: Path) -> Path:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a dense model from a config and save it as model.pt in the run directory (the teacher stage)."""
     from amas.config import load_config
-    from amas.pipeline.commands import run_train
+    from amas.pipeline.runner import run_train
 
     run_train(load_config(args.config, args.overrides), run_dir_for(args), resume=args.resume)
 
@@ -140,7 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters)
     if args.runtimes:
-        from amas.files.export import load_any_model
+        from amas.files.pruned import load_any_model
         from amas.latency.table import runtime_latency
 
         model, obj = load_any_model(args.checkpoint)
@@ -171,7 +171,7 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     """Search soft channel masks for a student copy of the teacher into search.pt (the search stage)."""
     from amas.config import load_config
-    from amas.pipeline.commands import run_search
+    from amas.pipeline.runner import run_search
 
     run_search(load_config(args.config, args.overrides), run_dir_for(args), args.teacher, resume=args.resume)
 
@@ -179,7 +179,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """Cut a searched student (or a dense model by L1) to the MACs target and export it (the export stage)."""
     from amas.config import PruneConfig, load_config
-    from amas.pipeline.commands import run_export
+    from amas.pipeline.runner import run_export
 
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     prune = cfg.prune if cfg is not None else PruneConfig()
@@ -194,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     """Run (or continue) the whole pruning pipeline in the run directory."""
     from amas.config import load_config
-    from amas.pipeline.commands import run_pipeline
+    from amas.pipeline.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)

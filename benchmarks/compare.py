@@ -67,7 +67,7 @@ from amas.engine.loop import Trainer, evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.latency.timing import latency  # noqa: E402
-from amas.pipeline.teacher import seed_everything  # noqa: E402
+from amas.pipeline.context import seed_everything  # noqa: E402
 
 DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
 OUTSIDE = ("tp_magnitude",)
@@ -304,7 +304,7 @@ def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
 def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data: Any, args: argparse.Namespace,
               device: torch.device) -> list[dict]:
     """Rows for finished `amas prune` runs: their pruned.pt measured here on the same test split."""
-    from amas.files.export import load_pruned
+    from amas.files.pruned import load_pruned
 
     rows = []
     for d in run_dirs:

@@ -65,7 +65,7 @@ from amas.engine.loop import evaluate, resolve_device  # noqa: E402
 from amas.errors import AmasError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.pipeline.candidates import finetune_trainer  # noqa: E402
-from amas.pipeline.teacher import seed_everything  # noqa: E402
+from amas.pipeline.context import seed_everything  # noqa: E402
 
 ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude", "amas_arch")
 DEFAULT_METHODS = ("amas", "taylor", "fpgm", "l1", "random", "tp_magnitude")

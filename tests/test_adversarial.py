@@ -355,7 +355,7 @@ def test_amas_search_cli_end_to_end(teacher_path, tmp_path, capsys):
 def test_residual_search_masks_stages_and_exports(teacher_path, tmp_path, capsys):
     """With prune.residual_channels the search also masks the stage channels, and export cuts them exactly."""
     from amas.channels.groups import find_groups
-    from amas.files.export import load_pruned
+    from amas.files.pruned import load_pruned
 
     out = tmp_path / "search_run"
     args = ["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path), "--out",

@@ -21,7 +21,8 @@ from amas.cli import main
 from amas.data import INFOS
 from amas.errors import CheckpointError
 from amas.files.checkpoint import model_record, save_masked
-from amas.files.export import export_onnx, export_pt2, load_pruned, onnx_available, save_pruned
+from amas.files.export import export_onnx, export_pt2, onnx_available
+from amas.files.pruned import load_pruned, save_pruned
 from amas.models import create_model
 
 SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
@@ -229,7 +230,7 @@ def test_export_criterion_l1_cuts_what_prune_method_l1_cuts(tmp_path) -> None:
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import plan_for_method
     from amas.files.checkpoint import save_model
-    from amas.pipeline.commands import run_export
+    from amas.pipeline.runner import run_export
 
     torch.manual_seed(1)
     model = create_model("resnet20", num_classes=4, in_channels=1).eval()

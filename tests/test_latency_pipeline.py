@@ -10,7 +10,7 @@ from amas.channels.groups import find_groups
 from amas.config import load_config
 from amas.latency.model import build_table
 from amas.models import create_model
-from amas.pipeline.commands import run_pipeline
+from amas.pipeline.runner import run_pipeline
 
 
 def analytic_table(cache, batch: int = 1):

@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 
 from amas.config import load_config
 from amas.errors import PipelineError, SelectionError
-from amas.pipeline.commands import run_pipeline
+from amas.pipeline.runner import run_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +124,7 @@ def test_prune_cli_end_to_end_then_rerun_skips_everything(teacher_path, tmp_path
     assert (run / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run / "tb" / "select").iterdir())
 
-    from amas.files.export import load_pruned
+    from amas.files.pruned import load_pruned
 
     model, obj = load_pruned(run / "pruned.pt")
     x = torch.randn(3, 1, 16, 16)

@@ -10,7 +10,7 @@ import torch
 from test_pipeline import ROOT, prune_overrides
 
 from amas.config import load_config
-from amas.pipeline.commands import run_pipeline
+from amas.pipeline.runner import run_pipeline
 
 # a Python audit hook, loaded at interpreter start in every torchrun worker: it records, per rank, each path under
 # the run directory that the process opens for writing, creates, renames onto or deletes

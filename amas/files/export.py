@@ -1,6 +1,7 @@
-"""Shipping a pruned model: torch.export `.pt2`, ONNX, and the cut of a checkpoint that `amas export` ships.
+"""Shipping a pruned model: torch.export `.pt2` and ONNX.
 
-The report of an export is amas.pipeline.report; `amas export` itself is amas.pipeline.commands.run_export.
+The report of an export is amas.pipeline.report; the cut of a checkpoint that `amas export` ships is
+amas.pipeline.export.cut_checkpoint, and `amas export` itself is amas.pipeline.runner.run_export.
 ``pruned.pt2`` is a ``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
 The ``pruned.pt`` file format (save_pruned, load_pruned) is amas.files.pruned.
 """
@@ -10,22 +11,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from amas.errors import CheckpointError, ExportError
+from amas.errors import ExportError
 from amas.files.atomic import temp_beside
-from amas.files.checkpoint import load_file
-from amas.files.pruned import load_any_model, load_pruned, peek_format, save_pruned
 
-__all__ = [
-    "ExportError", "save_pruned", "load_pruned", "load_any_model", "export_pt2", "export_onnx", "onnx_available",
-    "cut_checkpoint",
-]
+__all__ = ["export_onnx", "export_pt2", "onnx_available"]
 
 
 # ---------------------------------------------------------------- torch.export and ONNX
@@ -136,88 +131,3 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
 
 
 # ---------------------------------------------------------------- cutting a checkpoint (amas export)
-
-
-def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
-    try:
-        data = record["data"]
-        return (int(data["in_channels"]), int(data["image_size"]), int(data["image_size"]))
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(
-            f"'{path}' does not record its input shape; re-create it with this amas version"
-        ) from None
-
-
-def _load_for_cut(checkpoint: str | os.PathLike, criterion: str | None) -> tuple[nn.Module, dict | None, dict]:
-    """(model, masks or None, file object) of a searched student or, with criterion l1, a dense model."""
-    from amas.files.checkpoint import load_masked, load_model
-
-    fmt = peek_format(checkpoint)
-    if fmt == "pruned":
-        load_file(checkpoint, "pruned")  # a newer format version says so first
-        raise ExportError(
-            f"'{checkpoint}' is already pruned; pass the searched student (search.pt) or a dense model.pt"
-        )
-    if fmt == "model":
-        if criterion != "l1":
-            raise ExportError(
-                f"'{checkpoint}' is a dense model without masks; pass --criterion l1 or a searched student (search.pt)"
-            )
-        model, obj = load_model(checkpoint)
-        return model, None, obj
-    return load_masked(checkpoint)  # also gives the one-line errors for bad files
-
-
-def cut_checkpoint(checkpoint: str | os.PathLike, target_reduction: float, round_to: int = 1, min_channels: int = 1,
-                   criterion: str | None = None, residual: bool = False, ignore: Sequence[str] = ()
-                   ) -> tuple[nn.Module, dict, nn.Module, dict]:
-    """Cut a searched student (its masks) or a dense model (criterion='l1') at a MACs target.
-
-    Returns (pruned model, its pruned.pt record {'recipe', 'metadata'}, the dense model it was cut from, the
-    checkpoint's file object): what `amas export` gives the export stage.
-    """
-    from amas.channels.cost import CostModel, count
-    from amas.channels.cut import make_recipe, prune_model
-    from amas.channels.groups import find_groups
-    from amas.channels.plan import kept_counts, plan_keep
-    from amas.config import CriteriaConfig
-    from amas.criteria import channel_scores
-
-    model, masks, obj = _load_for_cut(checkpoint, criterion)
-    record = obj["model"]
-    shape = _record_shape(record, checkpoint)
-    model.eval()
-    # searched masks name the groups they were found with; a dense model is planned over the groups asked for
-    groups = find_groups(model, shape, residual=residual or masks is not None, ignore=ignore)
-    if masks is not None:
-        unknown = [n for n in masks if n not in {g.name for g in groups}]
-        if unknown:
-            raise ExportError(f"the masks name group {unknown[0]!r}, which {record['name']} does not have here; "
-                              "re-run the search with this amas version")
-        groups = [g for g in groups if g.name in masks]
-    if not groups:
-        raise ExportError(f"model '{record['name']}' has no prunable channel groups; nothing to export")
-    if masks is not None:
-        scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
-    else:
-        scores = channel_scores("l1", model, groups, None, CriteriaConfig())  # the L1 of `amas prune --method l1`
-    cost = CostModel(model, groups, shape)
-    keep = plan_keep(scores, cost, target_reduction, min_channels=min_channels, round_to=round_to)
-    dense = copy.deepcopy(model)
-    pruned = prune_model(model, groups, keep, masks=masks, input_shape=shape).eval()
-    macs, params = count(pruned, shape)
-    planned = cost.macs(kept_counts(keep))
-    if macs != planned:
-        raise ExportError(f"pruned MACs ({macs}) differ from the plan ({planned}); please report this model")
-    data = record.get("data", {})
-    metadata = {
-        "model": record["name"], "dataset": data.get("name"), "data": data, "input_shape": list(shape),
-        "mean": data.get("mean"), "std": data.get("std"), "num_classes": int(record["num_classes"]),
-        "search_metrics": {k: v for k, v in obj.get("metrics", {}).items() if isinstance(v, (int, float, str))},
-        "macs": int(macs), "params": int(params), "dense_macs": int(cost.total_macs),
-        "dense_params": int(sum(p.numel() for p in dense.parameters())), "target_reduction": float(target_reduction),
-        "round_to": int(round_to), "min_channels": int(min_channels),
-        "source": f"{Path(checkpoint).name} ({'masks' if masks is not None else 'l1'})",
-        "method": "amas" if masks is not None else "l1",
-    }
-    return pruned, {"recipe": make_recipe(record, shape, keep, ignore), "metadata": metadata}, dense.eval(), obj

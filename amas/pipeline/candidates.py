@@ -1,7 +1,8 @@
 """The candidates stage: architectures cut from the scores at the MACs levels, fine-tuned by successive halving.
 
 **Candidates.** From the searched masks (scores = mask values) or a criterion's scores, one architecture is
-cut at each MACs-reduction level of ``select.levels`` with ``amas.channels.plan.plan_keep`` / ``prune_model`` (masks
+cut at each MACs-reduction level of ``select.levels`` with ``amas.channels.plan.plan_keep`` /
+``amas.channels.cut.prune_model`` (masks
 folded in). Levels whose plans keep exactly the same channels are cut once; a level the model cannot reach
 is reported and skipped.
 
@@ -17,6 +18,7 @@ schedule spans the epochs a survivor gets, so candidates are compared at the sam
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -30,11 +32,12 @@ from torch import nn
 
 from amas.config import FinetuneConfig, atomic_write_text
 from amas.errors import SelectionError
+from amas.pipeline.context import Rows, RunContext
 from amas.pipeline.halving import halving_schedule, successive_halving
 from amas.pipeline.select import budget_bound, choose, halving_score, latency_bound
 from amas.search.alignment import AlignmentObjective
 
-__all__ = ["Candidate", "cut_candidates", "finetune_trainer", "run_candidates"]
+__all__ = ["Candidate", "candidates_stage", "cut_candidates", "finetune_trainer", "run_candidates"]
 
 
 def finetune_trainer(model: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, epochs: int, data: Any, run_dir: Path,
@@ -132,7 +135,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     from amas.channels.groups import find_groups
     from amas.distributed import barrier, context, on_main
     from amas.engine.loop import evaluate
-    from amas.files.export import load_pruned, save_pruned
+    from amas.files.pruned import load_pruned, save_pruned
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -287,3 +290,56 @@ def _metadata(record: dict, shape: tuple, row: dict, teacher_macs: int, teacher_
         "round_to": int(cfg.prune.round_to), "min_channels": int(cfg.prune.min_channels),
         "source": f"{method} candidate {row['name']}",
     }
+
+
+def _teacher_copy(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """A trainable copy of the teacher (Torch-Pruning traces the channel groups through autograd), no masks."""
+    return copy.deepcopy(ctx.teacher[0]).requires_grad_(True), None
+
+
+def _searched_student(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """The search stage's student and its masks (folded into the cut)."""
+    from amas.files.checkpoint import load_masked
+
+    student, masks, _ = load_masked(ctx.path("search/search.pt"), ctx.device)
+    return student, masks
+
+
+_SOURCES = {"teacher": _teacher_copy, "search": _searched_student}
+
+
+def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
+    """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices) of ctx.method."""
+    from amas.criteria import get
+
+    criterion = get(ctx.method)
+    source, masks = _SOURCES[criterion.source](ctx)
+    # every rank plans on the whole (unsharded) data, so data-driven criteria cut the same channels everywhere
+    data = ctx.data("finetune", sharded=False) if criterion.reads_data else None
+    train, val = (data.train, data.val) if data is not None else (None, None)
+    num_classes = ctx.data("finetune").info.num_classes
+
+    def plan(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
+        # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
+        criterion.prepare(model, groups, train, ctx.cfg.criteria, num_classes=num_classes)
+        return criterion.plan(copy.deepcopy(model), groups, cost, level, train=train, val=val, cfg=ctx.cfg.criteria,
+                              prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed, masks=masks)
+
+    return source, masks, plan
+
+
+def candidates_stage(ctx: RunContext) -> Rows:
+    """Cut candidates at select.levels and fine-tune them by successive halving (amas.pipeline.select) into
+    candidates/."""
+    teacher, obj = ctx.teacher
+    source, masks, planner = _planner(ctx)
+    r = run_candidates(ctx.cfg, ctx.stage_dir("candidates"), teacher=teacher, record=obj["model"], source=source,
+                       planner=planner, masks=masks, data=ctx.data("finetune"), device=ctx.device, method=ctx.method,
+                       on_epoch_end=ctx.epoch_hook())
+    rows = [(f"{c['name']} (level {c['level']:.2f})",
+             f"-{100 * c['macs_reduction']:.1f}% MACs, {c['channels']}/{c['total_channels']} ch, "
+             f"val {c['val_acc']:.2f}% after {c['epochs']} ep, {c['status']}") for c in r["rows"]]
+    rows += [(f"skipped level {s['level']:.2f}", s["reason"]) for s in r["skipped"]]
+    rows += [("teacher val acc %", r["teacher"]["val_acc"]),
+             ("budget spent", f"{r['halving']['spent']} of {r['halving']['budget']} candidate-epochs")]
+    return rows

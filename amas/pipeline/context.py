@@ -1,23 +1,33 @@
 """The run context of one pipeline run: device and rank, sharded data per training section, the teacher (loaded
-once), the stage log, and the one writer of files (rank 0, with the barriers that needs)."""
+once), the stage log, and the one writer of files (rank 0, with the barriers that needs); and what every stage
+runs on: seeding, the run directory guard and the stage's sharded data."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from torch import nn
 
 from amas import distributed
-from amas.config import Config, atomic_write_text, save_config
-from amas.errors import PipelineError
+from amas.config import Config, TrainConfig, atomic_write_text, save_config
+from amas.errors import AmasError, PipelineError
 
-__all__ = ["ExportOptions", "PipelineError", "RunContext", "StageLog"]
+if TYPE_CHECKING:
+    from amas.data import DataBundle
+
+__all__ = ["ExportOptions", "Rows", "RunContext", "StageLog", "prepare_run_dir", "seed_everything", "stage_data"]
+
+# the summary rows a stage returns, printed and logged for it
+Rows = list[tuple[str, Any]]
 
 
 def now() -> str:
@@ -197,7 +207,6 @@ class RunContext:
         key = (section, sharded)
         if key not in self._data:
             from amas.data import build_data
-            from amas.pipeline.teacher import stage_data
 
             cfg = self.cfg
             t = getattr(cfg, section).train
@@ -264,3 +273,37 @@ def _memory_record(model: nn.Module, info: Any, kwargs: dict | None = None) -> d
     record = model_record(name or register_memory_model(model), info.num_classes, info.in_channels, info,
                           kwargs if name else None)
     return {"model": dict(record, source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, marker: str) -> None:
+    """Create run_dir; refuse to overwrite an earlier run unless resuming."""
+    if (run_dir / marker).exists() and not resume:
+        raise AmasError(
+            f"run directory '{run_dir}' already holds a run; pass --resume to continue it or choose another --out"
+        )
+    distributed.barrier()  # every rank checks before rank 0 writes
+    if distributed.context().is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+
+def stage_data(cfg: Config, train_cfg: TrainConfig, device: torch.device) -> DataBundle:
+    """The run's data for one stage: train.batch_size is the global batch, sharded over the ranks."""
+    from amas.data import build_data
+
+    ctx = distributed.context()
+    if train_cfg.batch_size % ctx.world_size:
+        raise AmasError(
+            f"batch size {train_cfg.batch_size} does not split over {ctx.world_size} processes; "
+            "use a multiple of the process count"
+        )
+    return build_data(cfg.data, train_cfg.batch_size // ctx.world_size, train_cfg.eval_batch_size, device=device,
+                      seed=cfg.seed, channels_last=train_cfg.channels_last, rank=ctx.rank, world_size=ctx.world_size)
+

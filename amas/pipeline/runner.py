@@ -6,6 +6,33 @@ finished when all its ``writes`` exist; a run started again skips finished stage
 unfinished one (a half-done stage continues from the engine's saved training state). The fingerprint of a
 stage is a hash of its settings chained through the stages before it: a stage whose recorded fingerprint
 differs from the current settings is never reused silently.
+
+The amas commands as library calls, each a subset of the stage table: `amas prune` (run_pipeline: teacher →
+search → candidates → selection → final fine-tune → export), `amas train` (run_train: the teacher stage),
+`amas search` (run_search: the search stage) and `amas export` (run_export: the export stage on a cut checkpoint).
+
+The stages and their order are the stage table below; what each does is its module in amas.pipeline (teacher, search,
+candidates, select, final, export); what they share (device, rank, sharded data, the teacher, the one writer) is
+amas.pipeline.context.RunContext.
+
+Each stage writes its artefact atomically; a stage is finished when its artefacts exist, and a run started
+again with the same command skips finished stages and continues at the first unfinished one (a half-done
+stage continues from the engine's saved training state). ``pipeline.json`` is the stage log: per stage its
+status, a fingerprint of the settings it depends on (chained through the stages before it), wall time and
+summary, plus a list of events (start, done, skip, redo). A stage whose recorded fingerprint differs from the
+current settings is never reused silently: the run stops with one line suggesting ``--redo STAGE`` or
+another ``--out``.
+
+Run directory::
+
+    config.yaml          resolved config
+    pipeline.json        stage log
+    teacher/             model.pt, metrics.json, train_state.pt, tb/  (only when no --teacher is given)
+    search/              search.pt (student + masks), search_metrics.json, search_state.pt, tb/  (method amas)
+    candidates/          cut.json, candN_cut.pt (as cut), candN.pt (fine-tuned), candN_state.pt, tb/, candidates.json
+    selection.json       Pareto front, policy, winner;  pareto.png;  tb/select/ (figure + hparams table)
+    final/               final.pt (winner after the final fine-tune), final_state.pt, tb/
+    pruned.pt            the shipped model (amas.load_pruned), pruned.pt2 (torch.export), report.md, report.json
 """
 
 from __future__ import annotations
@@ -14,7 +41,7 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +50,16 @@ from amas import distributed
 from amas.config import Config, to_dict
 from amas.console import print_table
 from amas.errors import PipelineError, Stopped
-from amas.pipeline import stages as run
-from amas.pipeline.context import RunContext, now
-from amas.pipeline.teacher import seed_everything
+from amas.pipeline.candidates import candidates_stage
+from amas.pipeline.context import ExportOptions, RunContext, now, seed_everything
+from amas.pipeline.export import cut_checkpoint, export_stage
+from amas.pipeline.final import final_stage
+from amas.pipeline.search import search_stage
+from amas.pipeline.select import select_stage
+from amas.pipeline.teacher import teacher_stage
 
-__all__ = ["COMMANDS", "Stage", "STAGES", "STAGE_NAMES", "check_run_dir", "stage_fingerprints", "stages_of",
-           "run_stages"]
+__all__ = ["COMMANDS", "Stage", "STAGES", "STAGE_NAMES", "check_run_dir", "run_export", "run_pipeline", "run_search",
+           "run_stages", "run_train", "stage_fingerprints", "stages_of"]
 
 _VOLATILE = {"device", "progress", "log_every", "root", "download", "num_workers"}
 
@@ -102,21 +133,21 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", reads=(), writes=("{teacher}",), owns=("teacher",),
-          settings=lambda s: {**s.root, "data": s.d["data"], "seed": s.d["seed"]}, run=run.run_teacher,
+          settings=lambda s: {**s.root, "data": s.d["data"], "seed": s.d["seed"]}, run=teacher_stage,
           state="teacher/train_state.pt"),
     Stage("search", reads=("{teacher}",), writes=("search/search.pt",), owns=("search",),
-          settings=_search_settings, run=run.run_search, source="search", state="search/search_state.pt"),
+          settings=_search_settings, run=search_stage, source="search", state="search/search_state.pt"),
     Stage("candidates", reads=("{teacher}", "search/search.pt"), writes=("candidates/candidates.json",),
-          owns=("candidates",), settings=_candidate_settings, run=run.run_candidates),
+          owns=("candidates",), settings=_candidate_settings, run=candidates_stage),
     Stage("select", reads=("candidates/candidates.json",), writes=("pareto.png", "selection.json"),
           owns=("pareto.png", "selection.json", "tb/select"), settings=lambda s: {"select": s.d["select"]},
-          run=run.run_select),
+          run=select_stage),
     Stage("final", reads=("selection.json", "candidates"), writes=("final/final.pt",), owns=("final",),
-          settings=lambda s: {"finetune_epochs": s.d["finetune"]["train"]["epochs"]}, run=run.run_final),
+          settings=lambda s: {"finetune_epochs": s.d["finetune"]["train"]["epochs"]}, run=final_stage),
     Stage("export", reads=("{teacher}", "final/final.pt", "selection.json", "candidates/candidates.json"),
           writes=("pruned.pt", "pruned.pt2", "report.md", "report.json"),
           owns=("pruned.pt", "pruned.pt2", "pruned.onnx", "report.md", "report.json"), settings=lambda s: {},
-          run=run.run_export),
+          run=export_stage),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -258,3 +289,83 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
             after(name)
     log.event("pipeline", "complete", wall_s=round(time.perf_counter() - t_all, 2))
     return log.data
+
+
+# ---------------------------------------------------------------- the commands as library calls
+
+
+def _check_method(method: str) -> None:
+    from amas.criteria import REGISTRY
+
+    if method not in REGISTRY:
+        raise PipelineError(f"unknown --method '{method}'; choose one of {', '.join(REGISTRY)}")
+
+
+def _check_teacher(teacher: str | None) -> None:
+    if teacher is not None and not Path(teacher).is_file():
+        raise PipelineError(
+            f"teacher checkpoint '{teacher}' does not exist; pass a model.pt from `amas train`, a plain state_dict "
+            "for model.name, or drop --teacher")
+
+
+def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None, method: str = "amas",
+                 redo: str | None = None, latency_iters: int = 20, hooks: dict[str, Callable] | None = None) -> dict:
+    """Run (or continue) the whole pruning pipeline in run_dir; returns the stage log.
+
+    hooks: optional {"after_stage": f(stage), "on_epoch_end": f(stage, epoch, record)} (used by tests).
+    """
+    _check_method(method)
+    if redo is not None and redo not in STAGE_NAMES:
+        raise PipelineError(f"--redo {redo} is not a stage; choose one of {', '.join(STAGE_NAMES)}")
+    _check_teacher(teacher)
+    ctx = RunContext(cfg, run_dir, teacher=teacher, method=method, latency_iters=latency_iters, hooks=hooks)
+    if ctx.plain_teacher:
+        ctx.teacher  # noqa: B018 -- the user's weights must fit model.name before anything is written
+    return run_stages(ctx, STAGES, redo)
+
+
+def _run_one(command: str, ctx: RunContext, resume: bool) -> dict:
+    """amas train / amas search: the command's stage in the run directory itself, refused there unless resuming."""
+    stages = stages_of(command)
+    check_run_dir(ctx, stages, resume)
+    run_stages(ctx, stages)
+    return ctx.log.stage(stages[-1].name) or {}
+
+
+def run_train(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
+    """`amas train`: the teacher stage (a dense model trained on cfg) in run_dir; returns its stage record."""
+    return _run_one("train", RunContext(cfg, run_dir, command="train"), resume)
+
+
+def run_search(cfg: Config, run_dir: str | Path, teacher: str, resume: bool = False) -> dict:
+    """`amas search`: the search stage (masks for a copy of the teacher file) in run_dir; returns its stage record."""
+    _check_teacher(teacher)
+    ctx = RunContext(cfg, run_dir, teacher=teacher, command="search")
+    if ctx.plain_teacher:
+        ctx.teacher  # noqa: B018 -- the user's weights must fit model.name before anything is written
+    return _run_one("search", ctx, resume)
+
+
+def run_export(checkpoint: str | Path, out_dir: str | Path, target_reduction: float, *, cfg: Config | None = None,
+               round_to: int = 1, min_channels: int = 1, criterion: str | None = None, residual: bool = False,
+               onnx: bool = False, evaluate: bool = False, latency_iters: int = 20, ignore: Sequence[str] = ()) -> dict:
+    """`amas export`: cut a searched student (or a dense model by L1) at the target, then the export stage.
+
+    Writes pruned.pt, pruned.pt2 (pruned.onnx with onnx) and report.json/report.md into out_dir and returns the
+    report. cfg: data settings for the test accuracy (evaluate; the checkpoint's dataset) and prune.report_runtimes.
+    """
+    from amas.config import from_dict, to_dict
+
+    pruned, record, dense, obj = cut_checkpoint(checkpoint, target_reduction, round_to=round_to,
+                                                min_channels=min_channels, criterion=criterion, residual=residual,
+                                                ignore=ignore)
+    base = to_dict(cfg) if cfg is not None else {}
+    base.setdefault("data", {}).update(name=obj["model"]["data"]["name"], val_size=0)  # the test split only
+    cfg = from_dict(base)
+    export = ExportOptions(onnx=onnx, test=evaluate, teacher_test=False, selection=False,
+                           reference="dense checkpoint")
+    given = {"teacher": (dense, obj), "final": (pruned, record)}
+    ctx = RunContext(cfg, out_dir, method=record["metadata"]["method"], latency_iters=latency_iters, command="export",
+                     given=given, export=export)
+    run_stages(ctx, stages_of("export"), redo="export")  # an export overwrites the one before it
+    return json.loads(ctx.path("report.json").read_text())

@@ -12,9 +12,10 @@ from typing import Any
 from amas import distributed
 from amas.config import Config, atomic_write_text
 from amas.errors import SearchError
+from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
 from amas.search.objective import SearchObjective
 
-__all__ = ["check_teacher_matches", "search"]
+__all__ = ["check_teacher_matches", "search", "search_stage"]
 
 
 def check_teacher_matches(record: dict, info: Any, teacher_path: str | Path, data_name: str) -> None:
@@ -47,7 +48,6 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     from amas.data import dataset_info
     from amas.engine.loop import Trainer, evaluate, resolve_device
     from amas.files.checkpoint import load_model, save_masked
-    from amas.pipeline.teacher import prepare_run_dir, seed_everything, stage_data
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -127,3 +127,19 @@ def _penalty_costs(cfg: Config, model: Any, groups: list, input_shape: tuple) ->
     table = shared_table(copy.deepcopy(model).cpu(), groups, input_shape, cfg.prune)
     dense = table.predict({})
     return {n: c / dense for n, c in table.channel_costs().items()}
+
+
+def search_stage(ctx: RunContext) -> Rows:
+    """Search channel masks for a copy of the teacher (amas.pipeline.search.search) into search/."""
+    out = ctx.stage_dir("search")
+    r = search(ctx.cfg, out, ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
+               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
+    return [
+        ("teacher", str(ctx.teacher_path)), ("dataset", ctx.dataset_label),
+        ("student val acc %", r.get("val_acc", float("nan"))),
+        ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
+        ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
+        ("MACs reduction %", 100.0 * r["macs_reduction"]), ("target reduction %", 100.0 * r["target_reduction"]),
+        ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"), ("lambda", r["lambda"]),
+        ("epochs", r["epochs"]), ("checkpoint", str(out / "search.pt")),
+    ]

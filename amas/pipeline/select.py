@@ -24,13 +24,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amas.config import SelectConfig, atomic_write_text
 from amas.errors import SelectionError
 from amas.files.atomic import temp_beside
 
-__all__ = ["SelectionError", "pareto_front", "budget_bound", "latency_bound", "choose", "halving_score",
+if TYPE_CHECKING:
+    from amas.pipeline.context import Rows, RunContext
+
+__all__ = ["select_stage", "pareto_front", "budget_bound", "latency_bound", "choose", "halving_score",
            "select_candidates", "plot_front"]
 
 _COST_KEY = {"channels": "channels", "macs": "macs", "latency": "latency_ms"}
@@ -275,3 +278,16 @@ def _save_figure(fig: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def select_stage(ctx: RunContext) -> Rows:
+    """Pareto front and policy over the fine-tuned candidates: selection.json, pareto.png (rank 0)."""
+    r = ctx.write(select_candidates, ctx.read_json("candidates/candidates.json"), ctx.cfg.select, ctx.dir)
+    if r is None:  # not rank 0: nothing to report
+        return []
+    w = r["winner_row"]
+    names = {c["id"]: c["name"] for c in r["candidates"]}
+    return [("policy", r["policy"]), ("rule", r["rule"]), ("Pareto front", ", ".join(names[i] for i in r["front"])),
+            ("selected", f"{w['name']} (level {w['level']:.2f})"),
+            ("val acc %", w["val_acc"]), ("MACs", f"{w['macs'] / 1e6:.3f}M (-{100 * w['macs_reduction']:.1f}%)"),
+            ("figure", str(ctx.path("pareto.png")))]

@@ -1,53 +1,19 @@
-"""Stage runners that turn a config into an artefact in the run directory (teacher training, evaluation)."""
+"""The teacher stage (the given teacher, or one trained on the config: train_dense) and `amas eval`'s evaluation of a
+checkpoint."""
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from amas import distributed
-from amas.config import Config, TrainConfig, atomic_write_text, load_config, save_config, to_dict
-from amas.data import DataBundle, build_data
+from amas.config import Config, atomic_write_text, load_config
+from amas.data import build_data
 from amas.engine.loop import Trainer, evaluate, resolve_device
-from amas.errors import AmasError
 from amas.files.checkpoint import model_record, save_model
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, marker: str) -> None:
-    """Create run_dir; refuse to overwrite an earlier run unless resuming."""
-    if (run_dir / marker).exists() and not resume:
-        raise AmasError(
-            f"run directory '{run_dir}' already holds a run; pass --resume to continue it or choose another --out"
-        )
-    distributed.barrier()  # every rank checks before rank 0 writes
-    if distributed.context().is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-
-def stage_data(cfg: Config, train_cfg: TrainConfig, device: torch.device) -> DataBundle:
-    """The run's data for one stage: train.batch_size is the global batch, sharded over the ranks."""
-    ctx = distributed.context()
-    if train_cfg.batch_size % ctx.world_size:
-        raise AmasError(
-            f"batch size {train_cfg.batch_size} does not split over {ctx.world_size} processes; "
-            "use a multiple of the process count"
-        )
-    return build_data(cfg.data, train_cfg.batch_size // ctx.world_size, train_cfg.eval_batch_size, device=device,
-                      seed=cfg.seed, channels_last=train_cfg.channels_last, rank=ctx.rank, world_size=ctx.world_size)
+from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
 
 
 def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -92,7 +58,7 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
 def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20) -> dict[str, Any]:
     """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model."""
     from amas.channels.cost import count
-    from amas.files.export import load_any_model
+    from amas.files.pruned import load_any_model
     from amas.latency.timing import latency
 
     model, obj = load_any_model(path)  # dense 'model' or 'pruned' file
@@ -116,4 +82,50 @@ def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], lat
     }
 
 
-__all__ = ["train_dense", "evaluate_checkpoint", "seed_everything", "prepare_run_dir", "to_dict"]
+__all__ = ["evaluate_checkpoint", "teacher_stage", "train_dense"]
+
+
+def teacher_stage(ctx: RunContext) -> Rows:
+    """Use the given teacher, or train one in teacher/ (amas.pipeline.teacher.train_dense)."""
+    if ctx.in_memory:
+        from amas.files.checkpoint import save_model
+        from amas.models.registry import MEMORY_PREFIX
+
+        model, obj = ctx.teacher
+        ctx.write(save_model, ctx.teacher_path, model, obj["model"])
+        name = obj["model"]["name"]
+        where = ("pruned.pt loads in this process only (the class does not import or rebuild this model), or "
+                 "elsewhere with amas.load_pruned(path, base=YourModel(...)); pruned.pt2 loads anywhere"
+                 ) if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
+        return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
+                ("dataset", ctx.dataset_label), ("val acc %", _teacher_val_acc(ctx)), ("rebuild", where)]
+    name = ctx.cfg.model.name
+    if ctx.teacher_arg:
+        _, obj = ctx.teacher
+        r, name = dict(obj.get("metrics", {})), obj["model"]["name"]
+        if "val_acc" not in r:  # the user's plain state_dict (or a model.pt without a validation split) says nothing
+            r["val_acc"] = _teacher_val_acc(ctx)
+    else:
+        r = train_dense(ctx.cfg, ctx.stage_dir("teacher"), resume=True)
+    rows = [("model", name), ("dataset", ctx.dataset_label), ("val acc %", r["val_acc"] if "val_acc" in r else
+                                                               _no_val(ctx))]
+    rows.append(("test acc %", r["test_acc"] if "test_acc" in r else "measured once, in the export stage"))
+    if "macs" in r:
+        rows += [("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"),
+                 ("epochs", r.get("epochs", "–"))]
+    return [*rows, ("checkpoint", str(ctx.teacher_path))]
+
+
+def _no_val(ctx: RunContext) -> str:
+    """Why there is no validation accuracy: the data has no held-out split."""
+    return "no validation split (data.val_size=0)" if not ctx.user_data else "no validation batches"
+
+
+def _teacher_val_acc(ctx: RunContext) -> float | str:
+    """The given teacher's accuracy (%) on the validation split, or why there is none."""
+    from amas.engine.loop import evaluate
+
+    data = ctx.data("finetune")
+    if data.val is None:
+        return _no_val(ctx)
+    return evaluate(ctx.teacher[0], data.val, data.info.num_classes, ctx.device)["acc"]
