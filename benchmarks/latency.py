@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
 def by_latency(args: argparse.Namespace) -> dict:
     """--cost latency: plan to half the batch-64 and half the batch-1 latency, time both plans against dense."""
     from amas.channels.blocks import prune_with_blocks, removable_groups
-    from amas.latency.model import build_table
+    from amas.latency.model import build_table, validate
     from amas.latency.plan import plan_keep_latency
     from amas.latency.table import runtime_latency
-    from amas.latency.whole import random_plans, validate
+    from amas.latency.whole import random_plans
 
     shape = tuple(int(s) for s in args.shape.split("x"))
     torch.manual_seed(0)

@@ -17,9 +17,9 @@ from amas.channels.cost import count
 from amas.channels.groups import find_groups
 from amas.channels.plan import rounded_count
 from amas.errors import PruneError
-from amas.latency.model import build_table, width_grid
+from amas.latency.model import build_table, validate, width_grid
 from amas.latency.plan import plan_counts_latency, plan_keep_latency
-from amas.latency.whole import fit_line, random_plans, validate
+from amas.latency.whole import fit_line, random_plans
 from amas.models import create_model
 
 SHAPE = (1, 8, 8)

@@ -61,7 +61,7 @@ def test_latency_planned_pipeline_selects_by_latency(teacher_path, tmp_path):
 def test_latency_planned_cuts_meet_their_levels(tmp_path):
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import channel_scores
-    from amas.latency.table import plan_by_latency
+    from amas.latency.plan import plan_by_latency
 
     table, model, groups = analytic_table(tmp_path)
     cfg = PruneConfig(cost="latency", latency_batch=1, latency_tables=str(tmp_path), round_to=1)

@@ -70,7 +70,7 @@ class Criterion:
         """Kept channel indices per group at the MACs target."""
         scores = self.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
         if getattr(prune_cfg, "cost", "macs") == "latency":  # target: the fraction of the latency to remove
-            from amas.latency.table import plan_by_latency
+            from amas.latency.plan import plan_by_latency
 
             return plan_by_latency(scores, model, groups, cost.input_shape, prune_cfg, 1.0 - float(target))
         return plan_keep(scores, cost, target, prune_cfg.min_channels, prune_cfg.round_to)

@@ -29,7 +29,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +39,19 @@ from torch import nn
 
 from amas.channels.groups import ChannelGroup
 from amas.errors import AmasError
-from amas.latency.runtimes import make_runner
-from amas.latency.timing import time_call
-from amas.latency.whole import CALIBRATION_FRACTIONS, calibration_plans, fit_line, pruned_to, round_robin
+from amas.latency.whole import (
+    CALIBRATION_FRACTIONS,
+    Measure,
+    calibration_plans,
+    fit_line,
+    measure_on,
+    pruned_to,
+    round_robin,
+)
 
 TABLE_VERSION = 3
 
-Measure = Callable[[nn.Module, torch.Tensor], float]
-
-__all__ = ["Measure", "measure_on", "cache_file", "LatencyTable", "LayerShape", "build_table", "width_grid",
-           "table_key"]
+__all__ = ["cache_file", "LatencyTable", "LayerShape", "build_table", "width_grid", "table_key", "validate"]
 
 
 @dataclass(frozen=True)
@@ -266,17 +269,6 @@ class LatencyTable:
         return cls(data["key"], layers, groups, data["measured"], data["dense_ms"], data.get("other"))
 
 
-def measure_on(runtime: str = "eager", iters: int = 10) -> Measure:
-    """The measurement the table uses by default: the fastest of iters forward passes of module on x on runtime.
-
-    The fastest, not the median: a table point is a few sub-millisecond calls, and one time slice lost to
-    another process would otherwise become the point (tables are built once and must survive a busy machine).
-    """
-    def measure(module: nn.Module, x: torch.Tensor) -> float:
-        return time_call(make_runner(module.eval(), x, runtime), warmup=2, iters=iters, stat="min")
-    return measure
-
-
 def cache_file(cache_dir: str | Path, key: dict) -> Path:
     """The cache file of the table with settings key under cache_dir."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -361,3 +353,20 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
 
         on_main(atomic_write_text, path, json.dumps(table.to_json()) + "\n")  # under torchrun only rank 0 writes
     return table
+
+
+def validate(table: LatencyTable, model: nn.Module, groups: list[ChannelGroup], plans: list[dict[str, int]],
+             rounds: int = 3, iters: int = 10, measure: Measure | None = None) -> dict:
+    """Predicted vs measured whole-model latency of each plan; median and max relative error."""
+    batch = table.key["batch_size"]
+    measure = measure or measure_on(table.key["runtime"], iters)
+    shape = tuple(table.key["input_shape"])
+    x = torch.randn((batch, *shape))
+    measured = round_robin([pruned_to(model, groups, kept, shape) for kept in plans], x, measure, rounds)
+    rows = []
+    for kept, ms in zip(plans, measured, strict=True):
+        predicted = table.predict(kept)
+        rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": ms, "error": abs(predicted - ms) / ms})
+    errors = [r["error"] for r in rows]
+    return {"plans": rows, "median_error": statistics.median(errors) if errors else 0.0,
+            "max_error": max(errors, default=0.0)}

@@ -1,4 +1,5 @@
-"""Planning by latency (prune.cost: latency): kept channels that meet a predicted-latency budget.
+"""Planning by latency (prune.cost: latency): kept channels that meet a predicted-latency budget (plan_by_latency:
+with the shared table of the config's target).
 
 Ranking: channels are ranked globally by score per unit of predicted latency, score / (ms saved by removing
 one channel of its group at full width, from the latency table), lowest removed first; zero scores first.
@@ -20,16 +21,20 @@ may lose every channel; the block then becomes its shortcut and all its inner gr
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
-from amas.channels.blocks import effective_counts
+from amas.channels.blocks import effective_counts, removable_groups
 from amas.channels.plan import rounded_count
 from amas.errors import PruneError
 from amas.latency.model import LatencyTable
+from amas.latency.table import shared_table
 
-__all__ = ["plan_keep_latency", "plan_counts_latency"]
+__all__ = ["plan_by_latency", "plan_keep_latency", "plan_counts_latency"]
 
 
 def _ranking(scores: dict[str, torch.Tensor], table: LatencyTable, min_channels: int, removable: set[str]
@@ -126,3 +131,11 @@ def plan_keep_latency(scores: dict[str, torch.Tensor], table: LatencyTable, targ
     plan, ranked = plan_counts_latency(scores, table, target_latency, min_channels, round_to, blocks)
     return {n: torch.tensor(sorted(ranked[n][len(ranked[n]) - k:] if k else []), dtype=torch.long)
             for n, k in plan.items()}
+
+
+def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg,
+                    target_latency: float) -> dict:
+    """Kept channel indices at target_latency × the dense predicted latency (prune.cost: latency)."""
+    table = shared_table(copy.deepcopy(model).cpu().eval(), groups, input_shape, prune_cfg)
+    blocks = removable_groups(model, groups) if prune_cfg.block_removal else None
+    return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to, blocks)

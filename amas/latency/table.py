@@ -20,7 +20,7 @@ from amas.latency.timing import alternating_latency
 if TYPE_CHECKING:
     from amas.latency.model import LatencyTable
 
-__all__ = ["table_for_config", "runtime_latency", "shared_table", "plan_by_latency", "runtime_comparison"]
+__all__ = ["table_for_config", "runtime_latency", "shared_table", "runtime_comparison"]
 
 
 def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg) -> LatencyTable:
@@ -35,24 +35,13 @@ def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], pru
     return table if table is not None else build_table(model, groups, tuple(input_shape), progress=False, **kw)
 
 
-def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg,
-                    target_latency: float) -> dict:
-    """Kept channel indices at target_latency × the dense predicted latency (prune.cost: latency)."""
-    from amas.channels.blocks import removable_groups
-    from amas.latency.plan import plan_keep_latency
-
-    table = shared_table(copy.deepcopy(model).cpu().eval(), groups, input_shape, prune_cfg)
-    blocks = removable_groups(model, groups) if prune_cfg.block_removal else None
-    return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to, blocks)
-
-
 def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = None, validate_plans: int = 0,
                      progress: bool = True) -> dict:
     """Build (or load) the latency table of cfg's model at prune.latency_batch on prune.latency_runtime."""
     from amas.channels.groups import find_groups
     from amas.data import dataset_info
-    from amas.latency.model import build_table, cache_file
-    from amas.latency.whole import random_plans, validate
+    from amas.latency.model import build_table, cache_file, validate
+    from amas.latency.whole import random_plans
     from amas.models import create_model
 
     info = dataset_info(cfg.data)

@@ -1,4 +1,5 @@
-"""Whole-model timings of a latency table: the calibration plans and fit, and the table's prediction error.
+"""Whole-model timings of a latency table: the calibration plans and fit, the plans its prediction error is checked
+on (the check is amas.latency.model.validate), and the default measurement (measure_on).
 
 The latency table (amas.latency.model) times layers alone; the part of a model's latency outside its layers and
 the table's error on whole pruned models both need whole models timed, in turn, round after round.
@@ -7,18 +8,19 @@ the table's error on whole pruned models both need whole models timed, in turn, 
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from amas.channels.groups import ChannelGroup
+from amas.latency.runtimes import make_runner
+from amas.latency.timing import time_call
 
-if TYPE_CHECKING:
-    from amas.latency.model import LatencyTable, Measure
+__all__ = ["CALIBRATION_FRACTIONS", "Measure", "calibration_plans", "fit_line", "measure_on", "pruned_to",
+           "random_plans", "round_robin"]
 
-__all__ = ["CALIBRATION_FRACTIONS", "calibration_plans", "fit_line", "pruned_to", "random_plans", "round_robin",
-           "validate"]
+Measure = Callable[[nn.Module, torch.Tensor], float]
 
 CALIBRATION_FRACTIONS = (0.5, 0.25)  # uniformly thinned models timed whole to fit the part outside the layers
 
@@ -72,20 +74,12 @@ def random_plans(groups: list[ChannelGroup], n: int, seed: int = 0, low: float =
     return plans
 
 
-def validate(table: LatencyTable, model: nn.Module, groups: list[ChannelGroup], plans: list[dict[str, int]],
-             rounds: int = 3, iters: int = 10, measure: Measure | None = None) -> dict:
-    """Predicted vs measured whole-model latency of each plan; median and max relative error."""
-    from amas.latency.model import measure_on
+def measure_on(runtime: str = "eager", iters: int = 10) -> Measure:
+    """The measurement the table uses by default: the fastest of iters forward passes of module on x on runtime.
 
-    batch = table.key["batch_size"]
-    measure = measure or measure_on(table.key["runtime"], iters)
-    shape = tuple(table.key["input_shape"])
-    x = torch.randn((batch, *shape))
-    measured = round_robin([pruned_to(model, groups, kept, shape) for kept in plans], x, measure, rounds)
-    rows = []
-    for kept, ms in zip(plans, measured, strict=True):
-        predicted = table.predict(kept)
-        rows.append({"kept": kept, "predicted_ms": predicted, "measured_ms": ms, "error": abs(predicted - ms) / ms})
-    errors = [r["error"] for r in rows]
-    return {"plans": rows, "median_error": statistics.median(errors) if errors else 0.0,
-            "max_error": max(errors, default=0.0)}
+    The fastest, not the median: a table point is a few sub-millisecond calls, and one time slice lost to
+    another process would otherwise become the point (tables are built once and must survive a busy machine).
+    """
+    def measure(module: nn.Module, x: torch.Tensor) -> float:
+        return time_call(make_runner(module.eval(), x, runtime), warmup=2, iters=iters, stat="min")
+    return measure
