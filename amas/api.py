@@ -87,7 +87,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
 def _run_device(cfg: Config) -> Any:
     """The device RunContext will run on (the batches move there as the stages read them)."""
     from amas import distributed
-    from amas.engine.loop import resolve_device
+    from amas.distributed import resolve_device
 
     return distributed.device_for(distributed.context(), resolve_device(cfg.finetune.train.device))
 

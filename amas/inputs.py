@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from amas import distributed
-from amas.data import DataBundle, DatasetInfo
+from amas.data import DataBundle
+from amas.datasets import DatasetInfo
 from amas.errors import AmasError, DataError
 
 __all__ = ["UserBatches", "UserDataInfo", "classes_of", "importable_name", "user_bundle"]

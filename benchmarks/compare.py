@@ -63,7 +63,8 @@ from amas.channels.plan import plan_keep  # noqa: E402
 from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
-from amas.engine.loop import Trainer, evaluate, resolve_device  # noqa: E402
+from amas.distributed import resolve_device  # noqa: E402
+from amas.engine.loop import Trainer, evaluate  # noqa: E402
 from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.latency.timing import latency  # noqa: E402

@@ -61,7 +61,8 @@ from amas.channels.groups import find_groups  # noqa: E402
 from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
-from amas.engine.loop import evaluate, resolve_device  # noqa: E402
+from amas.distributed import resolve_device  # noqa: E402
+from amas.engine.loop import evaluate  # noqa: E402
 from amas.errors import AmasError, PruneError  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.pipeline.candidates import finetune_trainer  # noqa: E402

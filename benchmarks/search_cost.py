@@ -30,7 +30,8 @@ from amas.channels.cost import CostModel  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
 from amas.channels.masks import ChannelMasks  # noqa: E402
 from amas.config import load_config  # noqa: E402
-from amas.data import INFOS, TensorBatches  # noqa: E402
+from amas.data import TensorBatches  # noqa: E402
+from amas.datasets import INFOS  # noqa: E402
 from amas.engine.loop import Objective, Trainer  # noqa: E402
 from amas.models import create_model  # noqa: E402
 from amas.search.objective import SearchObjective  # noqa: E402

@@ -97,7 +97,7 @@ def _search_worker(rank: int, world: int, port: int, overrides: list[str], teach
 
 def test_two_gloo_processes_search_like_one_process(tmp_path, float64):
     """Masks, student and discriminator stay in step across ranks: the search equals a 1-process search."""
-    from amas.data import INFOS
+    from amas.datasets import INFOS
     from amas.files.checkpoint import model_record, save_model
     from amas.models import create_model
     from amas.pipeline.search import search

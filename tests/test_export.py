@@ -18,7 +18,7 @@ from amas.channels.cut import make_recipe, prune_model
 from amas.channels.groups import find_groups
 from amas.channels.plan import plan_keep
 from amas.cli import main
-from amas.data import INFOS
+from amas.datasets import INFOS
 from amas.errors import CheckpointError
 from amas.files.checkpoint import model_record, save_masked
 from amas.files.export import export_onnx, export_pt2, onnx_available

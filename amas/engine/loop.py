@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
+from amas.distributed import resolve_device
 from amas.engine.schedules import make_scheduler
 from amas.engine.stopping import StopRequest
-from amas.errors import AmasError, Stopped, TrainingError
+from amas.errors import Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
 
 
@@ -67,15 +68,6 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; 'cuda' without a GPU is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AmasError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
-    return torch.device(name)
 
 
 def evaluate(

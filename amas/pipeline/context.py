@@ -103,7 +103,7 @@ class RunContext:
                  teacher_model: nn.Module | None = None, data: Any = None, command: str = "prune",
                  given: dict[str, tuple[nn.Module, dict]] | None = None,
                  export: ExportOptions | None = None) -> None:
-        from amas.engine.loop import resolve_device
+        from amas.distributed import resolve_device
 
         self.cfg, self.dir, self.method = cfg, Path(run_dir), method
         self.command, self.flat = command, command != "prune"

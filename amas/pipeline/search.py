@@ -46,7 +46,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     from amas.channels.groups import find_groups
     from amas.channels.masks import ChannelMasks
     from amas.data import dataset_info
-    from amas.engine.loop import Trainer, evaluate, resolve_device
+    from amas.distributed import resolve_device
+    from amas.engine.loop import Trainer, evaluate
     from amas.files.checkpoint import load_model, save_masked
 
     run_dir = Path(run_dir)

@@ -11,7 +11,8 @@ from typing import Any
 from amas import distributed
 from amas.config import Config, atomic_write_text, load_config
 from amas.data import build_data
-from amas.engine.loop import Trainer, evaluate, resolve_device
+from amas.distributed import resolve_device
+from amas.engine.loop import Trainer, evaluate
 from amas.files.checkpoint import model_record, save_model
 from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
 
