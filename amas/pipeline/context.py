@@ -19,12 +19,13 @@ from torch import nn
 
 from amas import distributed
 from amas.config import Config, TrainConfig, atomic_write_text, save_config
-from amas.errors import AmasError, PipelineError
+from amas.errors import AmasError, PipelineError, SearchError
 
 if TYPE_CHECKING:
     from amas.data import DataBundle
 
-__all__ = ["ExportOptions", "Rows", "RunContext", "StageLog", "prepare_run_dir", "seed_everything", "stage_data"]
+__all__ = ["ExportOptions", "Rows", "RunContext", "StageLog", "check_teacher_matches", "prepare_run_dir",
+           "seed_everything", "stage_data"]
 
 # the summary rows a stage returns, printed and logged for it
 Rows = list[tuple[str, Any]]
@@ -224,7 +225,6 @@ class RunContext:
         if self._teacher is None:
             from amas.data import dataset_info
             from amas.files.checkpoint import load_model, load_plain_teacher
-            from amas.pipeline.search import check_teacher_matches
 
             info = dataset_info(self.cfg.data)
             if self.plain_teacher:  # the user's weights for the architecture model.name names
@@ -307,3 +307,20 @@ def stage_data(cfg: Config, train_cfg: TrainConfig, device: torch.device) -> Dat
     return build_data(cfg.data, train_cfg.batch_size // ctx.world_size, train_cfg.eval_batch_size, device=device,
                       seed=cfg.seed, channels_last=train_cfg.channels_last, rank=ctx.rank, world_size=ctx.world_size)
 
+
+def check_teacher_matches(record: dict, info: Any, teacher_path: str | Path, data_name: str) -> None:
+    """The teacher must have been trained on the configured dataset (classes, channels, image size)."""
+    rd = record.get("data", {})
+    same = (
+        rd.get("name", data_name) == data_name
+        and int(record["num_classes"]) == info.num_classes
+        and int(record["in_channels"]) == info.in_channels
+        and int(rd.get("image_size", info.image_size)) == info.image_size
+    )
+    if not same:
+        raise SearchError(
+            f"teacher '{teacher_path}' was trained on {rd.get('name', '?')} ({record['num_classes']} classes, "
+            f"{record['in_channels']} channels), but the config's data is {data_name} ({info.num_classes} classes, "
+            f"{info.in_channels} channels); set data.name={rd.get('name', '?')} or pass a teacher trained on "
+            f"{data_name}"
+        )

@@ -12,28 +12,17 @@ from typing import Any
 from amas import distributed
 from amas.config import Config, atomic_write_text
 from amas.errors import SearchError
-from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
+from amas.pipeline.context import (
+    Rows,
+    RunContext,
+    check_teacher_matches,
+    prepare_run_dir,
+    seed_everything,
+    stage_data,
+)
 from amas.search.objective import SearchObjective
 
-__all__ = ["check_teacher_matches", "search", "search_stage"]
-
-
-def check_teacher_matches(record: dict, info: Any, teacher_path: str | Path, data_name: str) -> None:
-    """The teacher must have been trained on the configured dataset (classes, channels, image size)."""
-    rd = record.get("data", {})
-    same = (
-        rd.get("name", data_name) == data_name
-        and int(record["num_classes"]) == info.num_classes
-        and int(record["in_channels"]) == info.in_channels
-        and int(rd.get("image_size", info.image_size)) == info.image_size
-    )
-    if not same:
-        raise SearchError(
-            f"teacher '{teacher_path}' was trained on {rd.get('name', '?')} ({record['num_classes']} classes, "
-            f"{record['in_channels']} channels), but the config's data is {data_name} ({info.num_classes} classes, "
-            f"{info.in_channels} channels); set data.name={rd.get('name', '?')} or pass a teacher trained on "
-            f"{data_name}"
-        )
+__all__ = ["search", "search_stage"]
 
 
 def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: bool = False,
