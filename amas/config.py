@@ -221,7 +221,7 @@ def _blend_pool() -> list[str]:
 
 
 # the baseline criteria amas.criteria registers, by name (here so that the CLI lists them without importing
-# Torch-Pruning; tests/test_criteria.py checks the two agree)
+# Torch-Pruning; tests/criteria/test_criteria.py checks the two agree)
 BASELINE_METHODS: tuple[str, ...] = (
     "l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr",
 )

@@ -26,7 +26,7 @@ from amas.files.pruned import load_pruned, save_pruned
 from amas.models import create_model
 
 SHAPE = (1, 16, 16)  # the synthetic dataset: 4 classes, 1x16x16
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 

@@ -7,28 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import prune_overrides
 
 from amas.config import load_config
 from amas.errors import PipelineError, SelectionError
 from amas.pipeline.runner import run_pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def prune_overrides(**extra: str) -> list[str]:
-    """Seconds-long stages on the synthetic data: 1 search epoch, 3 candidates, 5 candidate-epochs, 1 final epoch."""
-    base = {"train.device": "cpu"}
-    for section in ("search.train", "finetune.train"):
-        base.update({f"{section}.epochs": "1", f"{section}.batch_size": "32", f"{section}.eval_batch_size": "128",
-                     f"{section}.progress": "false", f"{section}.log_every": "4", f"{section}.device": "cpu",
-                     f"{section}.lr": "0.002"})  # the 2-epoch synthetic teacher diverges at lr 0.01 + momentum
-    base.update({"search.target_reduction": "0.5", "select.levels": "[0.3,0.5,0.6]", "select.budget_epochs": "5",
-                 "select.min_reduction": "0.3", "prune.round_to": "1"})
-    base.update(extra)
-    return tiny_overrides() + [f"{k}={v}" for k, v in base.items()]
-
-
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def events(run):

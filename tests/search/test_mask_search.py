@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from test_api import SHAPE, loaders, trained_teacher
+from conftest import TINY_NET_SHAPE as SHAPE
+from conftest import loaders, trained_teacher
 
 import amas
 from amas.channels.cost import count

@@ -3,8 +3,7 @@ candidate and the teacher carry a measured latency, the fastest within tolerance
 
 import json
 
-from test_latency_model import Counted
-from test_pipeline import prune_overrides
+from conftest import Counted, prune_overrides
 
 from amas.channels.groups import find_groups
 from amas.config import load_config

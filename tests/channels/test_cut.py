@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_masks, randomize_norms
 from torch import nn
 
 from amas.channels.cost import CostModel, count
@@ -13,33 +14,6 @@ from amas.channels.masks import ChannelMasks
 from amas.channels.plan import kept_counts, plan_keep
 from amas.errors import PruneError
 from amas.models import create_model
-
-
-def randomize(model: nn.Module, gen: torch.Generator) -> None:
-    """Random BN statistics/affine parameters and biases, so removed channels are not trivially zero."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-
-
-def random_masks(groups, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Masks in [0.3, 1) with ~40% exact zeros in every group (channel 0 kept, the last one zeroed); kept indices."""
-    masks, keep = {}, {}
-    for g in groups:
-        v = torch.rand(g.size, generator=gen, dtype=torch.float64) * 0.7 + 0.3
-        zero = torch.rand(g.size, generator=gen) < 0.4
-        zero[0], zero[-1] = False, True
-        v[zero] = 0.0
-        masks[g.name], keep[g.name] = v, torch.nonzero(~zero).flatten()
-    return masks, keep
-
 
 MODELS = [
     ("resnet20", (3, 8, 8)),
@@ -64,7 +38,7 @@ CASES = [(m, s, False) for m, s in MODELS] + [("resnet20", (3, 8, 8), True), ("r
 def test_removal_equals_masking(name: str, shape: tuple[int, int, int], residual: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
-    randomize(model, gen)
+    randomize_norms(model, gen)
     groups = find_groups(
         model, shape, residual=residual
     )  # traced in float32 (float64 depthwise convs with autograd are slow on CPU)
@@ -196,7 +170,7 @@ def test_grouped_convs_prune_the_same_positions_in_every_conv_group() -> None:
     gen = torch.Generator().manual_seed(0)
     shape = (1, 8, 8)
     model = _GroupedNet().eval()
-    randomize(model, gen)
+    randomize_norms(model, gen)
     groups = {g.name: g for g in find_groups(model, shape)}
     assert {n: (g.size, g.conv_groups) for n, g in groups.items()} == {"stem.0": (16, 1), "a.0": (8, 4), "b.0": (8, 4)}
     cost = CostModel(model, list(groups.values()), shape)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from amas.files.pruned import load_pruned
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 USER_MODULE = '''
 from torch import nn

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from test_pipeline import ROOT, prune_overrides
+from conftest import ROOT, prune_overrides
 
 from amas.config import load_config
 from amas.pipeline.runner import run_pipeline

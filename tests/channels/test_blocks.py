@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_norms
 
 from amas.channels.blocks import RemovedBlock, effective_counts, prune_with_blocks, removable_groups
 from amas.channels.cost import CostModel, count
 from amas.channels.groups import find_groups
 from amas.channels.masks import ChannelMasks
 from amas.models import create_model
-from tests.test_prune import randomize
 
 CASES = [("resnet20", (3, 8, 8), False), ("resnet56", (1, 8, 8), True), ("tv:resnet18", (3, 32, 32), False),
          ("tv:resnet50", (3, 32, 32), False)]
@@ -20,7 +20,7 @@ CASES = [("resnet20", (3, 8, 8), False), ("resnet56", (1, 8, 8), True), ("tv:res
 def test_block_removal_equals_masking(name: str, shape: tuple[int, int, int], residual: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
-    randomize(model, gen)
+    randomize_norms(model, gen)
     groups = find_groups(model, shape, residual=residual)
     blocks = removable_groups(model, groups)
     assert blocks, "no removable block found"
@@ -71,7 +71,7 @@ def test_a_model_with_removed_blocks_saves_and_loads_without_tracing(name, shape
     from amas.files.pruned import load_pruned, save_pruned
 
     model = create_model(name, num_classes=10, in_channels=shape[0]).eval()
-    randomize(model, torch.Generator().manual_seed(5))
+    randomize_norms(model, torch.Generator().manual_seed(5))
     groups = find_groups(model, shape)
     blocks = removable_groups(model, groups)
     gone = list(blocks)[1]

@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from conftest import Counted
 from torch import nn
 
 from amas.channels.blocks import removable_groups
-from amas.channels.cost import count
 from amas.channels.groups import find_groups
 from amas.channels.plan import rounded_count
 from amas.errors import PruneError
@@ -23,22 +23,6 @@ from amas.latency.whole import fit_line, random_plans
 from amas.models import create_model
 
 SHAPE = (1, 8, 8)
-
-
-class Counted:
-    """Analytic 'latency': 1e-6 ms per MAC of the whole batch plus 0.01 ms per conv/linear layer; counts calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
-        self.calls += 1
-        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
-        if isinstance(module, nn.Linear):  # the classifier on its own (amas.channels.cost.count takes images)
-            macs = module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-        else:
-            macs = count(module, tuple(x.shape))[0]
-        return macs * x.shape[0] * 1e-6 + 0.01 * layers
 
 
 def _setup(name: str = "resnet20", residual: bool = False):

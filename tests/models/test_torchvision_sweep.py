@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune import random_masks, randomize
+from conftest import random_masks, randomize_norms
 
 from amas.channels.cost import CostModel, count
 from amas.channels.cut import prune_model
@@ -34,7 +34,7 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
     shape = (3, size, size)
     gen = torch.Generator().manual_seed(0)
     model = create_model("tv:" + name, num_classes=10, in_channels=3).eval()
-    randomize(model, gen)
+    randomize_norms(model, gen)
     with torch.no_grad():  # ConvNeXt's per-block layer scale starts at 1e-6: the blocks would not show
         for m in model.modules():
             if isinstance(getattr(m, "layer_scale", None), torch.nn.Parameter):
