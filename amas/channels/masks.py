@@ -192,7 +192,8 @@ class ChannelMasks(nn.Module):
         self.groups = list(groups)
         self.names = [g.name for g in self.groups]
         if len(set(self.names)) != len(self.names):
-            raise MaskError("channel group names are not unique; build the groups with amas.channels.masks.find_groups")
+            raise MaskError(
+                "channel group names are not unique; build the groups with amas.channels.groups.find_groups")
         self.masks = nn.ParameterList([nn.Parameter(torch.full((g.size,), float(init))) for g in self.groups])
         # producer -> [(group position, channel positions or None for 'all, in order', group channels)]
         plan: dict[str, list[tuple[int, list[int] | None, list[int]]]] = collections.defaultdict(list)

@@ -3,7 +3,7 @@
 An ignored layer runs as usual, but during tracing its output is handed on through one opaque autograd op
 (``_KeptWhole``) that hides the layer's insides from Torch-Pruning. Torch-Pruning sees an element-wise op that
 couples the layer's inputs to its outputs, so every channel group that reaches the layer holds that op, and
-``amas.channels.masks`` leaves such groups out: the layer, the layers feeding it and the layers reading it keep their
+``amas.channels.groups`` leaves such groups out: the layer, the layers feeding it and the layers reading it keep their
 channels. That is how a model with an op Torch-Pruning cannot follow (shufflenet's channel shuffle, a reshape of
 channels) still gets its other groups.
 
