@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from amas.console import print_table
-from amas.errors import AmasError
+from amas.errors import AmasError, Stopped
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -221,7 +221,6 @@ def main(argv: list[str] | None = None, flags: dict[str, str] | None = None) -> 
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command.replace('-', '_')}")
     from amas import distributed
-    from amas.errors import Stopped
 
     try:
         distributed.init_from_env(_device_hint(args))

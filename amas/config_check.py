@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from amas.errors import ConfigError
 
-__all__ = ["ConfigError", "build_section", "check_range", "check_type"]
+__all__ = ["build_section", "check_range", "check_type"]
 
 
 def _suggest(key: str, options: list[str]) -> str:

@@ -31,7 +31,7 @@ from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
 from amas.errors import CriteriaError
 
-__all__ = ["METHODS", "CriteriaError", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
+__all__ = ["METHODS", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
            "prepare_model", "register"]
 
 Scores = dict[str, torch.Tensor]

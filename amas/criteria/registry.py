@@ -20,7 +20,7 @@ from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import CriteriaError
 
-__all__ = ["Criterion", "CriteriaError", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
+__all__ = ["Criterion", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
 
 Scores = dict[str, torch.Tensor]
 

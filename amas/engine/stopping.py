@@ -5,9 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from amas.errors import Stopped
-
-__all__ = ["StopRequest", "Stopped"]
+__all__ = ["StopRequest"]
 
 
 class StopRequest:

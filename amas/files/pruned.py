@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from amas.errors import CheckpointError, ExportError
-from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
+from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file, load_model
 
-__all__ = ["ExportError", "save_pruned", "load_pruned", "load_any_model", "layer_shapes", "rebuild_from_shapes",
+__all__ = ["save_pruned", "load_pruned", "load_any_model", "layer_shapes", "rebuild_from_shapes",
            "removed_blocks"]
 
 # the layer attributes channel pruning changes (torch's conv/linear/BN, amas' option-A shortcut)
@@ -191,8 +191,6 @@ def peek_format(path: str | os.PathLike) -> str | None:
 
 def load_any_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Load a dense 'model' or a 'pruned' amas file; returns (model, file contents with a 'model' record)."""
-    from amas.files.checkpoint import load_model
-
     if peek_format(path) == "pruned":
         model, obj = load_pruned(path, device)
         if "data" not in obj["model"]:

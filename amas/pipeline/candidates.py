@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from amas.config import FinetuneConfig, atomic_write_text
-from amas.errors import SelectionError
+from amas.errors import PruneError, SelectionError
 from amas.pipeline.context import Rows, RunContext
 from amas.pipeline.halving import halving_schedule, successive_halving
 from amas.pipeline.select import budget_bound, choose, halving_score, latency_bound
@@ -73,7 +73,6 @@ def cut_candidates(
     from amas.channels.blocks import prune_with_blocks
     from amas.channels.cost import count
     from amas.channels.plan import kept_counts
-    from amas.errors import PruneError
 
     bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
     if not levels or bad:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from amas.errors import CheckpointError, ExportError
-from amas.files.checkpoint import load_file
-from amas.files.pruned import peek_format
+from amas.files.checkpoint import load_file, load_masked, load_model
+from amas.files.pruned import peek_format, save_pruned
 from amas.pipeline.context import Rows, RunContext
 
 __all__ = ["cut_checkpoint", "export_stage"]
@@ -46,7 +46,6 @@ def export_stage(ctx: RunContext) -> Rows:
 def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Module, acc: dict) -> dict:
     """Rank 0's part of the export stage: the shipped files, latency and the report; returns the report."""
     from amas.files.export import export_onnx, export_pt2
-    from amas.files.pruned import save_pruned
     from amas.pipeline.report import export_report, measure, write_report
 
     meta, teacher_obj = obj["metadata"], ctx.teacher[1]
@@ -111,8 +110,6 @@ def _record_shape(record: dict, path: Any) -> tuple[int, int, int]:
 
 def _load_for_cut(checkpoint: str | os.PathLike, criterion: str | None) -> tuple[nn.Module, dict | None, dict]:
     """(model, masks or None, file object) of a searched student or, with criterion l1, a dense model."""
-    from amas.files.checkpoint import load_masked, load_model
-
     fmt = peek_format(checkpoint)
     if fmt == "pruned":
         load_file(checkpoint, "pruned")  # a newer format version says so first

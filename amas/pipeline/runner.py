@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from amas import distributed
-from amas.config import Config, to_dict
+from amas.config import Config, from_dict, to_dict
 from amas.console import print_table
 from amas.errors import PipelineError, Stopped
 from amas.pipeline.candidates import candidates_stage
@@ -354,8 +354,6 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, target_reduction: fl
     Writes pruned.pt, pruned.pt2 (pruned.onnx with onnx) and report.json/report.md into out_dir and returns the
     report. cfg: data settings for the test accuracy (evaluate; the checkpoint's dataset) and prune.report_runtimes.
     """
-    from amas.config import from_dict, to_dict
-
     pruned, record, dense, obj = cut_checkpoint(checkpoint, target_reduction, round_to=round_to,
                                                 min_channels=min_channels, criterion=criterion, residual=residual,
                                                 ignore=ignore)

@@ -89,7 +89,6 @@ __all__ = ["evaluate_checkpoint", "teacher_stage", "train_dense"]
 def teacher_stage(ctx: RunContext) -> Rows:
     """Use the given teacher, or train one in teacher/ (amas.pipeline.teacher.train_dense)."""
     if ctx.in_memory:
-        from amas.files.checkpoint import save_model
         from amas.models.registry import MEMORY_PREFIX
 
         model, obj = ctx.teacher
@@ -124,8 +123,6 @@ def _no_val(ctx: RunContext) -> str:
 
 def _teacher_val_acc(ctx: RunContext) -> float | str:
     """The given teacher's accuracy (%) on the validation split, or why there is none."""
-    from amas.engine.loop import evaluate
-
     data = ctx.data("finetune")
     if data.val is None:
         return _no_val(ctx)

@@ -22,7 +22,7 @@ from amas.config import AlignmentConfig
 from amas.engine.loop import Objective, StepOutput
 from amas.errors import SearchError
 
-__all__ = ["AlignmentObjective", "Discriminator", "SearchError", "discriminator_loss", "fast_inference_copy",
+__all__ = ["AlignmentObjective", "Discriminator", "discriminator_loss", "fast_inference_copy",
            "kd_loss", "last_global_pool", "real_fake_bce"]
 
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
