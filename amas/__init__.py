@@ -10,7 +10,7 @@ __all__ = ["AmasError", "MaskSearch", "PruneResult", "__version__", "load_pruned
 def __getattr__(name: str):
     """Lazy attributes: `amas.load_pruned`, `amas.prune` import torch and their modules only when first used."""
     if name == "load_pruned":
-        from amas.pruned_file import load_pruned
+        from amas.files.pruned import load_pruned
 
         return load_pruned
     if name == "prune":
@@ -18,7 +18,7 @@ def __getattr__(name: str):
 
         return prune
     if name == "MaskSearch":
-        from amas.user_search import MaskSearch
+        from amas.search.mask_search import MaskSearch
 
         return MaskSearch
     if name == "PruneResult":

@@ -57,12 +57,11 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     the run happens in a temporary directory that is deleted before returning.
     Under torchrun every rank calls prune with the same arguments; each rank trains on its share of the batches.
     """
-    from amas.data import DataError
-    from amas.pipeline import _check_method
-    from amas.pruned_file import load_pruned
-    from amas.run_context import RunContext
-    from amas.stage_table import run_stages
-    from amas.user_inputs import UserDataInfo, classes_of, user_bundle
+    from amas.errors import DataError
+    from amas.files.pruned import load_pruned
+    from amas.inputs import UserDataInfo, classes_of, user_bundle
+    from amas.pipeline.context import RunContext
+    from amas.pipeline.runner import _check_method, run_stages
 
     if not isinstance(teacher, nn.Module):
         raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module classifier")
@@ -88,7 +87,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
 def _run_device(cfg: Config) -> Any:
     """The device RunContext will run on (the batches move there as the stages read them)."""
     from amas import distributed
-    from amas.engine import resolve_device
+    from amas.distributed import resolve_device
 
     return distributed.device_for(distributed.context(), resolve_device(cfg.finetune.train.device))
 

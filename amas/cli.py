@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from amas.console import print_table
-from amas.errors import AmasError
+from amas.errors import AmasError, Stopped
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
 
@@ -93,7 +93,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
         "architecture model.name names (default: train one with the config's model and train settings)"
     )
     from amas.config import BASELINE_METHODS
-    from amas.stage_table import STAGE_NAMES
+    from amas.pipeline.runner import STAGE_NAMES
 
     p.add_argument("--method", default="amas", metavar="METHOD",
                    help=f"amas (searched masks, default) or a baseline criterion: {', '.join(BASELINE_METHODS)}")
@@ -133,19 +133,19 @@ def _out_dir(path: Path) -> Path:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a dense model from a config and save it as model.pt in the run directory (the teacher stage)."""
     from amas.config import load_config
-    from amas.pipeline import run_train
+    from amas.pipeline.runner import run_train
 
     run_train(load_config(args.config, args.overrides), run_dir_for(args), resume=args.resume)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a saved checkpoint on its dataset's test split."""
-    from amas.stages import evaluate_checkpoint
+    from amas.pipeline.teacher import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters)
     if args.runtimes:
-        from amas.export import load_any_model
-        from amas.latency_report import runtime_latency
+        from amas.files.pruned import load_any_model
+        from amas.latency.table import runtime_latency
 
         model, obj = load_any_model(args.checkpoint)
         d = obj["model"]["data"]
@@ -164,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_latency_table(args: argparse.Namespace) -> None:
     """Build the latency table of the config's model and print where it is and how well it predicts."""
     from amas.config import load_config
-    from amas.latency_report import table_for_config
+    from amas.latency.table import table_for_config
 
     cfg = load_config(args.config, args.overrides)
     r = table_for_config(cfg, batch_size=args.batch, runtime=args.runtime, validate_plans=args.validate)
@@ -175,7 +175,7 @@ def cmd_latency_table(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     """Search soft channel masks for a student copy of the teacher into search.pt (the search stage)."""
     from amas.config import load_config
-    from amas.pipeline import run_search
+    from amas.pipeline.runner import run_search
 
     run_search(load_config(args.config, args.overrides), run_dir_for(args), args.teacher, resume=args.resume)
 
@@ -183,7 +183,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """Cut a searched student (or a dense model by L1) to the MACs target and export it (the export stage)."""
     from amas.config import PruneConfig, load_config
-    from amas.pipeline import run_export
+    from amas.pipeline.runner import run_export
 
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     prune = cfg.prune if cfg is not None else PruneConfig()
@@ -198,7 +198,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_prune(args: argparse.Namespace) -> None:
     """Run (or continue) the whole pruning pipeline in the run directory."""
     from amas.config import load_config
-    from amas.pipeline import run_pipeline
+    from amas.pipeline.runner import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(args)
@@ -225,7 +225,6 @@ def main(argv: list[str] | None = None, flags: dict[str, str] | None = None) -> 
     args = parser.parse_args(argv)
     handler = globals().get(f"cmd_{args.command.replace('-', '_')}")
     from amas import distributed
-    from amas.engine import Stopped
 
     try:
         distributed.init_from_env(_device_hint(args))

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 import yaml
 
-from amas.atomic_files import temp_beside
-from amas.config_check import ConfigError, build_section
+from amas.config_check import build_section
+from amas.errors import ConfigError
+from amas.files.atomic import temp_beside
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -220,7 +221,7 @@ def _blend_pool() -> list[str]:
 
 
 # the baseline criteria amas.criteria registers, by name (here so that the CLI lists them without importing
-# Torch-Pruning; tests/test_criteria.py checks the two agree)
+# Torch-Pruning; tests/criteria/test_criteria.py checks the two agree)
 BASELINE_METHODS: tuple[str, ...] = (
     "l1", "l2", "fpgm", "bn_scale", "taylor", "hrank", "apoz", "random", "blend", "srr",
 )

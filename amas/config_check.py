@@ -9,13 +9,9 @@ import types
 import typing
 from typing import Any, Literal
 
-from amas.errors import AmasError
+from amas.errors import ConfigError
 
-__all__ = ["ConfigError", "build_section", "check_range", "check_type"]
-
-
-class ConfigError(AmasError):
-    """A config key, type or value that cannot be used."""
+__all__ = ["build_section", "check_range", "check_type"]
 
 
 def _suggest(key: str, options: list[str]) -> str:

@@ -189,3 +189,12 @@ def _swap_bn(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _swap_bn(child))
     return module
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AmasError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    return torch.device(name)

@@ -32,9 +32,9 @@ QUICK = ["data.train_subset=1024", "data.val_size=256", "train.epochs=1", "searc
 API_RUN = """
 import sys
 import amas
-from amas.checkpoint import load_model
+from amas.files.checkpoint import load_model
 from amas.config import load_config
-from amas.stages import stage_data
+from amas.pipeline.teacher import stage_data
 import torch
 
 config, teacher_path, out_dir, *overrides = sys.argv[1:]

@@ -4,8 +4,8 @@ For each MACs-reduction target (default 50% and 75%) and seed (default 0 and 1),
 same dense teacher to the target, the cut model is evaluated on the test split (accuracy before fine-tuning),
 fine-tuned with the same budget for all (the engine's Trainer with the default cross-entropy Objective,
 ``--epochs`` epochs, SGD + cosine, ``--lr``), and evaluated again. Rows: accuracy before and after fine-tuning,
-MACs and params (amas.cost.count), measured CPU latency at batch 64 and 1 (amas.cost.latency), and wall time
-(planning + cutting, fine-tuning). The summary gives mean ± sample standard deviation over the seeds, so a
+MACs and params (amas.channels.cost.count), measured CPU latency at batch 64 and 1 (amas.latency.timing.latency), and
+wall time (planning + cutting, fine-tuning). The summary gives mean ± sample standard deviation over the seeds, so a
 difference between methods can be told from noise; JSON and Markdown go to ``benchmarks/results/``, rewritten
 after every run (``--resume`` skips the runs already in the JSON).
 
@@ -56,16 +56,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from amas.checkpoint import load_model  # noqa: E402
+from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
+from amas.channels.plan import plan_keep  # noqa: E402
 from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
-from amas.cost import count, latency  # noqa: E402
-from amas.criteria import METHODS, CriteriaError, check_method, plan_for_method, prepare_model  # noqa: E402
+from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
-from amas.engine import Trainer, evaluate, resolve_device  # noqa: E402
-from amas.errors import AmasError  # noqa: E402
-from amas.masks import CostModel, find_groups  # noqa: E402
-from amas.planner import PruneError, plan_keep, prune_model  # noqa: E402
-from amas.stages import seed_everything  # noqa: E402
+from amas.distributed import resolve_device  # noqa: E402
+from amas.engine.loop import Trainer, evaluate  # noqa: E402
+from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
+from amas.files.checkpoint import load_model  # noqa: E402
+from amas.latency.timing import latency  # noqa: E402
+from amas.pipeline.context import seed_everything  # noqa: E402
 
 DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
 OUTSIDE = ("tp_magnitude",)
@@ -229,10 +232,10 @@ def amas_cut(
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there.
 
-    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.fold_scaling)."""
-    from amas.adversarial import search
-    from amas.checkpoint import load_masked
-    from amas.fold_scaling import folded_mask_scales
+    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.channels.fold)."""
+    from amas.channels.fold import folded_mask_scales
+    from amas.files.checkpoint import load_masked
+    from amas.pipeline.search import search
 
     overrides = [
         *(extra_overrides or []),
@@ -274,7 +277,7 @@ def relatency(result: dict, iters: int) -> None:
     Latency depends only on the architecture, so each run's model is rebuilt from its kept counts (random weights);
     runs without kept counts keep the latency measured during the run and say so.
     """
-    from amas.planner import make_recipe, model_from_recipe
+    from amas.channels.cut import make_recipe, model_from_recipe
 
     t = result["teacher"]
     path = Path(t["path"]) if Path(t["path"]).is_absolute() else ROOT / t["path"]  # repo-relative in new results
@@ -302,7 +305,7 @@ def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
 def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data: Any, args: argparse.Namespace,
               device: torch.device) -> list[dict]:
     """Rows for finished `amas prune` runs: their pruned.pt measured here on the same test split."""
-    from amas.export import load_pruned
+    from amas.files.pruned import load_pruned
 
     rows = []
     for d in run_dirs:

@@ -12,11 +12,11 @@ Each run takes a copy of one dense teacher to a MACs-reduction target and trains
   (``--amas-search-fraction``; at least 1, at most E − 1; the recipe's search section), the searched student cut at the
   target by its masks (folded in), then fine-tuned for E − S epochs.
 
-Fine-tuning is the pipeline's (amas.select.finetune_trainer: CE + KD + adversarial against the same teacher, the
-recipe's ``finetune`` section, cosine schedule) for every method; ``--finetune-lr METHOD=LR`` sets one method's
-learning rate (chosen on the validation split, see the README), so methods differ only in how channels are chosen,
-what the weights went through before the cut and, where set, that learning rate. Validation accuracy comes from the
-held-out split of the training set (the teacher never saw it); the test split is only evaluated.
+Fine-tuning is the pipeline's (amas.pipeline.candidates.finetune_trainer: CE + KD + adversarial against the same
+teacher, the recipe's ``finetune`` section, cosine schedule) for every method; ``--finetune-lr METHOD=LR`` sets one
+method's learning rate (chosen on the validation split, see the README), so methods differ only in how channels are
+chosen, what the weights went through before the cut and, where set, that learning rate. Validation accuracy comes from
+the held-out split of the training set (the teacher never saw it); the test split is only evaluated.
 
 Rows go to ``benchmarks/results/<name>.json`` (``"rows"``: method, target, budget_epochs, seed, test_acc, val_acc,
 macs_reduction, params, latency_b64_ms, latency_b1_ms, wall_s and details; ``"teacher"``), rewritten after every
@@ -54,18 +54,19 @@ for p in (ROOT, ROOT / "benchmarks"):
 
 import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning reference, latency helpers)
 
-from amas.checkpoint import load_model  # noqa: E402
+from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
+from amas.channels.fold import scale_folded_grads  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
 from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
-from amas.cost import count  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
-from amas.engine import evaluate, resolve_device  # noqa: E402
-from amas.errors import AmasError  # noqa: E402
-from amas.fold_scaling import scale_folded_grads  # noqa: E402
-from amas.masks import CostModel, find_groups  # noqa: E402
-from amas.planner import PruneError, prune_model  # noqa: E402
-from amas.select import finetune_trainer  # noqa: E402
-from amas.stages import seed_everything  # noqa: E402
+from amas.distributed import resolve_device  # noqa: E402
+from amas.engine.loop import evaluate  # noqa: E402
+from amas.errors import AmasError, PruneError  # noqa: E402
+from amas.files.checkpoint import load_model  # noqa: E402
+from amas.pipeline.candidates import finetune_trainer  # noqa: E402
+from amas.pipeline.context import seed_everything  # noqa: E402
 
 ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude", "amas_arch")
 DEFAULT_METHODS = ("amas", "taylor", "fpgm", "l1", "random", "tp_magnitude")
@@ -350,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AMAS: search and fine-tuning share one E-epoch schedule (the search stops at epoch S, "
                         "fine-tuning starts at the rate reached there) instead of two")
     p.add_argument("--amas-keep-mask-scale", action="store_true",
-                   help="fine-tune AMAS's cut with its folded BN gradients scaled by mask² (amas.fold_scaling)")
+                   help="fine-tune AMAS's cut with its folded BN gradients scaled by mask² (amas.channels.fold)")
     p.add_argument("--finetune-lr", action="append", default=[], metavar="METHOD=LR",
                    help="fine-tuning learning rate for one method (repeatable); others use finetune.train.lr")
     p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")

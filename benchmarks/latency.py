@@ -4,8 +4,8 @@
                                  [--batch 64] [--rounds 5] [--iters 10] [--threads N]
 
 The model is a random-init ResNet-56 (or the dense amas model file given by --checkpoint). Channels are
-ranked by filter L1 norm per unit of MAC cost (amas.planner.plan_keep), kept counts rounded to multiples of
---round-to, removed with Torch-Pruning (amas.planner.prune_model). Latency is amas.cost.latency (eval,
+ranked by filter L1 norm per unit of MAC cost (amas.channels.plan.plan_keep), kept counts rounded to multiples of
+--round-to, removed with Torch-Pruning (amas.channels.cut.prune_model). Latency is amas.latency.timing.latency (eval,
 inference_mode, channels_last): dense and pruned are timed in alternating rounds so a background load on
 the machine hits both alike; the median over rounds of each round's median is reported. Pass criterion:
 speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
@@ -13,7 +13,7 @@ speedup >= 0.8 x the MACs ratio. Writes benchmarks/results/latency.json.
     python benchmarks/latency.py --cost latency [--validate 20] [--runtimes eager,compiled,onnx]
 
 plans by measured latency instead (issue 14): per-layer latency tables of the dense model at --batch and at
-batch 1 (amas.latency_model, cached in --tables), then two L1 plans (amas.latency_plan): one to --target-latency
+batch 1 (amas.latency.model, cached in --tables), then two L1 plans (amas.latency.plan): one to --target-latency
 of the dense batch-64 latency, one to --target-latency of its batch-1 latency with block removal allowed. Each
 plan is timed against the dense model in alternating rounds on eager PyTorch (with a busy-machine verdict) and
 on the other runtimes; the tables' prediction error on --validate random plans is reported. Last line:
@@ -36,14 +36,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amas.checkpoint import load_model  # noqa: E402
+from amas.channels.cost import CostModel, count  # noqa: E402
+from amas.channels.cut import prune_model  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
+from amas.channels.plan import kept_counts, plan_keep  # noqa: E402
 from amas.config import CriteriaConfig, atomic_write_text  # noqa: E402
-from amas.cost import count, latency  # noqa: E402
 from amas.criteria import channel_scores  # noqa: E402
-from amas.masks import CostModel, find_groups  # noqa: E402
+from amas.files.checkpoint import load_model  # noqa: E402
+from amas.latency.timing import alternating_latency, latency  # noqa: E402
 from amas.models import create_model  # noqa: E402
-from amas.planner import kept_counts, plan_keep, prune_model  # noqa: E402
-from amas.timing import alternating_latency  # noqa: E402
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, tuple[int, int, int], dict]:
@@ -173,11 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def by_latency(args: argparse.Namespace) -> dict:
     """--cost latency: plan to half the batch-64 and half the batch-1 latency, time both plans against dense."""
-    from amas.block_removal import prune_with_blocks, removable_groups
-    from amas.latency_model import build_table
-    from amas.latency_plan import plan_keep_latency
-    from amas.latency_report import runtime_latency
-    from amas.latency_whole import random_plans, validate
+    from amas.channels.blocks import prune_with_blocks, removable_groups
+    from amas.latency.model import build_table, validate
+    from amas.latency.plan import plan_keep_latency
+    from amas.latency.table import runtime_latency
+    from amas.latency.whole import random_plans
 
     shape = tuple(int(s) for s in args.shape.split("x"))
     torch.manual_seed(0)
@@ -241,8 +242,9 @@ def _ratio(dense_ms: float, pruned_ms: float) -> dict:
 
 
 def _eager(model: torch.nn.Module, x: torch.Tensor):
-    """One eager forward pass of model on x (eval, inference mode, channels_last), as amas.cost.latency runs it."""
-    from amas.runtimes import make_runner
+    """One eager forward pass of model on x (eval, inference mode, channels_last), as amas.latency.timing.latency runs
+    it."""
+    from amas.latency.runtimes import make_runner
 
     return make_runner(model, x, "eager")
 

@@ -4,7 +4,7 @@
         latency=runs/b/final/pruned.pt [--runtimes eager,compiled,onnx] [--rounds 5] [--threads 1] [--out F.json]
 
 Each NAME=FILE is an amas model.pt or pruned.pt; the first is the reference of the speed-ups. The models are
-timed in turn, round after round, at batch 1 and 64 on each runtime installed (amas.latency_report), so a
+timed in turn, round after round, at batch 1 and 64 on each runtime installed (amas.latency.table), so a
 background load hits all alike, and the output says when the spread shows the machine was busy. Prints a table
 and writes JSON (default benchmarks/results/latency_models.json).
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from amas.checkpoint import CheckpointError, load_model
-from amas.latency_report import runtime_latency
-from amas.pruned_file import load_pruned
+from amas.errors import CheckpointError
+from amas.files.checkpoint import load_model
+from amas.files.pruned import load_pruned
+from amas.latency.table import runtime_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,12 +26,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from amas.adversarial import SearchObjective  # noqa: E402
+from amas.channels.cost import CostModel  # noqa: E402
+from amas.channels.groups import find_groups  # noqa: E402
+from amas.channels.masks import ChannelMasks  # noqa: E402
 from amas.config import load_config  # noqa: E402
-from amas.data import INFOS, TensorBatches  # noqa: E402
-from amas.engine import Objective, Trainer  # noqa: E402
-from amas.masks import ChannelMasks, CostModel, find_groups  # noqa: E402
+from amas.data import TensorBatches  # noqa: E402
+from amas.datasets import INFOS  # noqa: E402
+from amas.engine.loop import Objective, Trainer  # noqa: E402
 from amas.models import create_model  # noqa: E402
+from amas.search.objective import SearchObjective  # noqa: E402
 
 
 def one_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> None:

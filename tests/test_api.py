@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 
+import conftest
 import pytest
 import torch
+from conftest import loaders
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import amas
 from amas.errors import AmasError
@@ -21,48 +23,12 @@ SHAPE = (1, 16, 16)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class TinyNet(nn.Module):
-    """A small CNN of the user's own: three conv-BN-ReLU blocks, global pooling, a linear head."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.features = nn.Sequential(block(1, 16, 1), block(16, 32, 2), block(32, 32, 1))
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
-
-
-def quadrants(n: int, seed: int) -> TensorDataset:
-    """Class k is a bright quadrant k on noise (a learnable 4-class problem)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, *SHAPE, generator=g) * 0.3
-    for i, k in enumerate(y.tolist()):
-        r, c = divmod(k, 2)
-        x[i, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += 1.0
-    return TensorDataset(x, y)
-
-
-def loaders() -> tuple[DataLoader, DataLoader, DataLoader]:
-    train = DataLoader(quadrants(192, 1), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return train, DataLoader(quadrants(64, 2), batch_size=64), DataLoader(quadrants(64, 3), batch_size=64)
+class TinyNet(conftest.TinyNet):
+    """A small CNN of the user's own (conftest.TinyNet), defined in this file: pruned.pt records test_api:TinyNet."""
 
 
 def trained_teacher(train: DataLoader) -> TinyNet:
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    return conftest.trained_teacher(train, TinyNet)
 
 
 def tiny(**extra) -> dict:
@@ -102,12 +68,14 @@ print("pt ok")
 
 
 def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
-    from amas.checkpoint import load_masked
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
+    from amas.channels.masks import ChannelMasks
+    from amas.channels.plan import kept_counts
     from amas.config import CriteriaConfig, PruneConfig
     from amas.criteria import get
-    from amas.masks import ChannelMasks, CostModel, find_groups
-    from amas.planner import kept_counts
-    from amas.pruned_file import load_pruned
+    from amas.files.checkpoint import load_masked
+    from amas.files.pruned import load_pruned
 
     train, val, test = loaders()
     teacher = trained_teacher(train)
@@ -166,9 +134,9 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
 
 
 def test_a_class_that_cannot_be_imported_or_rebuilt_is_named_for_this_process_only() -> None:
+    from amas.inputs import UserDataInfo, importable_name
     from amas.models.registry import MEMORY_PREFIX
-    from amas.run_context import _memory_record
-    from amas.user_inputs import UserDataInfo, importable_name
+    from amas.pipeline.context import _memory_record
 
     class Local(TinyNet):  # defined inside a function: no other process can import it
         pass

@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from amas.config import Config, ConfigError, load_config, save_config
+from amas.config import Config, load_config, save_config
+from amas.errors import ConfigError
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -86,8 +87,8 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps(tmp_path) -> None:
 
     import torch
 
-    from amas.checkpoint import atomic_save
     from amas.config import atomic_write_text
+    from amas.files.checkpoint import atomic_save
 
     old = os.umask(0o022)
     try:

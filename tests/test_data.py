@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from amas.config import DataConfig
-from amas.data import INFOS, DataError, TensorBatches, build_data, split_indices
+from amas.data import TensorBatches, build_data, split_indices
+from amas.datasets import INFOS
+from amas.errors import DataError
 
 
 def _batches(seed=0, **kw):
@@ -71,7 +73,7 @@ def test_sharded_ranks_partition_the_global_batch():
 
 
 def test_missing_data_is_one_line(tmp_path, monkeypatch):
-    import amas.data as d
+    import amas.datasets as d
 
     monkeypatch.setattr(d, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "none"))
     with pytest.raises(DataError) as e:
@@ -83,7 +85,7 @@ def test_missing_data_is_one_line(tmp_path, monkeypatch):
 def test_truncated_idx_file(tmp_path):
     import gzip
 
-    from amas.data import _read_idx
+    from amas.datasets import _read_idx
 
     p = tmp_path / "x-idx3-ubyte.gz"
     with gzip.open(p, "wb") as f:
@@ -96,7 +98,7 @@ def test_truncated_idx_file(tmp_path):
     not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="Fashion-MNIST not installed"
 )
 def test_fashion_mnist_from_system_dir():
-    from amas.data import load_tensors
+    from amas.datasets import load_tensors
 
     x, y = load_tensors(DataConfig(name="fashion_mnist", download=False), train=False)
     assert x.shape == (10000, 1, 28, 28) and x.dtype == torch.uint8 and int(y.max()) == 9

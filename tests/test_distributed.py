@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     from amas import distributed
-    from amas.stages import train_dense
+    from amas.pipeline.teacher import train_dense
 
     distributed.init_from_env("cpu")
     try:
@@ -59,7 +59,7 @@ def _weights(path):
 
 
 def test_two_gloo_processes_match_one_process(tmp_path, float64):
-    from amas.stages import train_dense
+    from amas.pipeline.teacher import train_dense
 
     train_dense(load_config(None, OVERRIDES), tmp_path / "one")
     mp.spawn(_worker, args=(2, _free_port(), OVERRIDES, str(tmp_path / "two")), nprocs=2, join=True)
@@ -86,7 +86,7 @@ def _search_worker(rank: int, world: int, port: int, overrides: list[str], teach
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     from amas import distributed
-    from amas.adversarial import search
+    from amas.pipeline.search import search
 
     distributed.init_from_env("cpu")
     try:
@@ -97,10 +97,10 @@ def _search_worker(rank: int, world: int, port: int, overrides: list[str], teach
 
 def test_two_gloo_processes_search_like_one_process(tmp_path, float64):
     """Masks, student and discriminator stay in step across ranks: the search equals a 1-process search."""
-    from amas.adversarial import search
-    from amas.checkpoint import model_record, save_model
-    from amas.data import INFOS
+    from amas.datasets import INFOS
+    from amas.files.checkpoint import model_record, save_model
     from amas.models import create_model
+    from amas.pipeline.search import search
 
     torch.manual_seed(0)
     teacher = create_model("resnet20", num_classes=4, in_channels=1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from amas.checkpoint import load_file
+from amas.files.checkpoint import load_file
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -87,7 +87,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("args, needle", BAD_INPUTS, ids=[n for _, n in BAD_INPUTS])
 def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, args, needle, monkeypatch):
-    import amas.data
+    import amas.datasets
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  name: synthetic\n  val_size: 64\n")
@@ -109,7 +109,7 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, args, needle, monke
     (run / "keep.txt").write_text("precious")
     argv = [a.format(**subs) for a in args]
     env = dict(ENV)
-    if "Fashion-MNIST" in needle and os.path.isdir(amas.data.FASHION_MNIST_SYSTEM_DIR):
+    if "Fashion-MNIST" in needle and os.path.isdir(amas.datasets.FASHION_MNIST_SYSTEM_DIR):
         pytest.skip("the system Fashion-MNIST package is installed here")
     p = subprocess.run(_cmd(*argv[:1], *argv[1:], "--out", str(run)) if argv[0] in ("train", "search") else _cmd(*argv),
                        env=env, capture_output=True, text=True)

@@ -116,7 +116,8 @@ class _NoBatches:
 
 def test_a_stage_with_zero_steps_stops_with_one_line(tmp_path) -> None:
     from amas.config import TrainConfig
-    from amas.engine import Trainer, TrainingError
+    from amas.engine.loop import Trainer
+    from amas.errors import TrainingError
 
     with pytest.raises(TrainingError) as e:
         Trainer(nn.Linear(2, 2), _NoBatches(), TrainConfig(epochs=1, device="cpu"), tmp_path, num_classes=2,

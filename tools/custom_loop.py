@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import amas
-from amas.cost import count
+from amas.channels.cost import count
 from amas.models import create_model
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,7 +5,7 @@
 
 --weights is a plain state_dict (torch.save(model.state_dict()), loaded with weights_only=True) of
 torchvision.models.<arch>(num_classes=<classes of --data>); --data holds train/ and val/ (and optionally test/)
-with one folder per class. A thin layer over amas.pipeline.run_pipeline (`amas prune` with these settings).
+with one folder per class. A thin layer over amas.pipeline.runner.run_pipeline (`amas prune` with these settings).
 """
 
 from __future__ import annotations

@@ -25,20 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup
 from amas.config import CriteriaConfig, PruneConfig
-from amas.criteria.registry import (
-    REGISTRY,
-    CriteriaError,
-    Criterion,
-    check_name,
-    criteria_cfg,
-    get,
-    need_batches,
-    register,
-)
-from amas.masks import ChannelGroup, CostModel
+from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
+from amas.errors import CriteriaError
 
-__all__ = ["METHODS", "CriteriaError", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
+__all__ = ["METHODS", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
            "prepare_model", "register"]
 
 Scores = dict[str, torch.Tensor]

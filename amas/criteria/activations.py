@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amas.channels.groups import ChannelGroup
+from amas.channels.masks import channel_dim
 from amas.config import CriteriaConfig
 from amas.criteria.common import aggregate, by_position, conv_members, model_device, take, to_group
 from amas.data import Batches
-from amas.masks import ChannelGroup, channel_dim
 
 __all__ = ["taylor_scores", "hrank_scores", "apoz_scores", "feature_rank"]
 

@@ -41,12 +41,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from amas.channels.cost import CostModel
+from amas.channels.cut import prune_model
+from amas.channels.groups import ChannelGroup
+from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import model_device, take
 from amas.data import Batches
-from amas.engine import evaluate
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import plan_keep, prune_model
+from amas.engine.loop import evaluate
 
 __all__ = ["BlendResult", "average_ranks", "spearman_matrix", "cluster_criteria", "blend_scores", "search"]
 
@@ -161,7 +163,8 @@ def search(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, 
            train: Batches | None, val: Batches, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int,
            seed: int = 0, pool_scores: dict[str, dict[str, torch.Tensor]] | None = None) -> BlendResult:
     """Cluster the pool per group, then evolve the blend weights; fitness = held-out accuracy after pruning."""
-    from amas.criteria import CriteriaError, channel_scores
+    from amas.criteria import channel_scores
+    from amas.errors import CriteriaError
 
     pool = list(cfg.blend_pool)
     if not pool:

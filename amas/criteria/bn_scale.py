@@ -20,12 +20,12 @@ import tempfile
 import torch
 from torch import nn
 
+from amas.channels.groups import ChannelGroup
 from amas.config import CriteriaConfig
 from amas.criteria.common import aggregate, is_bn, model_device, to_group
 from amas.criteria.norms import l1_scores
 from amas.data import Batches
-from amas.engine import Objective, StepOutput, Trainer
-from amas.masks import ChannelGroup
+from amas.engine.loop import Objective, StepOutput, Trainer
 
 __all__ = ["bn_scale_scores", "BNSparsityObjective", "sparsity_train", "group_bns"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from amas.channels.groups import ChannelGroup
 from amas.criteria.common import aggregate, by_position, conv_members
-from amas.masks import ChannelGroup
 
 __all__ = ["filters", "member_filters", "l1_scores", "l2_scores", "fpgm_scores", "random_scores"]
 

@@ -14,18 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup
+from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
-from amas.errors import AmasError
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import plan_keep
+from amas.errors import CriteriaError
 
-__all__ = ["Criterion", "CriteriaError", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
+__all__ = ["Criterion", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
 
 Scores = dict[str, torch.Tensor]
-
-
-class CriteriaError(AmasError):
-    """A pruning method that is unknown or lacks what it needs."""
 
 
 def criteria_cfg(cfg: Any) -> CriteriaConfig:
@@ -73,7 +70,7 @@ class Criterion:
         """Kept channel indices per group at the MACs target."""
         scores = self.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
         if getattr(prune_cfg, "cost", "macs") == "latency":  # target: the fraction of the latency to remove
-            from amas.latency_report import plan_by_latency
+            from amas.latency.plan import plan_by_latency
 
             return plan_by_latency(scores, model, groups, cost.input_shape, prune_cfg, 1.0 - float(target))
         return plan_keep(scores, cost, target, prune_cfg.min_channels, prune_cfg.round_to)

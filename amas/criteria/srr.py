@@ -33,10 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from amas.channels.cost import CostModel
+from amas.channels.groups import ChannelGroup
+from amas.channels.plan import rounded_count
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.norms import l1_scores, member_filters
-from amas.masks import ChannelGroup, CostModel
-from amas.planner import PruneError, rounded_count
+from amas.errors import PruneError
 
 __all__ = [
     "group_filters",

@@ -15,7 +15,8 @@ class ShortcutA(nn.Module):
 
     Unpruned, input channel i goes to output channel i + (out_planes - in_planes) // 2 (the zero-pad of He et al.).
     ``route[j]`` is the input channel that output j copies (``in_planes`` = a zero channel) and ``scale[j]`` its factor;
-    channel pruning (``amas.shortcut_pruner``) and mask folding edit them, so stage channels of a pruned net stay exact.
+    channel pruning (``amas.channels.shortcut``) and mask folding edit them, so stage channels of a pruned net stay
+    exact.
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:

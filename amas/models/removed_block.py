@@ -1,4 +1,4 @@
-"""The module a removed residual block becomes (amas.block_removal): its shortcut plus a constant, activated.
+"""The module a removed residual block becomes (amas.channels.blocks): its shortcut plus a constant, activated.
 
 Kept with the models, apart from the pruning code, so that loading a pruned model never imports Torch-Pruning.
 """

@@ -1,0 +1,1 @@
+"""Training and evaluation: the Trainer loop, learning-rate schedules and stop requests."""

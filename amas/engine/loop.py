@@ -1,0 +1,397 @@
+"""The one train/eval loop: every stage differs only by its Objective (loss, parameter groups, extra steps)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from amas import distributed
+from amas.config import TrainConfig
+from amas.data import Batches
+from amas.distributed import resolve_device
+from amas.engine.schedules import make_scheduler
+from amas.engine.stopping import StopRequest
+from amas.errors import Stopped, TrainingError
+from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
+
+
+@dataclass
+class StepOutput:
+    """What an objective returns for one batch: the loss to minimise, logits, and loss terms to log."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    """Plain supervised training: label cross-entropy on the model's logits. Stages subclass it."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        """Called once before training with the model already on its device."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Parameter groups for the engine's SGD optimiser."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        """Forward one batch and return the loss."""
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return StepOutput(loss, logits, {"ce": loss.detach()})
+
+    def after_step(self, model: nn.Module, lr: float, step: int) -> None:
+        """Runs after each optimiser step (e.g. a proximal step on masks)."""
+
+    def scalars(self) -> dict[str, float]:
+        """Extra scalars to log at each logging step."""
+        return {}
+
+    def end_epoch(self, model: nn.Module, epoch: int, writer: Any) -> None:
+        """Runs after each epoch's evaluation (e.g. histograms)."""
+
+    def state_dict(self) -> dict:
+        """State to checkpoint beside the model (extra modules, optimisers, controllers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+
+
+def evaluate(
+    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
+    from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
+
+    was_training = model.training
+    model.eval()
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    with torch.inference_mode(), _autocast(device, amp):
+        for x, y in batches:
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            metric.update(logits, y)
+            n += y.numel()
+    model.train(was_training)
+    totals = distributed.all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)])
+    )
+    if float(totals[1]) == 0:
+        return {"acc": float("nan"), "loss": float("nan")}
+    return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# the config key that sets each stage's batch size (candidates, the final fine-tune and criteria use finetune's)
+_BATCH_KEYS = {"train": "train.batch_size", "search": "search.train.batch_size"}
+
+
+def _no_steps(stage: str, train: Batches, world_size: int, batch_key: str | None) -> str:
+    """Why a stage would take no optimiser step, and the fix, in one line."""
+    n = int(getattr(train, "num_samples", 0))
+    images = f"{n} training image{'' if n == 1 else 's'}"
+    per_rank = getattr(train, "batch_size", None)
+    if per_rank is None:  # the user's own batches: their loader sets the batch size
+        return (f"{stage}: 0 optimiser steps per epoch from {images} over {world_size} processes; pass at least one "
+                "batch per process, or run fewer processes")
+    key = batch_key or _BATCH_KEYS.get(stage, "finetune.train.batch_size")
+    batch = f"a global batch of {per_rank * world_size} ({key}"
+    batch += f", {per_rank} on each of {world_size} processes)" if world_size > 1 else ")"
+    if n == 0:
+        fix = "add training images"
+    elif n < world_size:
+        fix = "add training images or run fewer processes: every process needs an image of each batch"
+    else:
+        fix = f"lower {key} to at most {n} or add training images"
+    return f"{stage}: 0 optimiser steps per epoch: {images} for {batch}; {fix}"
+
+
+class Trainer:
+    """Trains model on batches with an objective; checkpoints every epoch and resumes exactly."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Batches,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        num_classes: int,
+        val: Batches | None = None,
+        objective: Objective | None = None,
+        stage: str = "train",
+        device: torch.device | None = None,
+        writer: Any = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+        batch_key: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = distributed.context()
+        if cfg.epochs > 0 and len(train) == 0:
+            raise TrainingError(_no_steps(stage, train, self.dist.world_size, batch_key))
+        self.device = distributed.device_for(self.dist, device or resolve_device(cfg.device))
+        self.model = distributed.convert_batchnorm(model.to(self.device), self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_batches, self.val_batches = train, val
+        self.num_classes = num_classes
+        self.objective = objective or Objective(cfg.label_smoothing)
+        self.stage = stage
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / f"{stage}_state.pt"
+        self.on_epoch_end = on_epoch_end
+        self.objective.setup(self.model, self.device)
+        self.train_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        groups = self.objective.param_groups(self.model)
+        for g in groups:
+            g.setdefault("lr", cfg.lr)
+            g.setdefault("weight_decay", cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+        self.steps_per_epoch = len(train)
+        self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self._writer = writer
+        self._own_writer = writer is None
+        self.stop = StopRequest()
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the run to stop after the current step, as SIGTERM would."""
+        self.stop.signum = signum
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue the run exactly."""
+        return {
+            "amas_format": "train_state",
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_state(self) -> None:
+        """Write the training state atomically (rank 0 only; the others wait for it)."""
+        if self.dist.is_main:
+            atomic_save(self.state_dict(), self.ckpt_path)
+        distributed.barrier()
+
+    def load_state(self, path: str | Path | None = None) -> None:
+        """Restore a training state written by save_state."""
+        state = load_file(path or self.ckpt_path, "train_state")
+        if state["stage"] != self.stage:
+            raise TrainingError(f"'{path or self.ckpt_path}' belongs to stage '{state['stage']}', not '{self.stage}'")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError):
+            raise TrainingError(
+                f"cannot resume from '{self.ckpt_path}': it was made with another model or config; "
+                "start a new run directory or drop --resume"
+            ) from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"])
+
+    @property
+    def writer(self) -> Any:
+        """TensorBoard writer for this stage (created lazily)."""
+        if self._writer is None and not self.dist.is_main:
+            self._writer = _NullWriter()
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb" / self.stage))
+        return self._writer
+
+    # ------------------------------------------------------------ loop
+
+    def fit(self, resume: bool = False, until_epoch: int | None = None) -> list[dict]:
+        """Train to cfg.epochs or up to until_epoch of that schedule (resume: from saved state); per-epoch history."""
+        if resume and self.ckpt_path.is_file():
+            self.load_state()
+        end = self.cfg.epochs if until_epoch is None else min(int(until_epoch), self.cfg.epochs)
+        try:
+            with self.stop as stop:
+                while self.epoch < end:
+                    self._train_epoch(stop)
+                    if stop.signum is not None:
+                        self.save_state()
+                        raise Stopped(
+                            f"{self.stage}: stopped by signal {stop.signum} at epoch {self.epoch + 1} step "
+                            f"{self.step_in_epoch}; state saved to {self.ckpt_path}, continue with --resume",
+                            stop.signum,
+                        )
+                    record = {"epoch": self.epoch + 1}
+                    record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
+                    if self.val_batches is not None:
+                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp)
+                        record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
+                        self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
+                        self.writer.add_scalar(f"{self.stage}/val_loss", val["loss"], self.global_step)
+                    self.objective.end_epoch(self.model, self.epoch, self.writer)
+                    self.history.append(record)
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self.save_state()
+                    if self.on_epoch_end is not None:
+                        self.on_epoch_end(self.epoch, record)
+                    self.writer.flush()
+        finally:
+            if self._own_writer and self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        return self.history
+
+    def _agree(self, out: StepOutput, stop: StopRequest) -> None:
+        """Stop every rank together on a non-finite loss or a stop request seen by any rank."""
+        finite = torch.isfinite(out.loss.detach())
+        if not self.dist.enabled:
+            self._check_finite(out, bool(finite))
+            return
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.signum or 0), device=finite.device)])
+        flags = distributed.all_reduce_sum(flags)
+        if stop.signum is None and float(flags[1]) > 0:
+            stop.signum = signal.SIGTERM
+        self._check_finite(out, float(flags[0]) == 0)
+
+    def _check_finite(self, out: StepOutput, finite: bool) -> None:
+        if finite:
+            return
+        bad = [k for k, v in out.terms.items() if not bool(torch.isfinite(v).all())]
+        term = f" (term '{bad[0]}')" if bad else ""
+        last = (
+            f"the last good checkpoint is {self.ckpt_path}"
+            if self.ckpt_path.is_file()
+            else "no checkpoint was written yet"
+        )
+        raise TrainingError(
+            f"{self.stage}: loss became {float(out.loss.detach()):.4g}{term} at epoch {self.epoch + 1} step "
+            f"{self.step_in_epoch}; "
+            f"{last}; lower train.lr or the loss weights"
+        )
+
+    def _train_epoch(self, stop: StopRequest) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.model.train()
+        self.train_batches.set_epoch(self.epoch)
+        skip = self.step_in_epoch
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen, n_steps = 0, 0
+        t0, seen_since = time.perf_counter(), 0
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=skip,
+            disable=not cfg.progress or not self.dist.is_main,
+            leave=False,
+            desc=f"{self.stage} {self.epoch + 1}/{cfg.epochs}",
+            dynamic_ncols=True,
+        )
+        for i, (x, y) in enumerate(self.train_batches):
+            if i < skip:  # replay the epoch's random stream up to where the saved state stopped
+                continue
+            with _autocast(self.device, cfg.amp):
+                out = self.objective.compute(self.train_model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self._agree(out, stop)
+            self.optimizer.step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.objective.after_step(self.model, lr, self.global_step)
+            self.scheduler.step()
+            self.global_step += 1
+            self.step_in_epoch = i + 1
+            n_steps += 1
+            loss_sum += out.loss.detach().float()
+            correct += (out.logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            seen_since += y.numel()
+            bar.update(1)
+            if self.global_step % cfg.log_every == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                w = self.writer
+                w.add_scalar(f"{self.stage}/loss", float(out.loss.detach()), self.global_step)
+                for k, v in out.terms.items():
+                    w.add_scalar(f"{self.stage}/{k}", float(v), self.global_step)
+                for k, v in self.objective.scalars().items():
+                    w.add_scalar(f"{self.stage}/{k}", v, self.global_step)
+                w.add_scalar(f"{self.stage}/lr", lr, self.global_step)
+                w.add_scalar(f"{self.stage}/images_per_s", seen_since / max(dt, 1e-9), self.global_step)
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}")
+                t0, seen_since = time.perf_counter(), 0
+            if stop.signum is not None:
+                break
+        bar.close()
+        if n_steps == 0 and skip == 0 and stop.signum is None:
+            raise TrainingError(f"{self.stage}: epoch {self.epoch + 1} took 0 optimiser steps: the training batches "
+                                f"yielded nothing (their length says {self.steps_per_epoch}); pass batches that can be "
+                                "iterated once per epoch")
+        totals = distributed.all_reduce_sum(
+            torch.stack(
+                [
+                    loss_sum.double(),
+                    correct.double(),
+                    torch.tensor(float(seen), device=self.device, dtype=torch.float64),
+                ]
+            )
+        )
+        self._epoch_stats = {
+            "loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size,
+            "acc": 100.0 * float(totals[1]) / max(float(totals[2]), 1.0),
+        }
+
+
+class _NullWriter:
+    """TensorBoard stand-in for ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None

@@ -1,0 +1,133 @@
+"""Shipping a pruned model: torch.export `.pt2` and ONNX.
+
+The report of an export is amas.pipeline.report; the cut of a checkpoint that `amas export` ships is
+amas.pipeline.export.cut_checkpoint, and `amas export` itself is amas.pipeline.runner.run_export.
+``pruned.pt2`` is a ``torch.export`` program: it loads with ``torch.export.load`` in a Python without amas.
+The ``pruned.pt`` file format (save_pruned, load_pruned) is amas.files.pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amas.errors import ExportError
+from amas.files.atomic import temp_beside
+
+__all__ = ["export_onnx", "export_pt2", "onnx_available"]
+
+
+# ---------------------------------------------------------------- torch.export and ONNX
+
+
+def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> torch.Tensor:
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    return torch.randn((batch, *input_shape), device=device, dtype=dtype)
+
+
+def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
+               dynamic_batch: bool = True) -> dict:
+    """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}."""
+    was_training = model.training
+    model.eval()
+    x = _example(model, tuple(input_shape))
+    ep = None
+    dynamic = False
+    try:
+        if dynamic_batch:
+            try:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+                dynamic = True
+            except Exception:
+                ep = None
+        if ep is None:
+            try:
+                ep = torch.export.export(model, (x,))
+            except Exception as e:
+                raise ExportError(f"torch.export cannot trace this model ({type(e).__name__}); "
+                                  "ship pruned.pt (amas.load_pruned) instead") from None
+    finally:
+        model.train(was_training)
+    p = Path(path)
+    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"path": str(p), "dynamic_batch": dynamic}
+
+
+def onnx_available() -> bool:
+    """Whether the optional onnx extra (onnx, onnxruntime, onnxscript) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
+                check: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """Export ONNX (dynamic batch when possible) and, with check, compare onnxruntime with PyTorch outputs."""
+    if not onnx_available():
+        raise ExportError("ONNX export needs the onnx extra; install it with: pip install 'amas[onnx]'")
+    import contextlib
+    import io
+    import warnings
+
+    p0 = next(model.parameters(), None)
+    if p0 is not None and (p0.dtype != torch.float32 or p0.device.type != "cpu"):
+        model = copy.deepcopy(model).float().cpu()
+    was_training = model.training
+    model.eval()
+    x = _example(model, tuple(input_shape))
+    p = Path(path)
+    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
+    dynamic = False
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            try:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+                dynamic = True
+            except Exception:
+                try:
+                    torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
+                                      external_data=False, verbose=False)
+                except Exception as e:
+                    raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                                      "ship pruned.pt2 instead") from None
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    info: dict[str, Any] = {"path": str(p), "dynamic_batch": dynamic}
+    if check:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        xs = _example(model, tuple(input_shape), batch=3) if dynamic else x
+        with torch.no_grad():
+            ref = model(xs).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
+        diff = float(abs(got - ref).max())
+        info["max_abs_diff"] = diff
+        if not (abs(got - ref) <= atol + rtol * abs(ref)).all():
+            raise ExportError(
+                f"the ONNX model's outputs differ from PyTorch's by up to {diff:.2e}; ship pruned.pt2 instead"
+            )
+    model.train(was_training)
+    return info
+
+
+# ---------------------------------------------------------------- cutting a checkpoint (amas export)

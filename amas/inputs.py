@@ -1,0 +1,186 @@
+"""The user's own inputs in memory: any iterable of (images, labels) batches and any trained classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from amas import distributed
+from amas.data import DataBundle
+from amas.datasets import DatasetInfo
+from amas.errors import AmasError, DataError
+
+__all__ = ["UserBatches", "UserDataInfo", "classes_of", "importable_name", "user_bundle"]
+
+
+@dataclass(frozen=True)
+class UserDataInfo(DatasetInfo):
+    """DatasetInfo of the user's data: any (C, H, W), no normalisation known to amas (the batches are used as given)."""
+
+    height: int = 0
+    width: int = 0
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        return (self.in_channels, self.height, self.width)
+
+
+class UserBatches:
+    """An iterable of (images, labels) batches as the engine's Batches: on the device, every world_size-th batch per
+    rank under torchrun (so each rank sees its own shard), checked to be (images, labels) of the stated shape."""
+
+    def __init__(self, batches: Iterable, input_shape: tuple[int, int, int], device: torch.device | str,
+                 name: str) -> None:
+        if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+            raise DataError(f"{name} is a {type(batches).__name__}; pass an iterable of (images, labels) batches, "
+                            "e.g. a torch DataLoader")
+        if isinstance(batches, Iterator):  # a generator or iterator: the second epoch would find it exhausted
+            raise DataError(f"{name} is a one-shot {type(batches).__name__}; pass an iterable that can be read once "
+                            "per epoch, e.g. a DataLoader or a list of (images, labels) batches")
+        self.batches, self.input_shape, self.device, self.name = batches, tuple(input_shape), torch.device(device), name
+        ctx = distributed.context()
+        self.rank, self.world = ctx.rank, ctx.world_size
+        first = self._check(next(iter(batches), None), 0)
+        total = self._total()
+        if total < self.world:
+            raise DataError(f"{name} has {total} batch{'' if total == 1 else 'es'} for {self.world} processes; pass "
+                            "at least one batch per process (a smaller batch size), or run fewer processes")
+        self.num_samples = len(first[1]) * len(self)
+
+    def _check(self, batch: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch is None:
+            raise DataError(f"{self.name} yields no batches{_dropped(self.batches)}")
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor)
+                                                                             for t in batch):
+            raise DataError(f"{self.name} batch {i} is a {type(batch).__name__}, not (images, labels) tensors; make "
+                            "the iterable yield (images, labels) pairs")
+        x, y = batch
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise DataError(f"{self.name} batch {i} has images of shape {tuple(x.shape)}, not (batch, "
+                            f"{', '.join(map(str, self.input_shape))}); fix input_shape or the data")
+        if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
+            raise DataError(f"{self.name} batch {i} has labels of shape {tuple(y.shape)} ({y.dtype}) for {len(x)} "
+                            "images; labels must be one integer class index per image")
+        return x, y
+
+    def _total(self) -> int:
+        """The batches of one pass over the user's iterable, over all processes."""
+        try:
+            return len(self.batches)  # type: ignore[arg-type]
+        except TypeError:
+            return sum(1 for _ in self.batches)
+
+    def __len__(self) -> int:
+        n = self._total()
+        return (n - self.rank + self.world - 1) // self.world if self.world > 1 else n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch on to the user's loader or its sampler (reshuffling per epoch), where they have one."""
+        for obj in (self.batches, getattr(self.batches, "sampler", None), getattr(self.batches, "batch_sampler", None)):
+            if obj is not None and callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(epoch)
+                return
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, batch in enumerate(self.batches):
+            if i % self.world != self.rank:
+                continue
+            x, y = self._check(batch, i)
+            yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, torch.long, non_blocking=True)
+
+
+def _dropped(batches: Any) -> str:
+    """Why a DataLoader yields no batch (drop_last with fewer samples than its batch size) and the fix, or the fix."""
+    size, dataset = getattr(batches, "batch_size", None), getattr(batches, "dataset", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    if getattr(batches, "drop_last", False) and isinstance(size, int) and n is not None and n < size:
+        return (f": its drop_last drops the only batch ({n} samples, batch_size {size}); pass drop_last=False or a "
+                f"batch_size of at most {n}")
+    return "; pass a non-empty iterable of (images, labels)"
+
+
+def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """The class count of a classifier: its output on two zero images must be (2, classes)."""
+    p = next(teacher.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            out = teacher(torch.zeros(2, *input_shape, device=device))
+    except Exception as exc:
+        raise AmasError(f"the teacher fails on inputs of shape (2, {', '.join(map(str, input_shape))}) "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "fix input_shape") from None
+    finally:
+        teacher.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise AmasError(f"the teacher's output on a batch of 2 is {got}, not (batch, classes) logits; pass a "
+                        "classifier, or wrap the model so forward returns the logits tensor")
+    return int(out.shape[1])
+
+
+def user_bundle(train: Iterable, val: Iterable, test: Iterable | None, info: UserDataInfo,
+                device: torch.device | str) -> DataBundle:
+    """The user's train/val/test batches as the DataBundle the stages read (test may be None)."""
+    shape = info.input_shape
+    return DataBundle(train=UserBatches(train, shape, device, "train"), val=UserBatches(val, shape, device, "val"),
+                      test=None if test is None else UserBatches(test, shape, device, "test"),  # type: ignore[arg-type]
+                      info=info)
+
+
+def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
+                    kwargs: dict | None = None) -> str | None:
+    """'package.module:Class' of model when that class, imported and built with kwargs, is model again, else None.
+
+    "Again" means: the same state_dict keys and shapes, and the same outputs once given model's weights; a class
+    defined in __main__ or inside a function, or one the kwargs do not rebuild, gives None.
+    """
+    import importlib
+
+    from amas.models.registry import _create_imported
+
+    cls = type(model)
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return None
+    try:
+        obj: Any = importlib.import_module(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            obj = getattr(obj, part)
+        if obj is not cls:
+            return None
+        fresh = _create_imported(name, num_classes, input_shape[0], dict(kwargs or {}))
+        state = model.state_dict()
+        mine = fresh.state_dict()
+        if list(mine) != list(state) or any(mine[k].shape != v.shape for k, v in state.items()):
+            return None
+        fresh.load_state_dict(state)
+        same = _same_outputs(fresh, model, input_shape)
+    except Exception:  # the class does not import or build here: only this process can rebuild it
+        return None
+    return name if same else None
+
+
+def _same_outputs(fresh: nn.Module, model: nn.Module, input_shape: tuple[int, int, int]) -> bool:
+    """Whether two models give the same outputs (eval mode) on two random images; model's mode is restored."""
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    fresh.to(device).eval()
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(fresh(x), model(x), rtol=1e-4, atol=1e-5))
+    finally:
+        model.train(was_training)

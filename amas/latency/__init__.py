@@ -1,0 +1,1 @@
+"""Latency: timing, runtimes, per-layer latency tables and latency-aware planning."""

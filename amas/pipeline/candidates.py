@@ -1,0 +1,344 @@
+"""The candidates stage: architectures cut from the scores at the MACs levels, fine-tuned by successive halving.
+
+**Candidates.** From the searched masks (scores = mask values) or a criterion's scores, one architecture is
+cut at each MACs-reduction level of ``select.levels`` with ``amas.channels.plan.plan_keep`` /
+``amas.channels.cut.prune_model`` (masks
+folded in). Levels whose plans keep exactly the same channels are cut once; a level the model cannot reach
+is reported and skipped.
+
+**Fine-tuning.** Candidates train with ``AlignmentObjective`` (amas.search.alignment: CE + mu·KD + adversarial
+against the frozen teacher, discriminator steps inside) through the one engine. The candidate
+budget ``select.budget_epochs`` (candidate-epochs in all) is spent by successive halving: with n candidates
+the rounds hold n, ⌈n/2⌉, ⌈n/4⌉, …, 1 of them; each round gets an equal share of the budget split evenly
+over its candidates (whole epochs, at least one per candidate before a cut), the last round (the survivor
+alone) takes whatever is left, so exactly the given budget is spent. After each round the weaker half by the
+selection score is dropped and the rest continue their own schedule: every candidate's learning-rate
+schedule spans the epochs a survivor gets, so candidates are compared at the same point of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amas.config import FinetuneConfig, atomic_write_text
+from amas.errors import PruneError, SelectionError
+from amas.pipeline.context import Rows, RunContext
+from amas.pipeline.halving import halving_schedule, successive_halving
+from amas.pipeline.select import budget_bound, choose, halving_score, latency_bound
+from amas.search.alignment import AlignmentObjective
+
+__all__ = ["Candidate", "candidates_stage", "cut_candidates", "finetune_trainer", "run_candidates"]
+
+
+def finetune_trainer(model: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, epochs: int, data: Any, run_dir: Path,
+                     stage: str, device: torch.device, on_epoch_end: Callable | None = None) -> Any:
+    """An engine Trainer that fine-tunes model against teacher for epochs epochs (state in run_dir/<stage>_state.pt)."""
+    from amas.engine.loop import Trainer
+
+    info = data.info
+    tcfg = dataclasses.replace(cfg.train, epochs=int(epochs))
+    objective = AlignmentObjective(teacher, cfg, info.input_shape, info.num_classes, student=model, section="finetune")
+    return Trainer(model, data.train, tcfg, run_dir, num_classes=info.num_classes, val=data.val, objective=objective,
+                   stage=stage, device=device, on_epoch_end=on_epoch_end)
+
+
+@dataclass
+class Candidate:
+    """One cut architecture: its table row and the pruned model (weights as cut)."""
+
+    row: dict
+    model: nn.Module
+    keep: dict[str, torch.Tensor]
+
+
+def cut_candidates(
+    model: nn.Module,
+    groups: list,
+    cost: Any,
+    plan: Callable[[float], dict[str, torch.Tensor]],
+    levels: list[float],
+    masks: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[Candidate], list[dict]]:
+    """Cut one pruned model per level (plan(level) → kept indices), deduplicated; returns (candidates, skipped)."""
+    from amas.channels.blocks import prune_with_blocks
+    from amas.channels.cost import count
+    from amas.channels.plan import kept_counts
+
+    bad = [lv for lv in levels if not 0.0 < float(lv) < 1.0]
+    if not levels or bad:
+        raise SelectionError(
+            f"select.levels must be MACs reductions between 0 and 1 (e.g. [0.3, 0.5, 0.7]), got {levels}"
+        )
+    shape = cost.input_shape
+    total_channels = sum(g.size for g in groups)
+    out: list[Candidate] = []
+    skipped: list[dict] = []
+    seen: dict[tuple, int] = {}
+    for level in sorted(set(float(lv) for lv in levels)):
+        try:
+            keep = plan(level)
+        except PruneError as e:
+            skipped.append({"level": level, "reason": str(e)})
+            continue
+        key = tuple((n, tuple(int(i) for i in torch.as_tensor(v).tolist())) for n, v in sorted(keep.items()))
+        if key in seen:
+            skipped.append({"level": level, "reason": f"same channels as cand{seen[key]}"})
+            continue
+        pruned = prune_with_blocks(model, groups, keep, masks=masks, input_shape=shape).eval()  # = prune_model
+        # unless a group keeps no channel (prune.block_removal): then its residual block becomes its shortcut
+        macs, params = count(pruned, shape)
+        counts = kept_counts(keep)
+        cid = len(out)
+        seen[key] = cid
+        row = {
+            "id": cid, "name": f"cand{cid}", "level": level, "macs": int(macs), "params": int(params),
+            "channels": int(sum(counts.get(g.name, g.size) for g in groups)), "total_channels": int(total_channels),
+            "macs_reduction": round(1.0 - macs / float(cost.total_macs), 6), "kept": counts,
+        }
+        out.append(Candidate(row, pruned, keep))
+    if not out:
+        raise SelectionError(
+            f"no level of select.levels={levels} could be cut ({skipped[0]['reason']}); choose other levels"
+        )
+    return out, skipped
+
+
+def _val_acc_at(history: list[dict], epoch: int) -> float:
+    for rec in history:
+        if int(rec["epoch"]) == epoch and "val_acc" in rec:
+            return float(rec["val_acc"])
+    raise SelectionError("candidate fine-tuning has no validation accuracy; set data.val_size > 0")
+
+
+def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict, source: nn.Module,
+                   planner: Callable[[float, nn.Module, list, Any], dict[str, torch.Tensor]],
+                   masks: dict[str, torch.Tensor] | None,
+                   data: Any, device: torch.device, method: str, on_epoch_end: Callable | None = None,
+                   log: Callable[[str], None] = print) -> dict:
+    """Cut candidates from source, fine-tune them by successive halving, write out_dir/candidates.json; return it.
+
+    planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
+    """
+    from amas.channels.cost import CostModel, count
+    from amas.channels.cut import make_recipe
+    from amas.channels.groups import find_groups
+    from amas.distributed import barrier, context, on_main
+    from amas.engine.loop import evaluate
+    from amas.files.pruned import load_pruned, save_pruned
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    on_main(out_dir.mkdir, parents=True, exist_ok=True)
+    if not context().is_main:
+        log = _quiet
+    sel, fin = cfg.select, cfg.finetune
+    info = data.info
+    shape = info.input_shape
+    if data.val is None:
+        raise SelectionError("selection needs a held-out validation split; set data.val_size > 0")
+    teacher = teacher.to(device).eval()
+    teacher_macs, teacher_params = count(teacher, shape)
+    teacher_val = evaluate(teacher, data.val, info.num_classes, device)["acc"]
+
+    cut_path = out_dir / "cut.json"
+    cut_before = cut_path.is_file()
+    barrier()  # every rank has looked before rank 0 writes cut.json
+    if cut_before:  # cut earlier in this run: the cut files hold the architectures and starting weights
+        cut = json.loads(cut_path.read_text())
+        rows, skipped = cut["rows"], cut["skipped"]
+    else:
+        source = source.to(device).eval()
+        groups = find_groups(source, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
+        if not groups:
+            raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
+        cost = CostModel(source, groups, shape)
+        cands, skipped = cut_candidates(
+            source, groups, cost, lambda lv: planner(lv, source, groups, cost), sel.levels, masks
+        )
+        rows = []
+        for c in cands:
+            c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device)["acc"]
+            meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
+            recipe = make_recipe(record, shape, c.keep, cfg.prune.ignore)
+            on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, recipe, meta)
+            rows.append(c.row)
+        cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
+        if _times_latency(sel):
+            on_main(_time_candidates, cut, teacher, {c.row["name"]: c.model for c in cands}, shape, sel)
+        on_main(atomic_write_text, cut_path, json.dumps(cut, indent=2))
+        if _times_latency(sel):  # rank 0 timed them: every rank selects on the same numbers
+            cut = json.loads(cut_path.read_text())
+            rows = cut["rows"]
+    total_channels = int(cut["total_channels"])
+
+    bound = budget_bound(sel, teacher_macs) if sel.policy == "budget" else None
+    teacher_lat = {"latency_ms": cut["teacher_latency_ms"]} if "teacher_latency_ms" in cut else {}
+    lat_bound = latency_bound(sel, teacher_lat) if sel.policy == "budget" else None
+    min_acc = teacher_val - sel.tolerance if sel.policy == "tolerance" else None
+    for r in rows:
+        r["val_acc"], r["epochs"] = r["val_acc_cut"], 0
+        over = (r["latency_ms"] > lat_bound) if lat_bound is not None else (bound is not None and r["macs"] > bound)
+        r["status"] = "over budget (not trained)" if over else "cut"
+    trainable = [r["id"] for r in rows if r["status"] == "cut"]
+    if not trainable:  # the budget policy's feasibility is known before any training: fail before spending it
+        choose(rows, "budget", teacher_macs=teacher_macs, bound=bound, latency_bound=lat_bound)
+    by_id = {r["id"]: r for r in rows}
+
+    schedule = halving_schedule(len(trainable), sel.budget_epochs)
+    horizon = sum(e for _, e in schedule)
+
+    def train(cid: int, until: int) -> float:
+        row = by_id[cid]
+        model, obj = load_pruned(out_dir / f"{row['name']}_cut.pt", device)
+        trainer = finetune_trainer(
+            model,
+            teacher,
+            fin,
+            horizon,
+            data,
+            out_dir,
+            row["name"],
+            device,
+            on_epoch_end=(lambda e, rec, s=row["name"]: on_epoch_end(s, e, rec)) if on_epoch_end else None,
+        )
+        try:
+            history = trainer.fit(resume=True, until_epoch=until)
+        finally:
+            trainer.objective.close()
+        acc = _val_acc_at(history, until)
+        row.update(val_acc=acc, epochs=until)
+        meta = dict(obj["metadata"], val_acc=acc, epochs=until)
+        on_main(save_pruned, out_dir / f"{row['name']}.pt", trainer.model, obj["recipe"], meta)
+        return acc
+
+    def score(cid: int, acc: float) -> tuple:
+        return halving_score(dict(by_id[cid], val_acc=acc), sel.policy, min_acc=min_acc, indicator=sel.indicator)
+
+    def on_round(rec: dict) -> None:
+        for c in rec["dropped"]:
+            by_id[c]["status"] = f"dropped after round {rec['round']}"
+        accs = ", ".join(f"{by_id[int(c)]['name']} {a:.2f}%" for c, a in rec["val_acc"].items() if a is not None)
+        log(
+            f"candidates: round {rec['round']} ({rec['epochs_each']} epoch(s) each, to epoch "
+            f"{rec['until_epoch']}): {accs}"
+            + (f"; dropped {', '.join(by_id[c]['name'] for c in rec['dropped'])}" if rec["dropped"] else "")
+        )
+
+    sh = successive_halving(trainable, sel.budget_epochs, train, score, on_round)
+    by_id[sh["survivor"]]["status"] = "survivor"
+    result = {
+        "method": method,
+        "teacher": {"val_acc": teacher_val, "macs": int(teacher_macs), "params": int(teacher_params),
+                    "channels": total_channels, **teacher_lat},
+        "policy": sel.policy, "bound_macs": bound, "min_acc": min_acc,
+        "rows": rows, "skipped": skipped, "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
+    return result
+
+
+def _times_latency(sel: Any) -> bool:
+    """Whether selection needs every candidate's measured latency (select.indicator latency or a latency bound)."""
+    return sel.indicator == "latency" or sel.max_latency > 0
+
+
+def _time_candidates(cut: dict, teacher: nn.Module, models: dict[str, nn.Module], shape: tuple, sel: Any) -> None:
+    """Add latency_ms (teacher and candidates timed in alternating rounds on the CPU) to the cut's rows."""
+    import copy
+
+    from amas.latency.runtimes import available_runtimes
+    from amas.latency.table import runtime_latency
+
+    if sel.latency_runtime not in available_runtimes():
+        raise SelectionError(f"select.latency_runtime={sel.latency_runtime} is not installed here; install the onnx "
+                             f"extra or use select.latency_runtime=eager")
+    nets = {name: copy.deepcopy(m).cpu().eval() for name, m in {"teacher": teacher, **models}.items()}
+    b, rt = sel.latency_batch, sel.latency_runtime
+    r = runtime_latency(nets, shape, batches=(b,), runtimes=[rt])
+    cut["teacher_latency_ms"] = r["ms"]["teacher"][rt][f"b{b}"]
+    for row in cut["rows"]:
+        row["latency_ms"] = r["ms"][row["name"]][rt][f"b{b}"]
+    cut["latency"] = {"batch": b, "runtime": rt, "busy": r["busy"], "warnings": r["warnings"]}
+    for w in r["warnings"]:
+        print(f"candidates: warning: {w}")
+
+
+def _quiet(line: str) -> None:
+    """The progress log of ranks other than 0."""
+
+
+def _metadata(record: dict, shape: tuple, row: dict, teacher_macs: int, teacher_params: int, cfg: Any,
+              method: str) -> dict:
+    """pruned.pt metadata for a candidate (dataset, shape, normalisation, costs, how it was cut)."""
+    data = record.get("data", {})
+    return {
+        "model": record["name"], "dataset": data.get("name"), "data": data, "input_shape": list(shape),
+        "mean": data.get("mean"), "std": data.get("std"), "num_classes": int(record["num_classes"]),
+        "macs": int(row["macs"]), "params": int(row["params"]), "dense_macs": int(teacher_macs),
+        "dense_params": int(teacher_params), "target_reduction": float(row["level"]),
+        "round_to": int(cfg.prune.round_to), "min_channels": int(cfg.prune.min_channels),
+        "source": f"{method} candidate {row['name']}",
+    }
+
+
+def _teacher_copy(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """A trainable copy of the teacher (Torch-Pruning traces the channel groups through autograd), no masks."""
+    return copy.deepcopy(ctx.teacher[0]).requires_grad_(True), None
+
+
+def _searched_student(ctx: RunContext) -> tuple[nn.Module, dict | None]:
+    """The search stage's student and its masks (folded into the cut)."""
+    from amas.files.checkpoint import load_masked
+
+    student, masks, _ = load_masked(ctx.path("search/search.pt"), ctx.device)
+    return student, masks
+
+
+_SOURCES = {"teacher": _teacher_copy, "search": _searched_student}
+
+
+def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
+    """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices) of ctx.method."""
+    from amas.criteria import get
+
+    criterion = get(ctx.method)
+    source, masks = _SOURCES[criterion.source](ctx)
+    # every rank plans on the whole (unsharded) data, so data-driven criteria cut the same channels everywhere
+    data = ctx.data("finetune", sharded=False) if criterion.reads_data else None
+    train, val = (data.train, data.val) if data is not None else (None, None)
+    num_classes = ctx.data("finetune").info.num_classes
+
+    def plan(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
+        # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
+        criterion.prepare(model, groups, train, ctx.cfg.criteria, num_classes=num_classes)
+        return criterion.plan(copy.deepcopy(model), groups, cost, level, train=train, val=val, cfg=ctx.cfg.criteria,
+                              prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed, masks=masks)
+
+    return source, masks, plan
+
+
+def candidates_stage(ctx: RunContext) -> Rows:
+    """Cut candidates at select.levels and fine-tune them by successive halving (amas.pipeline.select) into
+    candidates/."""
+    teacher, obj = ctx.teacher
+    source, masks, planner = _planner(ctx)
+    r = run_candidates(ctx.cfg, ctx.stage_dir("candidates"), teacher=teacher, record=obj["model"], source=source,
+                       planner=planner, masks=masks, data=ctx.data("finetune"), device=ctx.device, method=ctx.method,
+                       on_epoch_end=ctx.epoch_hook())
+    rows = [(f"{c['name']} (level {c['level']:.2f})",
+             f"-{100 * c['macs_reduction']:.1f}% MACs, {c['channels']}/{c['total_channels']} ch, "
+             f"val {c['val_acc']:.2f}% after {c['epochs']} ep, {c['status']}") for c in r["rows"]]
+    rows += [(f"skipped level {s['level']:.2f}", s["reason"]) for s in r["skipped"]]
+    rows += [("teacher val acc %", r["teacher"]["val_acc"]),
+             ("budget spent", f"{r['halving']['spent']} of {r['halving']['budget']} candidate-epochs")]
+    return rows

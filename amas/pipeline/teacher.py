@@ -1,0 +1,129 @@
+"""The teacher stage (the given teacher, or one trained on the config: train_dense) and `amas eval`'s evaluation of a
+checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from amas import distributed
+from amas.config import Config, atomic_write_text, load_config
+from amas.data import build_data
+from amas.distributed import resolve_device
+from amas.engine.loop import Trainer, evaluate
+from amas.files.checkpoint import model_record, save_model
+from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
+
+
+def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train cfg.model on cfg.data from scratch, evaluate it once on the test set, and save model.pt."""
+    from amas.channels.cost import count
+    from amas.models import create_model
+
+    run_dir = Path(run_dir)
+    if (run_dir / "train_state.pt").exists() and not resume:
+        prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # refuses before any work
+    t0 = time.perf_counter()
+    device = distributed.device_for(distributed.context(), resolve_device(cfg.train.device))
+    seed_everything(cfg.seed)
+    data = stage_data(cfg, cfg.train, device)
+    info = data.info
+    model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                         **cfg.model.kwargs)
+    prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # data and model are valid: now the run directory
+    trainer = Trainer(model, data.train, cfg.train, run_dir, num_classes=info.num_classes, val=data.val, stage="train",
+                      device=device)
+    history = trainer.fit(resume=resume)
+    test = evaluate(trainer.model, data.test, info.num_classes, device, cfg.train.amp)
+    macs, params = count(model, info.input_shape)
+    result: dict[str, Any] = {
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "macs": macs,
+        "params": params,
+        "epochs": cfg.train.epochs,
+        "wall_s": time.perf_counter() - t0,
+    }
+    if history and "val_acc" in history[-1]:
+        result["val_acc"] = history[-1]["val_acc"]
+    record = model_record(cfg.model.name, info.num_classes, info.in_channels, info, cfg.model.kwargs)
+    if distributed.context().is_main:
+        save_model(run_dir / "model.pt", trainer.model, record, metrics=result)
+        atomic_write_text(run_dir / "metrics.json", json.dumps({"result": result, "history": history}, indent=2))
+    distributed.barrier()
+    return result
+
+
+def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20) -> dict[str, Any]:
+    """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model."""
+    from amas.channels.cost import count
+    from amas.files.pruned import load_any_model
+    from amas.latency.timing import latency
+
+    model, obj = load_any_model(path)  # dense 'model' or 'pruned' file
+    rec = obj["model"]
+    cfg = load_config(config, [f"data.name={rec['data']['name']}", "data.val_size=0", *overrides])
+    device = resolve_device(cfg.train.device)
+    model = model.to(device)
+    data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed)
+    shape = (rec["data"]["in_channels"], rec["data"]["image_size"], rec["data"]["image_size"])
+    test = evaluate(model, data.test, rec["num_classes"], device)
+    macs, params = count(model, shape)
+    lat1 = latency(model, shape, batch_size=1, iters=latency_iters)
+    lat64 = latency(model, shape, batch_size=64, iters=max(3, latency_iters // 4))
+    return {
+        "test_acc": round(test["acc"], 3),
+        "macs_M": round(macs / 1e6, 3),
+        "params_M": round(params / 1e6, 4),
+        "latency_b1_ms": round(lat1["median_ms"], 3),
+        "latency_b64_ms": round(lat64["median_ms"], 3),
+        "device": str(device),
+    }
+
+
+__all__ = ["evaluate_checkpoint", "teacher_stage", "train_dense"]
+
+
+def teacher_stage(ctx: RunContext) -> Rows:
+    """Use the given teacher, or train one in teacher/ (amas.pipeline.teacher.train_dense)."""
+    if ctx.in_memory:
+        from amas.models.registry import MEMORY_PREFIX
+
+        model, obj = ctx.teacher
+        ctx.write(save_model, ctx.teacher_path, model, obj["model"])
+        name = obj["model"]["name"]
+        where = ("pruned.pt loads in this process only (the class does not import or rebuild this model), or "
+                 "elsewhere with amas.load_pruned(path, base=YourModel(...)); pruned.pt2 loads anywhere"
+                 ) if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
+        return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
+                ("dataset", ctx.dataset_label), ("val acc %", _teacher_val_acc(ctx)), ("rebuild", where)]
+    name = ctx.cfg.model.name
+    if ctx.teacher_arg:
+        _, obj = ctx.teacher
+        r, name = dict(obj.get("metrics", {})), obj["model"]["name"]
+        if "val_acc" not in r:  # the user's plain state_dict (or a model.pt without a validation split) says nothing
+            r["val_acc"] = _teacher_val_acc(ctx)
+    else:
+        r = train_dense(ctx.cfg, ctx.stage_dir("teacher"), resume=True)
+    rows = [("model", name), ("dataset", ctx.dataset_label), ("val acc %", r["val_acc"] if "val_acc" in r else
+                                                               _no_val(ctx))]
+    rows.append(("test acc %", r["test_acc"] if "test_acc" in r else "measured once, in the export stage"))
+    if "macs" in r:
+        rows += [("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"),
+                 ("epochs", r.get("epochs", "–"))]
+    return [*rows, ("checkpoint", str(ctx.teacher_path))]
+
+
+def _no_val(ctx: RunContext) -> str:
+    """Why there is no validation accuracy: the data has no held-out split."""
+    return "no validation split (data.val_size=0)" if not ctx.user_data else "no validation batches"
+
+
+def _teacher_val_acc(ctx: RunContext) -> float | str:
+    """The given teacher's accuracy (%) on the validation split, or why there is none."""
+    data = ctx.data("finetune")
+    if data.val is None:
+        return _no_val(ctx)
+    return evaluate(ctx.teacher[0], data.val, data.info.num_classes, ctx.device)["acc"]
