@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import time
-import traceback
 from collections.abc import Iterable, Sequence
 from numbers import Number
 from typing import Any
@@ -38,7 +37,6 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers
 from torch_pruning.dependency import index_mapping
 from torch_pruning.dependency.dependency import Dependency
@@ -46,6 +44,7 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.pruner import function
 
 from amas.channels.cost import device_dtype
+from amas.channels.owners import OpOwners, collapse, untraceable
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.errors import MaskError
 
@@ -114,13 +113,13 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
     inside = [m for top in kept.values() for m in top.modules()]
     handles = [m.register_forward_hook(_barrier_hook) for m in kept.values()]
     was_training = model.training
-    rec = _OpOwners(model)
+    rec = OpOwners(model)
     try:
         with rec, torch.enable_grad():
             dg = _Graph().build_dependency(model, example_inputs=x, verbose=False,
                                            customized_pruners=dict(CUSTOM_PRUNERS), ignored_layers=inside or None)
     except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say where, in one line
-        raise _untraceable(model, x, e) from None
+        raise untraceable(model, x, e) from None
     finally:
         rec.close()
         for h in handles:
@@ -144,7 +143,7 @@ class _Graph(tp.DependencyGraph):
         self.amas_seconds = 0.0  # spent in group walks
         self.amas_input: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())  # the traced input shape, prune.ignore
 
-    def adopt(self, rec: _OpOwners) -> None:
+    def adopt(self, rec: OpOwners) -> None:
         """Take the trace's records: op owners, the concat sizes, the nodes to keep whole."""
         self.amas_owner, self.amas_multi = rec.owner, rec.multi
         params = [p for p, _ in self.unwrapped_parameters]
@@ -243,7 +242,7 @@ class _Graph(tp.DependencyGraph):
         shape, ignore = self.amas_input
         # try the list: walks that only hit the bound once their neighbours are kept whole add their layers
         for _ in range(_ROUNDS):
-            layers = _collapse(sorted(o for o in owners if o), self.model, self.amas_multi)
+            layers = collapse(sorted(o for o in owners if o), self.model, self.amas_multi)
             if not layers or self.amas_seconds >= WALK_SECONDS:
                 break
             try:
@@ -256,13 +255,13 @@ class _Graph(tp.DependencyGraph):
             if not left or found <= owners:
                 break
             owners |= found
-        layers = _collapse(sorted(o for o in owners if o), self.model, self.amas_multi)
+        layers = collapse(sorted(o for o in owners if o), self.model, self.amas_multi)
         carried, seconds = stopped
         bound = f"{WALK_STEPS} steps" if carried > WALK_STEPS else f"{WALK_SECONDS:g} s"
         also = f" (and {more} more)" if more else ""
         head = (f"Torch-Pruning's channel-group walk on {type(self.model).__name__} from layer "
-                f"'{self._module2name.get(module, '?')}'{also} did not end within {bound} (amas.tracing.WALK_STEPS, "
-                f"WALK_SECONDS; {carried} steps in {seconds:.1f} s)")
+                f"'{self._module2name.get(module, '?')}'{also} did not end within {bound} "
+                f"(amas.channels.tracing.WALK_STEPS, WALK_SECONDS; {carried} steps in {seconds:.1f} s)")
         if not owners:
             return MaskError(head + " though it comes back to no op; if the model is that large, raise WALK_STEPS or "
                              "WALK_SECONDS")
@@ -327,119 +326,3 @@ def _unmap_concat(node: Any) -> None:
             if dep.target is node:
                 dep.index_mapping[1] = None
     node.module.offsets = None
-
-
-# ---------------------------------------------------------------- naming the layer Torch-Pruning cannot trace
-
-
-class _OpOwners(TorchFunctionMode):
-    """Records, for each op run in a forward, the innermost module running it (by the op's output grad_fn)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.owner: dict[Any, str] = {}
-        self.reshapes: list[str] = []  # owners of ops that reshape the channel dimension (not a flatten)
-        self.channel_reshapes: set[Any] = set()  # those ops' grad_fns
-        self.cat_sizes: dict[Any, tuple[int, list[int]]] = {}  # grad_fn of a cat along dim 1 -> rank, input sizes
-        self.multi: set[str] = set()  # modules that return something other than one tensor (prune.ignore cannot)
-        self.handles = []
-        for name, m in model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(self._enter(name)))
-            self.handles.append(m.register_forward_hook(self._leave(name)))
-
-    def _enter(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any) -> None:
-            """Push the module's name."""
-            self.stack.append(name)
-        return hook
-
-    def _leave(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            """Pop the module's name; note a module whose output is not one tensor."""
-            self.stack.pop()
-            if not isinstance(output, torch.Tensor):
-                self.multi.add(name)
-        return hook
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None and self.stack:
-            self.owner.setdefault(out.grad_fn, self.stack[-1])
-            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            name = getattr(func, "__name__", "")
-            if (src is not None and name in ("view", "reshape", "unflatten") and src.dim() >= 3 and out.dim() > 2
-                    and tuple(out.shape[:2]) != tuple(src.shape[:2])):
-                self.reshapes.append(self.stack[-1])
-                self.channel_reshapes.add(out.grad_fn)
-            if name in ("cat", "concat", "concatenate") and out.dim() > 1:
-                tensors = args[0] if args else (kwargs or {}).get("tensors", ())
-                dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
-                if isinstance(dim, int) and dim % out.dim() == 1:
-                    sizes = [int(t.shape[1]) if t.dim() == out.dim() else 0 for t in tensors]
-                    self.cat_sizes[out.grad_fn] = (out.dim(), sizes)
-        return out
-
-    def close(self) -> None:
-        """Remove the module hooks."""
-        for h in self.handles:
-            h.remove()
-
-
-def _failed_node(exc: BaseException) -> Any:
-    """The Torch-Pruning graph node the tracer was handling when it raised (from the innermost frame holding one)."""
-    node = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        code = frame.f_code
-        args = [frame.f_locals.get(a) for a in code.co_varnames[:code.co_argcount]]
-        node = next((a for a in args if isinstance(a, tp.dependency.Node)), node)
-    return node
-
-
-def _collapse(names: Iterable[str], model: nn.Module, multi: Iterable[str] = ()) -> list[str]:
-    """names with every module all of whose children are named replaced by the module itself (never the model).
-
-    A module in multi (its output is not one tensor, which prune.ignore cannot keep whole) stands for its parent.
-    """
-    multi = set(multi)
-    chosen = set()
-    for name in names:
-        while name and name in multi:
-            name = name.rpartition(".")[0]
-        if name:
-            chosen.add(name)
-    modules = dict(model.named_modules())
-    for name in sorted(modules, key=lambda n: -n.count(".")):
-        children = [f"{name}.{c}" if name else c for c, _ in modules[name].named_children()]
-        if name and children and all(c in chosen for c in children):
-            chosen -= set(children)
-            chosen.add(name)
-    chosen = {n for n in chosen if not any(n.startswith(c + ".") for c in chosen)}
-    order = {n: i for i, n in enumerate(modules)}
-    return sorted(chosen, key=order.__getitem__)
-
-
-def _untraceable(model: nn.Module, x: torch.Tensor, exc: BaseException) -> MaskError:
-    """The one-line error for a model Torch-Pruning cannot trace: the layer it failed in, and what to ignore."""
-    where = traceback.extract_tb(exc.__traceback__)[-1].name
-    kind = f"{type(exc).__name__} in its {where}"
-    cls = type(model).__name__
-    node = _failed_node(exc)
-    rec = _OpOwners(model)
-    try:
-        with rec, torch.enable_grad():
-            tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
-                                                  customized_pruners=dict(CUSTOM_PRUNERS))
-    except (ZeroDivisionError, IndexError, KeyError) as again:
-        node = _failed_node(again) or node
-    finally:
-        rec.close()
-    owner = rec.owner.get(getattr(node, "grad_fn", None)) if node is not None else None
-    if not owner:
-        return MaskError(f"Torch-Pruning cannot trace {cls} for channel groups ({kind}, in the model's own forward: a "
-                         "channel shuffle or a reshape of channels); this model cannot be pruned by amas yet")
-    layer = type(model.get_submodule(owner)).__name__
-    suggest = _collapse([n for n in rec.reshapes if n] or [owner], model, rec.multi)
-    return MaskError(f"Torch-Pruning cannot trace layer '{owner}' ({layer}) of {cls} for channel groups ({kind}: a "
-                     f"channel shuffle or a reshape of channels); keep such layers whole with prune.ignore: "
-                     f"[{', '.join(suggest)}]")

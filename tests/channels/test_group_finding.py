@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_prune import random_masks, randomize
+from conftest import random_masks, randomize_norms
 from torch import nn
 
-from amas import tracing
-from amas.channel_cost import MaskError
-from amas.masks import ChannelMasks, find_groups
-from amas.planner import prune_model
+from amas.channels import tracing
+from amas.channels.cut import prune_model
+from amas.channels.groups import find_groups
+from amas.channels.masks import ChannelMasks
+from amas.channels.owners import OpOwners
+from amas.errors import MaskError
 
 SHAPE = (3, 32, 32)
 CHILD_TIMEOUT = 90.0  # seconds for a child process: interpreter start, imports and the search
@@ -201,7 +203,7 @@ def test_user_shufflenet_finds_its_groups_in_bounded_time() -> None:
         (g.name, g.size, g.index, g.in_layers, g.out_layers) for g in by_hand]
     # and they are real groups: removing the masked channels equals masking them
     gen = torch.Generator().manual_seed(0)
-    randomize(model, gen)
+    randomize_norms(model, gen)
     masks, keep = random_masks(groups, gen)
     masks = {k: v.float() for k, v in masks.items()}
     hooks = ChannelMasks(groups)
@@ -229,7 +231,7 @@ def test_timm_rexnet_finds_its_groups_in_bounded_time() -> None:
 
 def test_a_walk_past_its_bound_names_the_layers_and_the_ignore_list_that_gets_through(monkeypatch) -> None:
     """As if amas did not repair Torch-Pruning's maps: the walk stops at WALK_STEPS with one line; its list works."""
-    def owners_only(graph: tracing._Graph, rec: tracing._OpOwners) -> None:
+    def owners_only(graph: tracing._Graph, rec: OpOwners) -> None:
         graph.amas_owner, graph.amas_multi = rec.owner, rec.multi
 
     monkeypatch.setattr(tracing._Graph, "adopt", owners_only)
