@@ -14,7 +14,7 @@ from torch import nn
 
 from amas.config import Config, from_dict, read_yaml, to_dict
 
-__all__ = ["PruneResult", "prune", "resolve_config"]
+__all__ = ["PruneResult", "export", "list_methods", "prune", "resolve_config", "save_pruned"]
 
 
 @dataclass
@@ -47,14 +47,32 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
           target_reduction: float = 0.5, config: str | os.PathLike | Config | None = None,
           overrides: Mapping[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
           test: Iterable | None = None, method: str = "amas", latency_iters: int = 20) -> PruneResult:
-    """Prune a trained classifier to target_reduction of its MACs with the amas pipeline on the user's batches.
+    """Prune a trained classifier to target_reduction of its MACs with the amas pipeline on your batches.
 
-    teacher: any trained classifier (its output on (batch, C, H, W) is (batch, classes) logits; the class count is
-    read from it). train, val, test: iterables of (images, labels) batches as the model takes them (e.g. torch
-    DataLoaders; images already normalised). config: a YAML path or a Config; overrides: dotted keys, e.g.
-    {"finetune.train.epochs": 5}; target_reduction sets search.target_reduction and select.min_reduction unless the
-    overrides set them. out_dir: the resumable run directory `amas prune --out` writes (the same files); without it
-    the run happens in a temporary directory that is deleted before returning.
+    Args:
+        teacher: any trained classifier; its output on (batch, C, H, W) is (batch, classes) logits (the class count
+            is read from it). It is left unchanged.
+        train, val: iterables of (images, labels) batches as the model takes them (e.g. DataLoaders, images already
+            normalised); val chooses among the candidates.
+        input_shape: (C, H, W) of one image.
+        target_reduction: the fraction of the MACs to remove (sets search.target_reduction and
+            select.min_reduction unless the overrides set them).
+        config: a YAML recipe path or an amas.Config; overrides: dotted keys of configs/REFERENCE.md, e.g.
+            {"finetune.train.epochs": 5}.
+        out_dir: the resumable run directory `amas prune --out` writes (the same files); without it the run happens
+            in a temporary directory deleted before returning.
+        test: optional batches, evaluated once at the end and only reported.
+        method: "amas" (the mask search) or a baseline criterion of amas.list_methods().
+        latency_iters: timed iterations per batch size for the report's latency.
+
+    Returns:
+        PruneResult: .model (the pruned nn.Module, eval mode), .report (macs, params, reductions, accuracies,
+        latency, the teacher's), .selection (the candidates, the Pareto front and the chosen one).
+
+    Example:
+        >>> result = amas.prune(teacher, train_loader, val_loader, (3, 32, 32), 0.5)  # doctest: +SKIP
+        >>> amas.save_pruned(result.model, "pruned.pt")                                # doctest: +SKIP
+
     Under torchrun every rank calls prune with the same arguments; each rank trains on its share of the batches.
     """
     from amas.errors import DataError
@@ -82,6 +100,89 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         report = json.loads((run_dir / "report.json").read_text())
         selection = json.loads((run_dir / "selection.json").read_text())
     return PruneResult(model.eval(), _short_report(report, test is not None), selection)
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None,
+                base: nn.Module | None = None, metadata: Mapping[str, Any] | None = None) -> None:
+    """Save a pruned model as a ``pruned.pt`` that ``amas.load_pruned`` rebuilds without tracing.
+
+    Args:
+        model: a model cut by amas (``MaskSearch.cut``, ``amas.prune``'s ``result.model``) or any pruned copy of a
+            model built by ``amas.models.create_model``; they carry the recipe of their architecture.
+        path: the file to write (atomically: a failed save leaves an existing file as it was).
+        input_shape: ``(C, H, W)`` of one image, stored with the model (read by ``amas eval`` and exports).
+        base: the dense model it was cut from, for a pruned model that carries no recipe (then the file names
+            ``base``'s class when it imports and rebuilds by itself, else it loads with ``load_pruned(base=...)``).
+        metadata: extra plain values (numbers, strings, lists, dicts) stored in the file.
+
+    Returns:
+        None. Raises ``AmasError`` (one line) when the architecture cannot be named.
+
+    Example:
+        >>> small = search.cut(0.5, round_to=8)                    # doctest: +SKIP
+        >>> amas.save_pruned(small, "small.pt", input_shape=(3, 32, 32))  # doctest: +SKIP
+        >>> model, meta = amas.load_pruned("small.pt")             # doctest: +SKIP
+    """
+    from amas.errors import AmasError
+    from amas.files.pruned import save_pruned as write_pruned
+    from amas.inputs import classes_of, importable_name
+    from amas.models.registry import arch_of, register_memory_model
+
+    record = arch_of(model)
+    if record is None and base is not None:
+        record = arch_of(base)
+        if record is None:
+            if input_shape is None:
+                raise AmasError("save_pruned needs input_shape=(C, H, W) with base= to check that base's class "
+                                "rebuilds it; pass the shape of one image")
+            shape = tuple(int(s) for s in input_shape)
+            classes = classes_of(base, shape)
+            record = {"name": importable_name(base, shape, classes) or register_memory_model(base),
+                      "num_classes": classes, "in_channels": shape[0]}
+    if record is None:
+        raise AmasError(f"save_pruned cannot name the architecture of this {type(model).__name__} (it was not cut by "
+                        "amas nor built by amas.models.create_model); pass base=<the dense model it was cut from>")
+    meta = dict(metadata or {})
+    if input_shape is not None:
+        meta.setdefault("input_shape", [int(s) for s in input_shape])
+    write_pruned(path, model, {"model": record}, meta)
+
+
+def export(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, int, int],
+           format: str = "pt2") -> dict:
+    """Export a (pruned) model to a file that runs without amas: ``torch.export`` ``.pt2`` or ONNX.
+
+    Args:
+        model: any ``nn.Module`` classifier (exported in eval mode; its training mode is restored).
+        path: the file to write (atomically).
+        input_shape: ``(C, H, W)`` of one image; the batch dimension is dynamic where the model allows it.
+        format: ``"pt2"`` (load with ``torch.export.load(path).module()``) or ``"onnx"`` (needs the ``onnx`` extra;
+            the file is checked against PyTorch's outputs with ONNX Runtime).
+
+    Returns:
+        A dict with the written ``path`` and whether the batch is ``dynamic_batch``.
+
+    Example:
+        >>> amas.export(small, "small.pt2", input_shape=(3, 32, 32))  # doctest: +SKIP
+        >>> torch.export.load("small.pt2").module()(torch.randn(8, 3, 32, 32)).shape  # doctest: +SKIP
+        torch.Size([8, 10])
+    """
+    from amas.errors import ExportError
+    from amas.files.export import export_onnx, export_pt2
+
+    shape = tuple(int(s) for s in input_shape)
+    if format == "pt2":
+        return export_pt2(model, shape, path)
+    if format == "onnx":
+        return export_onnx(model, shape, path)
+    raise ExportError(f"export format {format!r} is not known; use format='pt2' or format='onnx'")
+
+
+def list_methods() -> list[str]:
+    """The pruning methods ``amas.prune(method=...)`` and ``amas prune --method`` take: "amas" and the baselines."""
+    from amas.config import BASELINE_METHODS
+
+    return ["amas", *BASELINE_METHODS]
 
 
 def _run_device(cfg: Config) -> Any:

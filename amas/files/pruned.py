@@ -77,10 +77,20 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadat
 
 def load_pruned(path: str | os.PathLike, device: str | torch.device = "cpu",
                 base: nn.Module | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by save_pruned (weights_only load); returns (model in eval mode, the file's contents).
+    """Rebuild a pruned model from a pruned.pt (weights_only load, no tracing, no Torch-Pruning).
 
-    base: an instance of the architecture the model was pruned from (e.g. YourModel(...), any weights), rebuilt
-    from instead of the class the file records; needed where that class does not import or build by itself here.
+    Args:
+        path: a file written by amas.save_pruned or by the pipeline's export stage.
+        device: where the model goes.
+        base: an instance of the architecture the model was pruned from (e.g. YourModel(...), any weights), rebuilt
+            from instead of the class the file records; needed where that class does not import or build here.
+
+    Returns:
+        (model in eval mode, the file's contents: recipe, metadata, state_dict).
+
+    Example:
+        >>> model, obj = amas.load_pruned("runs/quickstart/pruned.pt")  # doctest: +SKIP
+        >>> obj["metadata"]["input_shape"]                              # doctest: +SKIP
     """
     if base is not None and not isinstance(base, nn.Module):
         raise ExportError(f"base is a {type(base).__name__}; pass an nn.Module of the architecture the model was "

@@ -117,8 +117,33 @@ def _unknown(name: str) -> AmasError:
     )
 
 
+ARCH_ATTR = "amas_arch"  # the record create_model leaves on a model: what rebuilds its architecture
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build model `name` (zoo, 'tv:<name>', 'timm:<name>' or 'package.module:ClassName') for these classes/channels."""
+    """Build model `name` (zoo, 'tv:<name>', 'timm:<name>' or 'package.module:ClassName') for these classes/channels.
+
+    The model carries its recipe (name, classes, channels, kwargs) in ``model.amas_arch``, so that a pruned copy of
+    it can be saved with ``amas.save_pruned`` and rebuilt by ``amas.load_pruned``.
+    """
+    model = _build(name, num_classes, in_channels, **kwargs)
+    tag_arch(model, {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
+                     **({"kwargs": dict(kwargs)} if kwargs else {})})
+    return model
+
+
+def tag_arch(model: nn.Module, record: dict) -> None:
+    """Record on model (a plain attribute, kept by deep copies and cuts) the recipe that rebuilds its architecture."""
+    object.__setattr__(model, ARCH_ATTR, dict(record))
+
+
+def arch_of(model: nn.Module) -> dict | None:
+    """The architecture recipe create_model or tag_arch left on model, or None."""
+    record = getattr(model, ARCH_ATTR, None)
+    return dict(record) if isinstance(record, dict) else None
+
+
+def _build(name: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     if num_classes < 1 or in_channels < 1:
         raise AmasError(
             f"model {name!r} needs num_classes >= 1 and in_channels >= 1, "

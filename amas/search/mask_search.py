@@ -27,6 +27,7 @@ class MaskSearch:
             opt.zero_grad(); loss.backward(); opt.step()
             search.step(lr=opt.param_groups[0]["lr"])   # proximal (FISTA) mask step, budget controller
         small = search.cut(0.5, round_to=8)         # the physically pruned nn.Module, mask values folded in
+        amas.save_pruned(small, "small.pt", input_shape=(3, 32, 32))   # amas.load_pruned rebuilds it
 
     student: a trainable copy of the teacher (same architecture); the masks are forward hooks on it, outside its
     parameters, so the user's optimizer never sees them. teacher: the frozen classifier. ignore: module names kept
@@ -122,15 +123,22 @@ class MaskSearch:
     def cut(self, target_reduction: float | None = None, round_to: int = 8) -> nn.Module:
         """The physically pruned student at target_reduction (kept counts rounded), mask values folded, no hooks."""
         from amas.channels.cut import prune_model
+        from amas.inputs import importable_name
+        from amas.models.registry import arch_of, register_memory_model, tag_arch
 
         keep = self.plan(target_reduction, round_to)
         self.objective.updater.drop_momentum(count=False)  # the student now runs the masks the cut folds
         was_training = self.student.training
         try:
-            return prune_model(self.student, self.groups, keep, masks=self.mask_values(),
-                               input_shape=self.input_shape).eval()
+            small = prune_model(self.student, self.groups, keep, masks=self.mask_values(),
+                                input_shape=self.input_shape).eval()
         finally:
             self.student.train(was_training)
+        if arch_of(small) is None:  # so that amas.save_pruned(small, path) can name the architecture
+            name = importable_name(self.teacher, self.input_shape, self.num_classes)
+            tag_arch(small, {"name": name or register_memory_model(self.teacher), "num_classes": self.num_classes,
+                             "in_channels": self.input_shape[0]})
+        return small
 
     def state_dict(self) -> dict:
         """Masks, mask-update and controller state, discriminator and its optimiser, the step count."""
