@@ -8,6 +8,8 @@ to 1e-4..1e-2, the size of a real synchronisation bug. In float64 the drift stay
 
 import os
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -24,19 +26,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str) -> None:
+def _in_process_group(rank: int, world: int, port: int, run: Callable[[], Any]) -> None:
+    """Join a gloo group of world processes as rank (float64, one thread), call run, leave the group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     from amas import distributed
-    from amas.pipeline.teacher import train_dense
 
     distributed.init_from_env("cpu")
     try:
-        train_dense(load_config(None, overrides), run_dir)
+        run()
     finally:
         distributed.shutdown()
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], run_dir: str) -> None:
+    from amas.pipeline.teacher import train_dense
+
+    _in_process_group(rank, world, port, lambda: train_dense(load_config(None, overrides), run_dir))
 
 
 OVERRIDES = tiny_overrides(**{"train.epochs": "2", "train.device": "cpu", "train.channels_last": "false",
@@ -81,18 +89,9 @@ def test_cross_rank_batchnorm_equals_batchnorm_on_one_process():
 
 
 def _search_worker(rank: int, world: int, port: int, overrides: list[str], teacher: str, run_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    from amas import distributed
     from amas.pipeline.search import search
 
-    distributed.init_from_env("cpu")
-    try:
-        search(load_config(None, overrides), run_dir, teacher)
-    finally:
-        distributed.shutdown()
+    _in_process_group(rank, world, port, lambda: search(load_config(None, overrides), run_dir, teacher))
 
 
 def test_two_gloo_processes_search_like_one_process(tmp_path, float64):

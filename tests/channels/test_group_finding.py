@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_masks, randomize_norms
+from conftest import masked_and_cut, random_masks, randomize_norms
 from torch import nn
 
 from amas.channels import tracing
-from amas.channels.cut import prune_model
 from amas.channels.groups import find_groups
-from amas.channels.masks import ChannelMasks
 from amas.channels.owners import OpOwners
 from amas.errors import MaskError
 
@@ -206,17 +204,8 @@ def test_user_shufflenet_finds_its_groups_in_bounded_time() -> None:
     randomize_norms(model, gen)
     masks, keep = random_masks(groups, gen)
     masks = {k: v.float() for k, v in masks.items()}
-    hooks = ChannelMasks(groups)
-    hooks.load_values(masks)
-    hooks.attach(model)
-    x = torch.randn(2, *SHAPE, generator=gen)
-    with torch.no_grad():
-        masked = model(x)
-        pruned = prune_model(model, groups, keep, masks=masks).eval()
-        out = pruned(x)
-    hooks.detach()
-    with torch.no_grad():
-        assert (model(x) - masked).abs().max().item() > 1e-3
+    plain, masked, out, _ = masked_and_cut(model, groups, masks, keep, torch.randn(2, *SHAPE, generator=gen))
+    assert (plain - masked).abs().max().item() > 1e-3
     assert (masked - out).abs().max().item() <= 1e-5 * max(1.0, masked.abs().max().item())
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_masks, randomize_norms
+from conftest import masked_and_cut, random_masks, randomize_norms
 
 from amas.channels.cost import CostModel, count
-from amas.channels.cut import prune_model
 from amas.channels.groups import find_groups
-from amas.channels.masks import ChannelMasks
 from amas.channels.plan import kept_counts
 from amas.files.export import export_pt2
 from amas.models import create_model
@@ -46,18 +44,10 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
     cost = CostModel(model, groups, shape)
     masks, keep = random_masks(groups, gen)
     masks = {k: v.float() for k, v in masks.items()}
-    hooks = ChannelMasks(groups)
-    hooks.load_values(masks)
-    hooks.attach(model)
     x = torch.randn(1, *shape, generator=gen)
-    with torch.no_grad():
-        masked = model(x)
-        pruned = prune_model(model, groups, keep, masks=masks).eval()
-        out = pruned(x)
-    hooks.detach()
+    plain, masked, out, pruned = masked_and_cut(model, groups, masks, keep, x)
     assert count(pruned, shape)[0] == cost.macs(kept_counts(keep))  # the planner's MACs are the pruned model's
-    with torch.no_grad():
-        assert (model(x) - masked).abs().max().item() > 1e-3  # the masks change the outputs: the check means something
+    assert (plain - masked).abs().max().item() > 1e-3  # the masks change the outputs: the check means something
     assert (masked - out).abs().max().item() <= 1e-4 * max(1.0, masked.abs().max().item())
     export_pt2(pruned, shape, tmp_path / "m.pt2")
     with torch.no_grad():
