@@ -6,6 +6,7 @@ The public API (``import amas`` stays light: each name imports torch and its mod
 - ``amas.MaskSearch``: the mask search inside your own training loop, then ``cut``.
 - ``amas.save_pruned`` / ``amas.load_pruned``: a pruned model to and from a ``weights_only`` file.
 - ``amas.export``: a ``.pt2`` or ONNX file that runs without amas.
+- ``amas.quantize``: int8 post-training static quantization (PT2E ``.pt2``, optionally ONNX Runtime ONNX).
 - ``amas.Config`` / ``amas.load_config``: typed recipes; ``amas.list_methods``: the pruning methods;
   ``amas.count``: (MACs, params) of a model; ``amas.AmasError``: the base of every one-line user error.
 """
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 from amas.errors import AmasError  # noqa: E402
 
 __all__ = ["AmasError", "Config", "MaskSearch", "PruneResult", "__version__", "count", "export", "list_methods",
-           "load_config", "load_pruned", "prune", "save_pruned"]
+           "load_config", "load_pruned", "prune", "quantize", "save_pruned"]
 
 # public name -> (module, attribute), imported on first use
 _LAZY = {
@@ -23,6 +24,7 @@ _LAZY = {
     "PruneResult": ("amas.api", "PruneResult"),
     "save_pruned": ("amas.api", "save_pruned"),
     "export": ("amas.api", "export"),
+    "quantize": ("amas.api", "quantize"),
     "list_methods": ("amas.api", "list_methods"),
     "MaskSearch": ("amas.search.mask_search", "MaskSearch"),
     "load_pruned": ("amas.files.pruned", "load_pruned"),

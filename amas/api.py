@@ -14,7 +14,7 @@ from torch import nn
 
 from amas.config import Config, from_dict, read_yaml, to_dict
 
-__all__ = ["PruneResult", "export", "list_methods", "prune", "resolve_config", "save_pruned"]
+__all__ = ["PruneResult", "export", "list_methods", "prune", "quantize", "resolve_config", "save_pruned"]
 
 
 @dataclass
@@ -176,6 +176,48 @@ def export(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, in
     if format == "onnx":
         return export_onnx(model, shape, path)
     raise ExportError(f"export format {format!r} is not known; use format='pt2' or format='onnx'")
+
+
+def quantize(model: nn.Module, calib_batches: Iterable, input_shape: tuple[int, int, int],
+             path: str | os.PathLike | None = None, num_batches: int = 8,
+             onnx_path: str | os.PathLike | None = None) -> Any:
+    """int8 post-training static quantization of a (pruned) float model with PyTorch's PT2E flow.
+
+    The model is exported with ``torch.export``, prepared with torchao's x86 Inductor quantizer (default symmetric
+    config: int8 activations per tensor, int8 weights per channel), calibrated on the first ``num_batches``
+    batches of ``calib_batches`` (nothing else is read) and converted. Needs the ``quant`` extra (torchao).
+
+    Args:
+        model: a float ``nn.Module`` classifier (left unchanged; quantized as a CPU eval-mode copy).
+        calib_batches: training batches, ``(images, labels)`` or images (e.g. the training DataLoader); never
+            pass validation or test data.
+        input_shape: ``(C, H, W)`` of one image; the batch dimension is dynamic where the model allows it.
+        path: where to write the int8 ``.pt2`` (atomically). It loads without amas or torchao after
+            ``import torch.ao.quantization.fx._decomposed`` (core torch): ``torch.export.load(path).module()``;
+            ``torch.compile`` of that module runs int8 kernels on x86 CPUs.
+        num_batches: how many batches calibration reads.
+        onnx_path: also write an int8 ONNX (ONNX Runtime static QDQ quantization of amas' float ONNX export over
+            the same batches; needs the ``onnx`` extra).
+
+    Returns:
+        A ``QuantizeResult``: ``.model`` the converted (quantize-dequantize reference) model, ``.path``,
+        ``.onnx_path``, ``.calib_batches`` (batches read), ``.quantized_layers`` / ``.float_layers`` (conv/linear
+        layers in int8 / left in float) and ``.dynamic_batch``.
+
+    Example:
+        >>> q = amas.quantize(small, train_loader, (3, 32, 32), path="small_int8.pt2")  # doctest: +SKIP
+        >>> import torch.ao.quantization.fx._decomposed  # doctest: +SKIP
+        >>> torch.export.load("small_int8.pt2").module()(torch.randn(8, 3, 32, 32)).shape  # doctest: +SKIP
+        torch.Size([8, 10])
+    """
+    from amas.quant import calibration_inputs, quantize_onnx, quantize_pt2e
+
+    shape = tuple(int(s) for s in input_shape)
+    inputs = calibration_inputs(calib_batches, num_batches)
+    result = quantize_pt2e(model, None, shape, path=path, inputs=inputs)
+    if onnx_path is not None:
+        result.onnx_path = quantize_onnx(model, None, shape, onnx_path, inputs=inputs)
+    return result
 
 
 def list_methods() -> list[str]:

@@ -57,3 +57,7 @@ class SelectionError(AmasError):
 
 class PipelineError(AmasError):
     """A pipeline run that cannot continue as asked (other settings in the run directory, unknown method)."""
+
+
+class QuantizeError(AmasError):
+    """A model or calibration data that cannot be quantized to int8 (an untraceable layer, no int8 layers)."""

@@ -16,7 +16,7 @@ from amas.models import create_model
 
 SHAPE = (1, 16, 16)
 PUBLIC = ["AmasError", "Config", "MaskSearch", "PruneResult", "count", "export", "list_methods", "load_config",
-          "load_pruned", "prune", "save_pruned"]
+          "load_pruned", "prune", "quantize", "save_pruned"]
 
 
 def test_import_amas_is_light_and_lists_the_api() -> None:

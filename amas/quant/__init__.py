@@ -1,0 +1,5 @@
+"""int8 post-training quantization of a (pruned) float model: PT2E int8 .pt2 and ONNX Runtime int8 ONNX."""
+
+from amas.quant.ptq import LOAD_HINT, QuantizeResult, calibration_inputs, quantize_onnx, quantize_pt2e
+
+__all__ = ["LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e"]

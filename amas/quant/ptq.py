@@ -1,0 +1,226 @@
+"""int8 post-training static quantization: PT2E (torch.export + the x86 Inductor quantizer) and ONNX Runtime.
+
+``quantize_pt2e`` exports the float model, prepares it with torchao's ``X86InductorQuantizer`` (its default
+symmetric config: int8 activations per tensor, int8 weights per channel), calibrates on the first
+``num_batches`` training batches, converts and saves an int8 ``.pt2`` (weights stored as int8). The ``.pt2``
+needs no amas and no torchao to load: its quantize/dequantize ops are core torch's ``quantized_decomposed``
+library, registered by ``import torch.ao.quantization.fx._decomposed`` (or by any use of torch.compile) before
+``torch.export.load(path).module()``. ``quantize_onnx`` quantizes amas' float ONNX export with ONNX Runtime's
+static QDQ quantization over the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from amas.errors import QuantizeError
+from amas.files.atomic import temp_beside
+
+__all__ = ["LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e"]
+
+# what a process without amas runs before torch.export.load of an int8 .pt2
+LOAD_HINT = "import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops"
+
+
+@dataclass
+class QuantizeResult:
+    """What amas.quantize returns: the converted (reference, quantize-dequantize) model and what was written."""
+
+    model: nn.Module
+    path: str | None
+    calib_batches: int
+    quantized_layers: list[str] = field(default_factory=list)
+    float_layers: list[str] = field(default_factory=list)
+    dynamic_batch: bool = False
+    onnx_path: str | None = None
+
+
+def _torchao() -> Any:
+    try:
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+    except ImportError:
+        raise QuantizeError("int8 quantization needs torchao; install it with: pip install 'amas[quant]'") from None
+    return quantize_pt2e, x86_inductor_quantizer
+
+
+def calibration_inputs(batches: Iterable, num_batches: int) -> list[torch.Tensor]:
+    """The images of the first num_batches batches ((images, labels) or images), as CPU float tensors.
+
+    Reads exactly num_batches items from the iterable (fewer if it ends first), nothing more.
+    """
+    if num_batches < 1:
+        raise QuantizeError(f"num_batches must be at least 1, got {num_batches}")
+    out = []
+    for item in islice(iter(batches), num_batches):
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise QuantizeError(f"a calibration batch must be images or (images, labels), got {type(x).__name__}")
+        out.append(x.detach().float().cpu())
+    if not out:
+        raise QuantizeError("the calibration batches are empty; pass the training DataLoader (or a list of batches)")
+    return out
+
+
+def _owner(model: nn.Module, exc: BaseException) -> str | None:
+    """The qualified name of the innermost layer of model whose forward the traceback of exc passes through."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if obj is not None and id(obj) in names:
+            found = names[id(obj)] or type(model).__name__
+    return found
+
+
+def _export(model: nn.Module, x: torch.Tensor, what: str) -> tuple[Any, bool]:
+    """torch.export with a dynamic batch where possible, else static; a failure names the layer."""
+    try:
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        return torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), True
+    except Exception:
+        pass
+    try:
+        return torch.export.export(model, (x,)), False
+    except Exception as e:
+        where = _owner(model, e)
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        at = f" in layer '{where}'" if where else ""
+        raise QuantizeError(f"torch.export cannot trace the {what}{at} ({type(e).__name__}: {first}); make its "
+                            "forward traceable (no data-dependent Python control flow) to quantize it") from None
+
+
+def _layers(gm: nn.Module) -> tuple[list[str], list[str]]:
+    """(quantized, float) conv/linear nodes of a converted graph: quantized ones read a dequantized weight."""
+    quantized, floating = [], []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not any(k in str(n.target) for k in ("conv", "linear")):
+            continue
+        w = n.args[1] if len(n.args) > 1 else None
+        name = n.meta.get("nn_module_stack")
+        label = list(name.values())[-1][0] if name else n.name
+        deq = getattr(w, "op", None) == "call_function" and "dequantize" in str(getattr(w, "target", ""))
+        (quantized if deq else floating).append(str(label))
+    return quantized, floating
+
+
+def _drop_unused(gm: nn.Module) -> None:
+    """Remove parameters and buffers the converted graph no longer reads (the float weights it replaced)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name in used:
+            continue
+        *path, leaf = name.split(".")
+        mod = gm
+        for p in path:
+            mod = getattr(mod, p)
+        mod._parameters.pop(leaf, None)
+        mod._buffers.pop(leaf, None)
+
+
+def quantize_pt2e(model: nn.Module, batches: Iterable, input_shape: tuple[int, ...],
+                  path: str | os.PathLike | None = None, num_batches: int = 8,
+                  inputs: list[torch.Tensor] | None = None) -> QuantizeResult:
+    """int8 PT2E static quantization of a float model (left unchanged), calibrated on num_batches batches."""
+    quantize_pt2e_mod, xiq = _torchao()
+    calib = inputs if inputs is not None else calibration_inputs(batches, num_batches)
+    float_model = copy.deepcopy(model).float().cpu().eval()
+    x = torch.randn((2, *tuple(input_shape)))
+    ep, _ = _export(float_model, x, "model")
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    try:
+        prepared = quantize_pt2e_mod.prepare_pt2e(ep.module(), quantizer)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise QuantizeError(f"the x86 int8 quantizer cannot prepare this model ({type(e).__name__}: {first}); "
+                            "quantize a model made of Conv2d/Linear/BatchNorm/ReLU/pooling layers") from None
+    with torch.no_grad():
+        for xb in calib:
+            if tuple(xb.shape[1:]) != tuple(input_shape):
+                raise QuantizeError(f"a calibration batch has shape {tuple(xb.shape)}, expected (N, "
+                                    f"{', '.join(map(str, input_shape))}) from input_shape")
+            prepared(xb)
+    converted = quantize_pt2e_mod.convert_pt2e(prepared)
+    quantized, floating = _layers(converted)
+    if not quantized:
+        ops = sorted({str(n.target).split(".")[0] for n in converted.graph.nodes if n.op == "call_function"
+                      and "assert" not in str(n.target) and "sym_size" not in str(n.target)})
+        raise QuantizeError(f"no layer of this model has int8 support in the x86 quantizer (its ops: "
+                            f"{', '.join(ops[:8])}); int8 needs Conv2d or Linear layers")
+    _drop_unused(converted)
+    result = QuantizeResult(model=converted, path=None, calib_batches=len(calib), quantized_layers=quantized,
+                            float_layers=floating)
+    if path is not None:
+        ep8, dynamic = _export(converted, x, "quantized model")
+        p = Path(path)
+        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
+        try:
+            torch.export.save(ep8, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        result.path, result.dynamic_batch = str(p), dynamic
+    return result
+
+
+class _Reader:
+    """An onnxruntime CalibrationDataReader over a list of image batches."""
+
+    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
+        self.name, self.it = name, iter(batches)
+
+    def get_next(self) -> dict | None:
+        x = next(self.it, None)
+        return None if x is None else {self.name: x.numpy()}
+
+    def rewind(self) -> None:  # pragma: no cover - only some calibration methods call it
+        raise QuantizeError("ONNX calibration reads the batches once")
+
+
+def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, int, int],
+                  path: str | os.PathLike, num_batches: int = 8,
+                  inputs: list[torch.Tensor] | None = None) -> str:
+    """int8 ONNX (QDQ, per-channel int8 weights, uint8 activations) of amas' float ONNX export; returns the path."""
+    from amas.files.export import export_onnx, onnx_available
+
+    if not onnx_available():
+        raise QuantizeError("int8 ONNX needs the onnx extra; install it with: pip install 'amas[onnx]'")
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    calib = inputs if inputs is not None else calibration_inputs(batches, num_batches)
+    reader_cls = type("AmasCalibrationReader", (_Reader, CalibrationDataReader), {})
+    p = Path(path)
+    with tempfile.TemporaryDirectory() as d:
+        fp = Path(d) / "float.onnx"
+        export_onnx(model, tuple(input_shape), fp, check=False)
+        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
+        try:
+            import onnx
+
+            name = onnx.load(str(fp), load_external_data=False).graph.input[0].name
+            quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            os.replace(tmp, p)
+        except QuantizeError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            raise QuantizeError(f"ONNX Runtime cannot quantize this model ({type(e).__name__}: {first}); "
+                                "ship the int8 .pt2 instead") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return str(p)
