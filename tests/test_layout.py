@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     "amas.models": 1,
     "amas.search": 2, "amas.criteria": 2, "amas.latency": 2, "amas.quant": 2,
     "amas.pipeline": 3,
-    "amas.cli": 4, "amas.api": 4, "amas.__main__": 4, "amas.__init__": 4,
+    "amas.cli": 4, "amas.api": 4, "amas.lightning": 4, "amas.__main__": 4, "amas.__init__": 4,
 }
 
 
