@@ -2,6 +2,7 @@
 the user's own model and batches (imported by the tests as `from conftest import ...`)."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,18 @@ def trained_teacher(train: DataLoader, cls: type[nn.Module] = TinyNet) -> nn.Mod
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
     return model.eval()
+
+
+def image_folder(root: Path, per_class: dict[str, int], empty: str | None = None) -> Path:
+    """Two classes of 32x32 PNGs per split ('dark' darker than 'light'); the folder named by empty gets none."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in per_class.items():
+        for k, name in enumerate(("dark", "light")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(0 if f"{split}/{name}" == empty else n):
+                px = (torch.rand(32, 32, 3, generator=g) * 96 + 40 + 100 * k).clamp(0, 255).byte().numpy()
+                Image.fromarray(px).save(d / f"{i}.png")
+    return root

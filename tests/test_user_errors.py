@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
-from PIL import Image
+from conftest import image_folder, tiny_overrides
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,19 +37,6 @@ def run_tool(args: list[str]) -> int:
     finally:
         sys.argv = argv
     return 0
-
-
-def image_folder(root: Path, per_class: dict[str, int], empty: str | None = None) -> Path:
-    """Two classes of 32x32 PNGs per split ('dark' darker than 'light'); the folder named by empty gets none."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in per_class.items():
-        for k, name in enumerate(("dark", "light")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(0 if f"{split}/{name}" == empty else n):
-                px = (torch.rand(32, 32, 3, generator=g) * 96 + 40 + 100 * k).clamp(0, 255).byte().numpy()
-                Image.fromarray(px).save(d / f"{i}.png")
-    return root
 
 
 def tool_args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
+from conftest import image_folder
 
 from amas.files.pruned import load_pruned
 
@@ -30,18 +30,6 @@ class Net(nn.Module):
     def forward(self, x):
         return self.fc(self.body(x).mean((2, 3)))
 '''
-
-
-def image_folder(root, per_class: dict[str, int]) -> None:
-    """Two classes of 32x32 PNGs: class 'dark' darker than class 'light', with noise."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in per_class.items():
-        for k, name in enumerate(("dark", "light")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                px = (torch.rand(32, 32, 3, generator=g) * 96 + 40 + 100 * k).clamp(0, 255).byte().numpy()
-                Image.fromarray(px).save(d / f"{i}.png")
 
 
 def overrides(data_root, **extra) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_user_errors import image_folder
+from conftest import image_folder
 
 timm = pytest.importorskip("timm")
 
