@@ -193,8 +193,10 @@ def quantize(model: nn.Module, calib_batches: Iterable, input_shape: tuple[int, 
             pass validation or test data.
         input_shape: ``(C, H, W)`` of one image; the batch dimension is dynamic where the model allows it.
         path: where to write the int8 ``.pt2`` (atomically). It loads without amas or torchao after
-            ``import torch.ao.quantization.fx._decomposed`` (core torch): ``torch.export.load(path).module()``;
-            ``torch.compile`` of that module runs int8 kernels on x86 CPUs.
+            ``import torch.ao.quantization.fx._decomposed`` (core torch): ``torch.export.load(path).module()``
+            runs the int8 weights through quantize/dequantize ops in float. For int8 kernels (oneDNN qconv), also
+            ``import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer`` (its Inductor passes), set
+            ``torch._inductor.config.freezing = True`` and ``torch.compile`` the module.
         num_batches: how many batches calibration reads.
         onnx_path: also write an int8 ONNX (ONNX Runtime static QDQ quantization of amas' float ONNX export over
             the same batches; needs the ``onnx`` extra).

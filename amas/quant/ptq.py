@@ -5,8 +5,11 @@ symmetric config: int8 activations per tensor, int8 weights per channel), calibr
 ``num_batches`` training batches, converts and saves an int8 ``.pt2`` (weights stored as int8). The ``.pt2``
 needs no amas and no torchao to load: its quantize/dequantize ops are core torch's ``quantized_decomposed``
 library, registered by ``import torch.ao.quantization.fx._decomposed`` (or by any use of torch.compile) before
-``torch.export.load(path).module()``. ``quantize_onnx`` quantizes amas' float ONNX export with ONNX Runtime's
-static QDQ quantization over the same batches.
+``torch.export.load(path).module()``; that runs the quantize/dequantize ops in float. int8 kernels (oneDNN
+qconv/qlinear) come from ``torch.compile`` with ``torch._inductor.config.freezing = True`` and torchao's Inductor
+passes registered (``import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer``): without torchao, the
+compiled graph keeps float convolutions on dequantized weights. ``quantize_onnx`` quantizes amas' float ONNX
+export with ONNX Runtime's static QDQ quantization over the same batches.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from torch import nn
 from amas.errors import QuantizeError
 from amas.files.atomic import temp_beside
 
-__all__ = ["LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e"]
 
 # what a process without amas runs before torch.export.load of an int8 .pt2
 LOAD_HINT = "import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops"
+# what a process runs before torch.compile of the loaded module to get int8 kernels (needs torchao)
+COMPILE_HINT = ("import torch._inductor.config; torch._inductor.config.freezing = True; "
+                "import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer")
 
 
 @dataclass
