@@ -257,6 +257,17 @@ class CriteriaConfig:
 
 
 @dataclass
+class QuantConfig:
+    """int8 quantization of the exported pruned model: the quantize stage of `amas prune`, after export."""
+
+    # none: no quantize stage; ptq: int8 PT2E static quantization (pruned_int8.pt2) calibrated on training batches
+    # (quantization-aware training is not built yet)
+    mode: Literal["none", "ptq"] = "none"
+    calib_batches: int = field(default=8, metadata=_range(1))  # training batches the calibration reads
+    onnx: bool = False  # also write pruned_int8.onnx (ONNX Runtime static QDQ; needs the onnx extra)
+
+
+@dataclass
 class Config:
     """A whole run: model, data and training settings plus the seed, and each later stage's section."""
 
@@ -269,6 +280,7 @@ class Config:
     criteria: CriteriaConfig = field(default_factory=CriteriaConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
 
 # ---------------------------------------------------------------- loading

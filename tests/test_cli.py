@@ -87,4 +87,4 @@ def test_python_dash_m_amas_is_the_amas_command():
     env = dict(os.environ, PYTHONPATH=root)
     p = subprocess.run([sys.executable, "-m", "amas", "prune", "--help"], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr
-    assert "--redo {teacher,search,candidates,select,final,export}" in p.stdout
+    assert "--redo {teacher,search,candidates,select,final,export,quantize}" in p.stdout

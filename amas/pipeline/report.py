@@ -129,6 +129,20 @@ def _selection_lines(report: dict) -> list[str]:
             "- candidates, Pareto front and the figure: `selection.json`, `pareto.png`", ""]
 
 
+def _int8_lines(report: dict) -> list[str]:
+    """report.md's int8 files (the quantize stage's block of report.json, when it ran)."""
+    q, files = report.get("int8"), report["files"]
+    if not q:
+        return []
+    lines = [f"- `pruned_int8.pt2`: int8 (PT2E, {q['calib_batches']} training batches calibrated), top-1 "
+             f"{_cell(q['val_acc'])}% val / {_cell(q['test_acc'])}% test, {q['pt2_bytes']} bytes; "
+             "`import torch.ao.quantization.fx._decomposed`, then "
+             f"`torch.export.load('{files['pruned_int8.pt2']}').module()`"]
+    if q.get("onnx_bytes"):
+        lines.append(f"- `pruned_int8.onnx`: int8 QDQ, {q['onnx_bytes']} bytes")
+    return lines
+
+
 def write_report(report: dict, out: str | Path) -> None:
     """report.md (teacher vs pruned, how it was chosen, files) and report.json, each atomically; JSON last."""
     out = Path(out)
@@ -160,6 +174,7 @@ def write_report(report: dict, out: str | Path) -> None:
     ]
     if "pruned.onnx" in report["files"]:
         lines.append(f"- `pruned.onnx`: onnxruntime `InferenceSession('{report['files']['pruned.onnx']}')`")
+    lines += _int8_lines(report)
     lines += [f"- {n}" for n in report["notes"]]
     if report["stage_wall_s"]:
         lines += ["", "## Stage wall times (s)", ""] + [f"- {k}: {v:.1f}" for k, v in report["stage_wall_s"].items()]

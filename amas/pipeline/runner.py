@@ -8,12 +8,13 @@ stage is a hash of its settings chained through the stages before it: a stage wh
 differs from the current settings is never reused silently.
 
 The amas commands as library calls, each a subset of the stage table: `amas prune` (run_pipeline: teacher →
-search → candidates → selection → final fine-tune → export), `amas train` (run_train: the teacher stage),
-`amas search` (run_search: the search stage) and `amas export` (run_export: the export stage on a cut checkpoint).
+search → candidates → selection → final fine-tune → export → quantize, the last only when quant.mode is not none),
+`amas train` (run_train: the teacher stage), `amas search` (run_search: the search stage) and `amas export`
+(run_export: the export stage on a cut checkpoint).
 
 The stages and their order are the stage table below; what each does is its module in amas.pipeline (teacher, search,
-candidates, select, final, export); what they share (device, rank, sharded data, the teacher, the one writer) is
-amas.pipeline.context.RunContext.
+candidates, select, final, export, quantize); what they share (device, rank, sharded data, the teacher, the one
+writer) is amas.pipeline.context.RunContext.
 
 Each stage writes its artefact atomically; a stage is finished when its artefacts exist, and a run started
 again with the same command skips finished stages and continues at the first unfinished one (a half-done
@@ -33,6 +34,7 @@ Run directory::
     selection.json       Pareto front, policy, winner;  pareto.png;  tb/select/ (figure + hparams table)
     final/               final.pt (winner after the final fine-tune), final_state.pt, tb/
     pruned.pt            the shipped model (amas.load_pruned), pruned.pt2 (torch.export), report.md, report.json
+    pruned_int8.pt2      int8 PT2E model (quant.mode ptq; pruned_int8.onnx with quant.onnx), report.json's int8 block
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from amas.pipeline.candidates import candidates_stage
 from amas.pipeline.context import ExportOptions, RunContext, now, seed_everything
 from amas.pipeline.export import cut_checkpoint, export_stage
 from amas.pipeline.final import final_stage
+from amas.pipeline.quantize import PARTIAL, quantize_stage
 from amas.pipeline.search import search_stage
 from amas.pipeline.select import select_stage
 from amas.pipeline.teacher import teacher_stage
@@ -123,12 +126,17 @@ class Stage:
     run: Callable[[RunContext], list[tuple[str, Any]]]
     source: str | None = None  # runs only for methods that cut from this source (amas.criteria: "search")
     state: str | None = None  # the engine's saved training state, which --resume continues
+    enabled: Callable[[Config], bool] | None = None  # runs only when the config asks for it (else: not part of the run)
 
     def applies(self, method: str) -> bool:
         """Whether the stage runs for this --method."""
         from amas.criteria import get
 
         return self.source is None or get(method).source == self.source
+
+    def wanted(self, cfg: Config) -> bool:
+        """Whether the config turns the stage on (an off stage is left out of the run and of its stage log)."""
+        return self.enabled is None or self.enabled(cfg)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -148,6 +156,9 @@ STAGES: tuple[Stage, ...] = (
           writes=("pruned.pt", "pruned.pt2", "report.md", "report.json"),
           owns=("pruned.pt", "pruned.pt2", "pruned.onnx", "report.md", "report.json"), settings=lambda s: {},
           run=export_stage),
+    Stage("quantize", reads=("pruned.pt", "report.json"), writes=("pruned_int8.pt2",),
+          owns=("pruned_int8.pt2", PARTIAL, "pruned_int8.onnx"), settings=lambda s: {"quant": s.d["quant"]},
+          run=quantize_stage, enabled=lambda cfg: cfg.quant.mode != "none"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
@@ -238,6 +249,7 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
             ctx.remove(stage.owns)
             log.set(stage.name, None)
         log.event(redo, "redo")
+    stages = tuple(s for s in stages if s.wanted(ctx.cfg))
     for stage in stages:  # refuse before touching anything when the directory holds another run's stages
         rec = log.stage(stage.name)
         if rec is not None and rec.get("fingerprint") != fps[stage.name]:

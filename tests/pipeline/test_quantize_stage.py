@@ -1,0 +1,69 @@
+"""The quantize stage of `amas prune` (quant.mode ptq): pruned_int8.pt2 from training batches, int8 accuracies in the
+report, skipped on a rerun, redone by --redo quantize, and not run at all by default (quant.mode none)."""
+
+import json
+
+import pytest
+from conftest import prune_overrides
+
+from amas.config import load_config
+from amas.errors import ConfigError, PipelineError
+from amas.pipeline.runner import run_pipeline
+
+
+def events(run):
+    return [(e["stage"], e["event"]) for e in json.loads((run / "pipeline.json").read_text())["events"]]
+
+
+def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_pipeline(load_config(None, prune_overrides()), run, teacher=str(teacher_path), latency_iters=2)
+    assert not list(run.glob("pruned_int8*"))
+    assert "quantize" not in json.loads((run / "pipeline.json").read_text())["stages"]
+    assert "int8" not in json.loads((run / "report.json").read_text())
+    assert not any(stage == "quantize" for stage, _ in events(run))
+
+    # turning quantization on reuses every earlier stage and runs only the quantize stage
+    cfg = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "2"}))
+    before = (run / "pruned.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
+    assert "quantize: done" in capsys.readouterr().out
+    ev = events(run)
+    assert ev[-9:] == [*[(s, "skip") for s in ("teacher", "search", "candidates", "select", "final", "export")],
+                       ("quantize", "start"), ("quantize", "done"), ("pipeline", "complete")]
+    assert (run / "pruned.pt").stat().st_mtime_ns == before
+    pt2 = run / "pruned_int8.pt2"
+    assert pt2.is_file() and not (run / "pruned_int8.partial.pt2").exists() and not (run / "pruned_int8.onnx").exists()
+
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers the int8 quantize/dequantize ops
+
+    x = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.export.load(str(pt2)).module()(x).shape == torch.export.load(str(run / "pruned.pt2")).module()(
+            x).shape == (5, 4)
+    report = json.loads((run / "report.json").read_text())
+    q = report["int8"]
+    assert 0 <= q["val_acc"] <= 100 and 0 <= q["test_acc"] <= 100 and q["calib_batches"] == 2
+    assert q["pt2_bytes"] == pt2.stat().st_size and q["onnx_bytes"] is None
+    assert report["files"]["pruned_int8.pt2"] == str(pt2)
+    assert "pruned_int8.pt2" in (run / "report.md").read_text()
+
+    # a rerun skips every stage; other quant settings are refused; --redo quantize redoes only it
+    stamp = pt2.stat().st_mtime_ns
+    run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
+    assert events(run)[-8:-1] == [(s, "skip") for s in ("teacher", "search", "candidates", "select", "final",
+                                                         "export", "quantize")]
+    assert pt2.stat().st_mtime_ns == stamp
+    three = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "3"}))
+    with pytest.raises(PipelineError, match="--redo quantize"):
+        run_pipeline(three, run, teacher=str(teacher_path), latency_iters=2)
+    run_pipeline(three, run, teacher=str(teacher_path), latency_iters=2, redo="quantize")
+    ev = events(run)
+    assert ev.count(("quantize", "done")) == 2 and ev.count(("export", "done")) == 1
+    assert json.loads((run / "report.json").read_text())["int8"]["calib_batches"] == 3
+
+
+def test_quant_mode_qat_is_not_a_choice():
+    with pytest.raises(ConfigError, match="quant.mode"):
+        load_config(None, ["quant.mode=qat"])
