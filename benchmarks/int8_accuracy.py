@@ -24,16 +24,7 @@ from amas.config import load_config
 from amas.data import build_data
 from amas.engine.loop import evaluate
 from amas.files.pruned import load_any_model
-
-
-def accuracy(run, batches) -> float:
-    """Top-1 (%) over batches of run(images) -> logits (a loaded .pt2 module has no eval(): it runs as exported)."""
-    correct = seen = 0
-    with torch.no_grad():
-        for x, y in batches:
-            correct += int((torch.as_tensor(run(x)).argmax(1) == y).sum())
-            seen += len(y)
-    return 100.0 * correct / seen
+from amas.quant import top1_accuracy
 
 
 def onnx_runner(path: Path):
@@ -71,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = {
             "float32": {"test_acc": evaluate(model.eval(), bundle.test, classes, torch.device("cpu"))["acc"],
                         "pt2_bytes": f32.stat().st_size},
-            "int8 .pt2": {"test_acc": accuracy(loaded, bundle.test),
+            "int8 .pt2": {"test_acc": top1_accuracy(loaded, bundle.test),
                           "pt2_bytes": i8.stat().st_size},
-            "int8 ONNX": {"test_acc": accuracy(onnx_runner(i8_onnx), bundle.test),
+            "int8 ONNX": {"test_acc": top1_accuracy(onnx_runner(i8_onnx), bundle.test),
                           "onnx_bytes": i8_onnx.stat().st_size},
         }
     out = {"command": "python benchmarks/int8_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),

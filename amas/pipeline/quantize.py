@@ -5,12 +5,9 @@ top-1 go into report.json (``int8``) and report.md."""
 from __future__ import annotations
 
 import os
-from typing import Any
-
-import torch
-from torch import nn
 
 from amas.pipeline.context import Rows, RunContext
+from amas.quant import top1_accuracy
 
 __all__ = ["quantize_stage"]
 
@@ -51,8 +48,8 @@ def _quantize(ctx: RunContext) -> dict:
     result = quantize_pt2e(model, None, shape, path=partial, inputs=calib)
     evaluation = ctx.data("finetune", sharded=False)  # every image of val and test, on this one rank
     batch = None if result.dynamic_batch else 2  # a static export takes the batch it was traced with
-    val_acc = _top1(result.model, evaluation.val, batch)
-    test_acc = _top1(result.model, evaluation.test, batch)
+    val_acc = top1_accuracy(result.model, evaluation.val, batch)
+    test_acc = top1_accuracy(result.model, evaluation.test, batch)
     report = ctx.read_json("report.json")
     notes = [n for n in report["notes"] if "int8" not in n]
     onnx_path = None
@@ -81,22 +78,3 @@ def _quantize(ctx: RunContext) -> dict:
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
-
-
-def _top1(model: nn.Module, batches: Any, batch: int | None) -> float | None:
-    """Top-1 accuracy (%) of the converted int8 model on CPU (it has no .eval(): it is always in inference form)."""
-    if batches is None:
-        return None
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            x, y = x.detach().float().cpu().contiguous(), y.cpu()
-            if batch is None:
-                logits = model(x)
-            else:  # pad to multiples of the fixed batch, keep the real rows
-                pad = -len(x) % batch
-                xp = torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
-                logits = torch.cat([model(c) for c in xp.split(batch)])[: len(x)]
-            correct += int((logits.argmax(1) == y).sum())
-            total += int(y.numel())
-    return 100.0 * correct / total if total else None

@@ -30,7 +30,8 @@ from torch import nn
 from amas.errors import QuantizeError
 from amas.files.atomic import temp_beside
 
-__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e",
+           "top1_accuracy"]
 
 # what a process without amas runs before torch.export.load of an int8 .pt2
 LOAD_HINT = "import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops"
@@ -230,3 +231,23 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return str(p)
+
+
+def top1_accuracy(model: Any, batches: Any, batch: int | None = None) -> float | None:
+    """Top-1 (%) over batches of model(images) -> logits on CPU: a converted or loaded int8 program (no .eval()), an
+    ONNX Runtime call; batch: the fixed batch of a program exported without a dynamic one (padded, real rows kept)."""
+    if batches is None:
+        return None
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.detach().float().cpu().contiguous(), y.cpu()
+            if batch is None:
+                logits = torch.as_tensor(model(x))
+            else:  # pad to multiples of the fixed batch, keep the real rows
+                pad = -len(x) % batch
+                xp = torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
+                logits = torch.cat([torch.as_tensor(model(c)) for c in xp.split(batch)])[: len(x)]
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+    return 100.0 * correct / total if total else None
