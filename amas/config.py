@@ -260,10 +260,12 @@ class CriteriaConfig:
 class QuantConfig:
     """int8 quantization of the exported pruned model: the quantize stage of `amas prune`, after export."""
 
-    # none: no quantize stage; ptq: int8 PT2E static quantization (pruned_int8.pt2) calibrated on training batches
-    # (quantization-aware training is not built yet)
-    mode: Literal["none", "ptq"] = "none"
+    # none: no quantize stage; ptq: int8 PT2E static quantization (pruned_int8.pt2) calibrated on training batches;
+    # qat: int8 quantization-aware fine-tuning of the pruned model against the teacher (finetune's objective)
+    mode: Literal["none", "ptq", "qat"] = "none"
     calib_batches: int = field(default=8, metadata=_range(1))  # training batches the calibration reads
+    qat_epochs: int = field(default=1, metadata=_range(1))  # quantization-aware fine-tuning epochs (mode qat)
+    qat_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))  # its SGD learning rate (cosine schedule)
     onnx: bool = False  # also write pruned_int8.onnx (ONNX Runtime static QDQ; needs the onnx extra)
 
 

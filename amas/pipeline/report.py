@@ -134,7 +134,9 @@ def _int8_lines(report: dict) -> list[str]:
     q, files = report.get("int8"), report["files"]
     if not q:
         return []
-    lines = [f"- `pruned_int8.pt2`: int8 (PT2E, {q['calib_batches']} training batches calibrated), top-1 "
+    how = (f"quantization-aware, {q['qat_epochs']} epochs against the teacher" if q.get("mode") == "qat" else
+           f"{q['calib_batches']} training batches calibrated")
+    lines = [f"- `pruned_int8.pt2`: int8 (PT2E, {how}), top-1 "
              f"{_cell(q['val_acc'])}% val / {_cell(q['test_acc'])}% test, {q['pt2_bytes']} bytes; "
              "`import torch.ao.quantization.fx._decomposed`, then "
              f"`torch.export.load('{files['pruned_int8.pt2']}').module()`"]

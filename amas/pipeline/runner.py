@@ -34,7 +34,8 @@ Run directory::
     selection.json       Pareto front, policy, winner;  pareto.png;  tb/select/ (figure + hparams table)
     final/               final.pt (winner after the final fine-tune), final_state.pt, tb/
     pruned.pt            the shipped model (amas.load_pruned), pruned.pt2 (torch.export), report.md, report.json
-    pruned_int8.pt2      int8 PT2E model (quant.mode ptq; pruned_int8.onnx with quant.onnx), report.json's int8 block
+    pruned_int8.pt2      int8 PT2E model (quant.mode ptq|qat; pruned_int8.onnx: ptq + quant.onnx), report.json int8
+    quantize/            quantize_state.pt, tb/  (quant.mode qat: the quantization-aware fine-tune)
 """
 
 from __future__ import annotations
@@ -157,8 +158,9 @@ STAGES: tuple[Stage, ...] = (
           owns=("pruned.pt", "pruned.pt2", "pruned.onnx", "report.md", "report.json"), settings=lambda s: {},
           run=export_stage),
     Stage("quantize", reads=("pruned.pt", "report.json"), writes=("pruned_int8.pt2",),
-          owns=("pruned_int8.pt2", PARTIAL, "pruned_int8.onnx"), settings=lambda s: {"quant": s.d["quant"]},
-          run=quantize_stage, enabled=lambda cfg: cfg.quant.mode != "none"),
+          owns=("pruned_int8.pt2", PARTIAL, "pruned_int8.onnx", "quantize"),
+          settings=lambda s: {"quant": s.d["quant"]}, run=quantize_stage, state="quantize/quantize_state.pt",
+          enabled=lambda cfg: cfg.quant.mode != "none"),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 

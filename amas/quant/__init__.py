@@ -1,4 +1,4 @@
-"""int8 post-training quantization of a (pruned) float model: PT2E int8 .pt2 and ONNX Runtime int8 ONNX."""
+"""int8 quantization of a (pruned) float model: PT2E post-training and quantization-aware, int8 .pt2 and ONNX."""
 
 from amas.quant.ptq import (
     COMPILE_HINT,
@@ -9,6 +9,7 @@ from amas.quant.ptq import (
     quantize_pt2e,
     top1_accuracy,
 )
+from amas.quant.qat import convert_qat, prepare_qat
 
-__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e",
-           "top1_accuracy"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "convert_qat", "prepare_qat",
+           "quantize_onnx", "quantize_pt2e", "top1_accuracy"]

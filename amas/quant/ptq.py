@@ -53,7 +53,7 @@ class QuantizeResult:
     onnx_path: str | None = None
 
 
-def _torchao() -> Any:
+def torchao_pt2e() -> Any:
     try:
         from torchao.quantization.pt2e import quantize_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
@@ -91,7 +91,7 @@ def _owner(model: nn.Module, exc: BaseException) -> str | None:
     return found
 
 
-def _export(model: nn.Module, x: torch.Tensor, what: str) -> tuple[Any, bool]:
+def export_graph(model: nn.Module, x: torch.Tensor, what: str) -> tuple[Any, bool]:
     """torch.export with a dynamic batch where possible, else static; a failure names the layer."""
     try:
         batch = torch.export.Dim("batch", min=1, max=65536)
@@ -140,26 +140,43 @@ def quantize_pt2e(model: nn.Module, batches: Iterable, input_shape: tuple[int, .
                   path: str | os.PathLike | None = None, num_batches: int = 8,
                   inputs: list[torch.Tensor] | None = None) -> QuantizeResult:
     """int8 PT2E static quantization of a float model (left unchanged), calibrated on num_batches batches."""
-    quantize_pt2e_mod, xiq = _torchao()
+    quantize_pt2e_mod, _ = torchao_pt2e()
     calib = inputs if inputs is not None else calibration_inputs(batches, num_batches)
-    float_model = copy.deepcopy(model).float().cpu().eval()
-    x = torch.randn((2, *tuple(input_shape)))
-    ep, _ = _export(float_model, x, "model")
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    try:
-        prepared = quantize_pt2e_mod.prepare_pt2e(ep.module(), quantizer)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        raise QuantizeError(f"the x86 int8 quantizer cannot prepare this model ({type(e).__name__}: {first}); "
-                            "quantize a model made of Conv2d/Linear/BatchNorm/ReLU/pooling layers") from None
+    prepared = prepare_int8(model, input_shape)
     with torch.no_grad():
         for xb in calib:
             if tuple(xb.shape[1:]) != tuple(input_shape):
                 raise QuantizeError(f"a calibration batch has shape {tuple(xb.shape)}, expected (N, "
                                     f"{', '.join(map(str, input_shape))}) from input_shape")
             prepared(xb)
-    converted = quantize_pt2e_mod.convert_pt2e(prepared)
+    return finish_int8(quantize_pt2e_mod.convert_pt2e(prepared), input_shape, path, len(calib))
+
+
+def prepare_int8(model: nn.Module, input_shape: tuple[int, ...], qat: bool = False) -> nn.Module:
+    """A CPU float copy of model exported and prepared for int8: observers (PTQ), or trainable fake-quant (qat)."""
+    quantize_pt2e_mod, _ = torchao_pt2e()
+    float_model = copy.deepcopy(model).float().cpu().train(qat)
+    ep, _ = export_graph(float_model, torch.randn((2, *tuple(input_shape))), "model")
+    prepare = quantize_pt2e_mod.prepare_qat_pt2e if qat else quantize_pt2e_mod.prepare_pt2e
+    try:
+        return prepare(ep.module(), x86_quantizer(qat))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise QuantizeError(f"the x86 int8 quantizer cannot prepare this model ({type(e).__name__}: {first}); "
+                            "quantize a model made of Conv2d/Linear/BatchNorm/ReLU/pooling layers") from None
+
+
+def x86_quantizer(qat: bool = False) -> Any:
+    """torchao's X86InductorQuantizer with its default symmetric config (the QAT variant when qat)."""
+    _, xiq = torchao_pt2e()
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=qat))
+    return quantizer
+
+
+def finish_int8(converted: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike | None,
+                calib_batches: int) -> QuantizeResult:
+    """A converted PT2E model checked for int8 layers, stripped of its float weights and saved as .pt2 at path."""
     quantized, floating = _layers(converted)
     if not quantized:
         ops = sorted({str(n.target).split(".")[0] for n in converted.graph.nodes if n.op == "call_function"
@@ -167,10 +184,11 @@ def quantize_pt2e(model: nn.Module, batches: Iterable, input_shape: tuple[int, .
         raise QuantizeError(f"no layer of this model has int8 support in the x86 quantizer (its ops: "
                             f"{', '.join(ops[:8])}); int8 needs Conv2d or Linear layers")
     _drop_unused(converted)
-    result = QuantizeResult(model=converted, path=None, calib_batches=len(calib), quantized_layers=quantized,
+    result = QuantizeResult(model=converted, path=None, calib_batches=calib_batches, quantized_layers=quantized,
                             float_layers=floating)
     if path is not None:
-        ep8, dynamic = _export(converted, x, "quantized model")
+        x = torch.randn((2, *tuple(input_shape)))
+        ep8, dynamic = export_graph(converted, x, "quantized model")
         p = Path(path)
         tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
         try:

@@ -9,7 +9,6 @@ from student outputs; the student is pushed to fool it while matching the teache
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from amas import distributed
 from amas.config import AlignmentConfig
+from amas.engine.fold import folded_copy
 from amas.engine.loop import Objective, StepOutput
 from amas.errors import SearchError
 
@@ -130,27 +130,10 @@ def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     The copy is checked against model on a random batch; when tracing fails or the outputs differ, model
     itself is returned. The original's weights and buffers are never touched.
     """
-    from torch.fx.experimental.optimization import fuse
-
-    was_training = model.training
-    model.eval()
-    try:
-        fast = fuse(copy.deepcopy(model))
-        _inplace_relus(fast)
-        p = next(model.parameters())
-        x = torch.randn((4, *input_shape), generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-        with torch.no_grad():
-            ref, out = model(x), fast(x)
-        if (
-            not isinstance(out, torch.Tensor)
-            or out.shape != ref.shape
-            or not torch.allclose(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()) + 1e-5)
-        ):
-            return model
-    except Exception:  # any model torch.fx cannot trace or fuse: use it as it is
+    fast = folded_copy(model, input_shape)
+    if fast is None:
         return model
-    finally:
-        model.train(was_training)
+    _inplace_relus(fast)
     return fast.eval().requires_grad_(False)
 
 

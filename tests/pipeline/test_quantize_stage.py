@@ -49,21 +49,30 @@ def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_
     assert report["files"]["pruned_int8.pt2"] == str(pt2)
     assert "pruned_int8.pt2" in (run / "report.md").read_text()
 
-    # a rerun skips every stage; other quant settings are refused; --redo quantize redoes only it
+    # a rerun skips every stage; other quant settings are refused; --redo quantize redoes only it (here as QAT)
     stamp = pt2.stat().st_mtime_ns
     run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
     assert events(run)[-8:-1] == [(s, "skip") for s in ("teacher", "search", "candidates", "select", "final",
                                                          "export", "quantize")]
     assert pt2.stat().st_mtime_ns == stamp
-    three = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "3"}))
+    qat = load_config(None, prune_overrides(**{"quant.mode": "qat", "quant.onnx": "true"}))
     with pytest.raises(PipelineError, match="--redo quantize"):
-        run_pipeline(three, run, teacher=str(teacher_path), latency_iters=2)
-    run_pipeline(three, run, teacher=str(teacher_path), latency_iters=2, redo="quantize")
+        run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2)
+    run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2, redo="quantize")
     ev = events(run)
     assert ev.count(("quantize", "done")) == 2 and ev.count(("export", "done")) == 1
-    assert json.loads((run / "report.json").read_text())["int8"]["calib_batches"] == 3
+    report = json.loads((run / "report.json").read_text())
+    q = report["int8"]
+    assert q["mode"] == "qat" and q["qat_epochs"] == 1 and q["calib_batches"] == 0
+    assert 0 <= q["qat_fake_quant_val_acc"] <= 100 and 0 <= q["test_acc"] <= 100
+    # the QAT state is kept for --resume; ONNX int8 is a PTQ-only file, and the report says so
+    assert (run / "quantize" / "quantize_state.pt").is_file() and not (run / "pruned_int8.onnx").exists()
+    assert any("quant.mode ptq only" in n for n in report["notes"])
+    assert "quantization-aware, 1 epochs" in (run / "report.md").read_text()
+    with torch.no_grad():
+        assert torch.export.load(str(pt2)).module()(x).shape == (5, 4)
 
 
-def test_quant_mode_qat_is_not_a_choice():
+def test_quant_mode_must_be_none_ptq_or_qat():
     with pytest.raises(ConfigError, match="quant.mode"):
-        load_config(None, ["quant.mode=qat"])
+        load_config(None, ["quant.mode=int4"])
