@@ -19,11 +19,13 @@ __all__ = ["PruneResult", "export", "list_methods", "prune", "quantize", "resolv
 
 @dataclass
 class PruneResult:
-    """What amas.prune returns: the pruned model (eval mode), its report and the selection of candidates."""
+    """What amas.prune returns: the pruned model (eval mode), its report and the selection of candidates; with
+    quantize, its int8 program (``torch.export``'s module of pruned_int8.pt2)."""
 
     model: nn.Module
     report: dict
     selection: dict
+    int8: nn.Module | None = None
 
 
 def resolve_config(config: str | os.PathLike | Config | None, overrides: Mapping[str, Any] | None = None,
@@ -46,7 +48,8 @@ def resolve_config(config: str | os.PathLike | Config | None, overrides: Mapping
 def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple[int, int, int],
           target_reduction: float = 0.5, config: str | os.PathLike | Config | None = None,
           overrides: Mapping[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
-          test: Iterable | None = None, method: str = "amas", latency_iters: int = 20) -> PruneResult:
+          test: Iterable | None = None, method: str = "amas", latency_iters: int = 20,
+          quantize: str = "none") -> PruneResult:
     """Prune a trained classifier to target_reduction of its MACs with the amas pipeline on your batches.
 
     Args:
@@ -64,10 +67,13 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         test: optional batches, evaluated once at the end and only reported.
         method: "amas" (the mask search) or a baseline criterion of amas.list_methods().
         latency_iters: timed iterations per batch size for the report's latency.
+        quantize: "none", "ptq" (int8 calibrated on train batches) or "qat" (int8 quantization-aware fine-tuning
+            against the teacher, quant.qat_epochs); sets quant.mode unless the overrides do. Needs torchao.
 
     Returns:
         PruneResult: .model (the pruned nn.Module, eval mode), .report (macs, params, reductions, accuracies,
-        latency, the teacher's), .selection (the candidates, the Pareto front and the chosen one).
+        latency, the teacher's; with quantize, ``int8``: its accuracies and size), .selection (the candidates, the
+        Pareto front and the chosen one), .int8 (with quantize: the int8 program, float in and logits out).
 
     Example:
         >>> result = amas.prune(teacher, train_loader, val_loader, (3, 32, 32), 0.5)  # doctest: +SKIP
@@ -87,7 +93,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     if len(shape) != 3:
         raise DataError(f"input_shape {tuple(input_shape)} is not (C, H, W); pass the shape of one image")
     cfg = resolve_config(config, overrides, **{"search.target_reduction": target_reduction,
-                                               "select.min_reduction": target_reduction})
+                                               "select.min_reduction": target_reduction, "quant.mode": quantize})
     _check_method(method)
     info = UserDataInfo("user", classes_of(teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
@@ -99,7 +105,12 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         model, _ = load_pruned(run_dir / "pruned.pt", ctx.device)
         report = json.loads((run_dir / "report.json").read_text())
         selection = json.loads((run_dir / "selection.json").read_text())
-    return PruneResult(model.eval(), _short_report(report, test is not None), selection)
+        int8 = None
+        if "int8" in report:
+            from amas.quant import load_int8
+
+            int8 = load_int8(run_dir / "pruned_int8.pt2")
+    return PruneResult(model.eval(), _short_report(report, test is not None), selection, int8)
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None,
@@ -244,6 +255,11 @@ def _short_report(report: dict, with_test: bool) -> dict:
            "params_reduction": report["params_reduction"], "val_acc": p["val_acc"],
            "latency_b1_ms": p["latency_b1_ms"], "latency_b64_ms": p["latency_b64_ms"],
            "latency_device": report["latency_device"], "teacher": dict(report["teacher"])}
+    if "int8" in report:
+        q = report["int8"]
+        out["int8"] = {"mode": q["mode"], "val_acc": q["val_acc"], "pt2_bytes": q["pt2_bytes"]}
+        if with_test:
+            out["int8"]["test_acc"] = q["test_acc"]
     if with_test:
         out["test_acc"] = p["test_acc"]
     else:

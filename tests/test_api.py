@@ -3,6 +3,7 @@ own batches; bad inputs stop with one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -158,11 +159,21 @@ def test_prune_without_out_dir_leaves_nothing_on_disk(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     train, val, _ = loaders()
     teacher = trained_teacher(train)
-    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), latency_iters=2)
+    quantize = "qat" if importlib.util.find_spec("torchao") else "none"
+    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), latency_iters=2, quantize=quantize)
     assert "test_acc" not in result.report and 0.5 <= result.report["macs_reduction"] < 0.75
+    x = torch.randn(6, *SHAPE)
     with torch.no_grad():
         assert result.model(torch.zeros(2, *SHAPE)).shape == (2, 4)
-    assert list(tmp_path.iterdir()) == []
+        if quantize == "qat":  # the int8 program lives on in memory after its run directory is gone
+            q = result.report["int8"]
+            assert q["mode"] == "qat" and 0 <= q["val_acc"] <= 100 and q["pt2_bytes"] > 0 and "test_acc" not in q
+            from amas.quant import top1_accuracy
+
+            assert result.int8(x).shape == (6, 4)
+            assert top1_accuracy(result.int8, val) == pytest.approx(q["val_acc"], abs=1e-3)  # the program evaluated
+    # torch's own compile cache (torchinductor_<user>, made by torchao's passes) is not amas' run directory
+    assert [p for p in tmp_path.iterdir() if not p.name.startswith("torchinductor_")] == []
 
 
 class Features(nn.Module):

@@ -5,11 +5,12 @@ from amas.quant.ptq import (
     LOAD_HINT,
     QuantizeResult,
     calibration_inputs,
+    load_int8,
     quantize_onnx,
     quantize_pt2e,
     top1_accuracy,
 )
 from amas.quant.qat import convert_qat, prepare_qat
 
-__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "convert_qat", "prepare_qat",
-           "quantize_onnx", "quantize_pt2e", "top1_accuracy"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "convert_qat", "load_int8",
+           "prepare_qat", "quantize_onnx", "quantize_pt2e", "top1_accuracy"]

@@ -30,8 +30,8 @@ from torch import nn
 from amas.errors import QuantizeError
 from amas.files.atomic import temp_beside
 
-__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "quantize_onnx", "quantize_pt2e",
-           "top1_accuracy"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "load_int8", "quantize_onnx",
+           "quantize_pt2e", "top1_accuracy"]
 
 # what a process without amas runs before torch.export.load of an int8 .pt2
 LOAD_HINT = "import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops"
@@ -249,6 +249,13 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return str(p)
+
+
+def load_int8(path: str | os.PathLike) -> nn.Module:
+    """The runnable module of an int8 .pt2 (registers core torch's quantize/dequantize ops first)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers quantized_decomposed ops
+
+    return torch.export.load(str(path)).module()
 
 
 def top1_accuracy(model: Any, batches: Any, batch: int | None = None) -> float | None:
