@@ -14,6 +14,9 @@ from amas.config_check import build_section
 from amas.errors import ConfigError
 from amas.files.atomic import temp_beside
 
+# what latency is timed on (amas.latency.runtimes; the int8 ones time the model quantized as amas.quantize does)
+Runtime = Literal["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"]
+
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
@@ -167,13 +170,13 @@ class PruneConfig:
     # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime
     target_latency: float = field(default=0.5, metadata=_range(0.01, 1))
     latency_batch: int = field(default=1, metadata=_range(1))
-    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
+    latency_runtime: Runtime = "eager"
     # where measured latency tables are cached (one JSON per model, batch, threads, runtime, device, torch version)
     latency_tables: str = "~/.cache/amas/latency"
     # with cost latency: the planner may drop a residual block whole (it becomes its shortcut)
     block_removal: bool = False
     # runtimes report.md times teacher and pruned model on, in alternating rounds at batch 1 and 64 (those installed)
-    report_runtimes: list[Literal["eager", "compiled", "onnx"]] = field(default_factory=lambda: ["eager"])
+    report_runtimes: list[Runtime] = field(default_factory=lambda: ["eager"])
 
 
 @dataclass
@@ -209,7 +212,7 @@ class SelectConfig:
     # budget bound on latency as a fraction of the teacher's (0: no latency bound, the MACs bound applies)
     max_latency: float = field(default=0.0, metadata=_range(0, 1))
     latency_batch: int = field(default=1, metadata=_range(1))
-    latency_runtime: Literal["eager", "compiled", "onnx"] = "eager"
+    latency_runtime: Runtime = "eager"
 
 
 def _sparsity_train() -> TrainConfig:
@@ -267,6 +270,9 @@ class QuantConfig:
     qat_epochs: int = field(default=1, metadata=_range(1))  # quantization-aware fine-tuning epochs (mode qat)
     qat_lr: float = field(default=1e-3, metadata=_range(0, lo_open=True))  # its SGD learning rate (cosine schedule)
     onnx: bool = False  # also write pruned_int8.onnx (ONNX Runtime static QDQ; needs the onnx extra)
+    # runtimes the report times the float teacher, the float pruned model and the int8 pruned model on, in
+    # alternating rounds at batch 1 and 64 (the int8 one on compiled_int8 / onnx_int8; those installed)
+    report_runtimes: list[Literal["compiled", "onnx"]] = field(default_factory=lambda: ["compiled", "onnx"])
 
 
 @dataclass

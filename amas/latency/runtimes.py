@@ -1,9 +1,13 @@
-"""The runtimes latency is measured on: eager PyTorch, the exported program compiled for the CPU, ONNX Runtime.
+"""The runtimes latency is measured on: eager PyTorch, the exported program compiled for the CPU, ONNX Runtime, and
+the int8 versions of the last two.
 
 Each runtime turns (model, example input) into a zero-argument callable that runs one forward pass, so the
 same timing code (amas.latency.timing) serves all of them. ``compiled`` is torch.export's program run through
 torch.compile (the Inductor CPU backend: what the installed torch supports without a C++ packaging step);
-``onnx`` needs the onnx and onnxruntime packages (the ``onnx`` extra).
+``onnx`` needs the onnx and onnxruntime packages (the ``onnx`` extra). ``compiled_int8`` is the model quantized
+as amas.quantize does (PT2E, x86 quantizer) and compiled with Inductor freezing, which lowers it to oneDNN int8
+convolutions (needs torchao); ``onnx_int8`` is ONNX Runtime on the static QDQ int8 model. Both calibrate on the
+example input: ranges do not change the time of an int8 kernel. Eager PyTorch has no int8 runtime here.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from amas.errors import AmasError
 
-RUNTIMES = ("eager", "compiled", "onnx")
+RUNTIMES = ("eager", "compiled", "onnx", "compiled_int8", "onnx_int8")
 
 __all__ = ["RUNTIMES", "available_runtimes", "make_runner"]
 
@@ -29,8 +33,13 @@ def available_runtimes() -> list[str]:
     out = ["eager"]
     if hasattr(torch, "compile") and hasattr(torch, "export"):
         out.append("compiled")
-    if importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None:
+    onnx = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
+    if onnx:
         out.append("onnx")
+    if "compiled" in out and importlib.util.find_spec("torchao") is not None:
+        out.append("compiled_int8")
+    if onnx:
+        out.append("onnx_int8")
     return out
 
 
@@ -48,8 +57,13 @@ def make_runner(model: nn.Module, x: torch.Tensor, runtime: str = "eager", chann
     if runtime not in RUNTIMES:
         raise AmasError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime not in available_runtimes():
-        raise AmasError(f"runtime {runtime!r} is not available here; install the onnx extra (pip install "
-                        f"'amas[onnx]') or use runtime eager")
+        extra = "quant" if runtime == "compiled_int8" else "onnx"
+        raise AmasError(f"runtime {runtime!r} is not available here; install the {extra} extra (pip install "
+                        f"'amas[{extra}]') or use runtime eager")
+    if runtime == "compiled_int8":
+        return _compiled_int8_runner(model, x)
+    if runtime == "onnx_int8":
+        return _onnx_int8_runner(model, x)
     net, x = _prepared(model, x, channels_last and runtime != "onnx")
     if runtime == "eager":
         def run() -> object:
@@ -69,21 +83,62 @@ def make_runner(model: nn.Module, x: torch.Tensor, runtime: str = "eager", chann
     return _onnx_runner(net, x)
 
 
+def _compiled_int8_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """The int8 PT2E program of model (calibrated on x) compiled by Inductor with freezing (oneDNN int8 kernels)."""
+    import torch._inductor.config as inductor_config
+
+    from amas.quant import quantize_pt2e
+    from amas.quant.ptq import torchao_pt2e
+
+    torchao_pt2e()  # registers torchao's Inductor int8 lowering passes
+    program = quantize_pt2e(model, None, tuple(x.shape[1:]), inputs=[x.detach().float().cpu()]).model
+    with inductor_config.patch(freezing=True):
+        compiled = torch.compile(program, dynamic=False)
+        with torch.no_grad():
+            compiled(x)  # compile now (freezing applies at compile time), not inside the timed calls
+
+    def run() -> object:
+        with torch.no_grad():
+            return compiled(x)
+    return run
+
+
+def _onnx_int8_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """An ONNX Runtime session of model's static QDQ int8 ONNX (calibrated on x)."""
+    from amas.quant import quantize_onnx
+
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        quantize_onnx(copy.deepcopy(model).cpu().eval(), None, tuple(x.shape[1:]), path,
+                      inputs=[x.detach().float().cpu()])
+        return _session(path, x)
+    finally:
+        os.unlink(path)
+
+
 def _onnx_runner(net: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """An ONNX Runtime session of net exported at x's shape (single-threaded settings follow torch's)."""
-    import onnxruntime as ort
-
     fd, path = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
         with torch.no_grad():
             torch.onnx.export(net, (x,), path, input_names=["x"], output_names=["y"], external_data=False,
                               verbose=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return _session(path, x)
     finally:
         os.unlink(path)
-    feed = {"x": x.detach().cpu().numpy()}
+
+
+def _session(path: str, x: torch.Tensor) -> Callable[[], object]:
+    """A callable running the ONNX file at path on x with ONNX Runtime (as many threads as torch uses)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = onnx.load(path, load_external_data=False).graph.input[0].name
+    feed = {name: x.detach().cpu().numpy()}
     return lambda: sess.run(None, feed)

@@ -7,7 +7,7 @@ rounds (amas.latency.timing) and says when the rounds' spread shows the machine 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,7 @@ from amas.latency.timing import alternating_latency
 if TYPE_CHECKING:
     from amas.latency.model import LatencyTable
 
-__all__ = ["table_for_config", "runtime_latency", "shared_table", "runtime_comparison"]
+__all__ = ["int8_comparison", "table_for_config", "runtime_latency", "shared_table", "runtime_comparison"]
 
 
 def shared_table(model: nn.Module, groups: list, input_shape: Sequence[int], prune_cfg) -> LatencyTable:
@@ -64,13 +64,21 @@ def table_for_config(cfg, batch_size: int | None = None, runtime: str | None = N
 
 
 def runtime_latency(models: dict[str, nn.Module], input_shape: Sequence[int], batches: Sequence[int] = (1, 64),
-                    runtimes: Sequence[str] | None = None, rounds: int = 5, iters: int = 10) -> dict:
-    """Median ms of each model on each runtime and batch, the models timed in alternating rounds; busy verdicts."""
-    runtimes = [r for r in (runtimes or available_runtimes()) if r in available_runtimes()]
+                    runtimes: Sequence[str] | None = None, rounds: int = 5, iters: int = 10,
+                    int8_models: Collection[str] = ()) -> dict:
+    """Median ms of each model on each runtime and batch, the models timed in alternating rounds; busy verdicts.
+
+    The models named in int8_models run on each runtime's int8 variant (compiled_int8, onnx_int8); a runtime whose
+    variants are not installed is left out.
+    """
+    here = available_runtimes()
+    runtimes = [r for r in (runtimes or here) if r in here and (not int8_models or f"{r}_int8" in here)]
     out: dict = {"runtimes": runtimes, "batches": list(batches), "ms": {}, "busy": False, "warnings": []}
     for rt in runtimes:
         for b in batches:
-            runners = {name: make_runner(m, torch.randn((b, *input_shape)), rt) for name, m in models.items()}
+            x = torch.randn((b, *input_shape))
+            runners = {name: make_runner(m, x, f"{rt}_int8" if name in int8_models else rt)
+                       for name, m in models.items()}
             r = alternating_latency(runners, rounds=rounds, iters=iters if b == 1 else max(2, iters // 4))
             for name, rec in r["models"].items():
                 out["ms"].setdefault(name, {}).setdefault(rt, {})[f"b{b}"] = rec["median_ms"]
@@ -91,4 +99,21 @@ def runtime_comparison(teacher: nn.Module, pruned: nn.Module, input_shape: Seque
         rows[rt] = {f"{who}_{b}_ms": round(d[b], 4) for who, d in (("teacher", t), ("pruned", p))
                     for b in ("b1", "b64")}
         rows[rt].update(speedup_b1=round(t["b1"] / p["b1"], 3), speedup_b64=round(t["b64"] / p["b64"], 3))
+    return {"by_runtime": rows, "busy": r["busy"], "warnings": r["warnings"]}
+
+
+def int8_comparison(teacher: nn.Module, pruned: nn.Module, input_shape: Sequence[int], runtimes: Sequence[str],
+                    iters: int = 10) -> dict:
+    """The float teacher, the float pruned model and the pruned model in int8 on each runtime (compiled, onnx; the
+    int8 one on its int8 variant) at batch 1 and 64, timed in alternating rounds: ms, speed-ups over the teacher."""
+    models = {m: copy.deepcopy(net).cpu().eval() for m, net in (("teacher", teacher), ("pruned", pruned),
+                                                                 ("pruned_int8", pruned))}
+    r = runtime_latency(models, input_shape, batches=(1, 64), runtimes=runtimes, iters=iters,
+                        int8_models=("pruned_int8",))
+    rows = {}
+    for rt in r["runtimes"]:
+        ms = {m: r["ms"][m][rt] for m in models}
+        rows[rt] = {f"{m}_{b}_ms": round(ms[m][b], 4) for m in models for b in ("b1", "b64")}
+        for m in ("pruned", "pruned_int8"):
+            rows[rt].update({f"{m}_speedup_{b}": round(ms["teacher"][b] / ms[m][b], 3) for b in ("b1", "b64")})
     return {"by_runtime": rows, "busy": r["busy"], "warnings": r["warnings"]}

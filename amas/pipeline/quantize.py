@@ -114,6 +114,12 @@ def _quantize(ctx: RunContext, trained: dict[str, Any] | None) -> dict:
         "pt2_bytes": os.path.getsize(partial), "onnx_bytes": os.path.getsize(onnx_path) if onnx_path else None,
         "quantized_layers": len(result.quantized_layers), "float_layers": len(result.float_layers),
         "dynamic_batch": result.dynamic_batch})
+    if cfg.report_runtimes:
+        from amas.latency.table import int8_comparison
+
+        teacher, _ = ctx.teacher
+        report["int8"]["runtimes"] = int8_comparison(teacher, model, shape, cfg.report_runtimes,
+                                                     iters=ctx.latency_iters)
     write_report(report, ctx.path("report.json").parent)
     os.replace(partial, pt2)
     return report

@@ -142,6 +142,19 @@ def _int8_lines(report: dict) -> list[str]:
              f"`torch.export.load('{files['pruned_int8.pt2']}').module()`"]
     if q.get("onnx_bytes"):
         lines.append(f"- `pruned_int8.onnx`: int8 QDQ, {q['onnx_bytes']} bytes")
+    rts = (q.get("runtimes") or {}).get("by_runtime")
+    if rts:
+        ref = report["reference"]
+        lines += ["", f"int8 latency ({ref} float32, pruned float32 and pruned int8 timed in alternating rounds, ms; "
+                  f"speed-ups over the {ref}):", "",
+                  "| runtime | batch | " + f"{ref} | pruned | pruned int8 | speed-up pruned | speed-up pruned int8 |",
+                  "|---|---|---|---|---|---|---|"]
+        for rt, r in rts.items():
+            for b in ("b1", "b64"):
+                lines.append(f"| {rt} | {b[1:]} | {r[f'teacher_{b}_ms']:.3f} | {r[f'pruned_{b}_ms']:.3f} | "
+                             f"{r[f'pruned_int8_{b}_ms']:.3f} | {r[f'pruned_speedup_{b}']:.2f}x | "
+                             f"{r[f'pruned_int8_speedup_{b}']:.2f}x |")
+        lines += [f"**Warning**: {w}" for w in q["runtimes"]["warnings"]]
     return lines
 
 

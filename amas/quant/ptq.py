@@ -15,6 +15,7 @@ export with ONNX Runtime's static QDQ quantization over the same batches.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import traceback
@@ -236,8 +237,14 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
             import onnx
 
             name = onnx.load(str(fp), load_external_data=False).graph.input[0].name
-            quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            root = logging.getLogger()  # onnxruntime logs its pre-processing advice on the root logger
+            level = root.level
+            root.setLevel(logging.ERROR)
+            try:
+                quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
             os.replace(tmp, p)
         except QuantizeError:
             raise

@@ -43,6 +43,19 @@ def test_each_runtime_gives_the_eager_outputs(runtime):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("runtime", ["compiled_int8", "onnx_int8"])
+def test_int8_runtimes_compute_the_model_to_int8_rounding(runtime):
+    if runtime not in available_runtimes():
+        pytest.skip(f"{runtime} is not installed here")
+    net, x = _net(), torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        ref = net(x)
+    out = make_runner(net, x, runtime)()
+    out = torch.as_tensor(out[0] if isinstance(out, list) else np.asarray(out.detach()))
+    err = float((out - ref).abs().max())
+    assert out.shape == ref.shape and 0 < err <= 0.05 * float(ref.abs().max())  # int8: close, and not float
+
+
 def test_an_unknown_runtime_is_one_line():
     with pytest.raises(AmasError, match="unknown runtime 'tpu'"):
         make_runner(_net(), torch.randn(1, 1, 6, 6), "tpu")

@@ -24,7 +24,8 @@ def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_
     assert not any(stage == "quantize" for stage, _ in events(run))
 
     # turning quantization on reuses every earlier stage and runs only the quantize stage
-    cfg = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "2"}))
+    cfg = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "2",
+                                               "quant.report_runtimes": "[onnx]"}))
     before = (run / "pruned.pt").stat().st_mtime_ns
     capsys.readouterr()
     run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
@@ -48,6 +49,13 @@ def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_
     assert q["pt2_bytes"] == pt2.stat().st_size and q["onnx_bytes"] is None
     assert report["files"]["pruned_int8.pt2"] == str(pt2)
     assert "pruned_int8.pt2" in (run / "report.md").read_text()
+    if "onnx" in q["runtimes"]["by_runtime"]:  # with the onnx extra: float teacher, float and int8 pruned timed
+        r = q["runtimes"]["by_runtime"]["onnx"]
+        for b in ("b1", "b64"):
+            assert r[f"teacher_{b}_ms"] > 0 and r[f"pruned_int8_{b}_ms"] > 0
+            assert r[f"pruned_int8_speedup_{b}"] == pytest.approx(r[f"teacher_{b}_ms"] / r[f"pruned_int8_{b}_ms"],
+                                                                    rel=1e-2)
+        assert "| onnx | 64 |" in (run / "report.md").read_text()
 
     # a rerun skips every stage; other quant settings are refused; --redo quantize redoes only it (here as QAT)
     stamp = pt2.stat().st_mtime_ns
@@ -55,7 +63,8 @@ def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_
     assert events(run)[-8:-1] == [(s, "skip") for s in ("teacher", "search", "candidates", "select", "final",
                                                          "export", "quantize")]
     assert pt2.stat().st_mtime_ns == stamp
-    qat = load_config(None, prune_overrides(**{"quant.mode": "qat", "quant.onnx": "true"}))
+    qat = load_config(None, prune_overrides(**{"quant.mode": "qat", "quant.onnx": "true",
+                                               "quant.report_runtimes": "[]"}))
     with pytest.raises(PipelineError, match="--redo quantize"):
         run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2)
     run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2, redo="quantize")
