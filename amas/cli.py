@@ -47,7 +47,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt or pruned.pt written by amas")
     p.add_argument("--runtimes", help="also time these runtimes in alternating rounds at batch 1 and 64, with a "
-                                      "busy-machine warning: eager,compiled,onnx (those installed)")
+                                      "busy-machine warning: eager,compiled,onnx,compiled_int8,onnx_int8 (those "
+                                      "installed; the int8 ones time the model quantized as amas.quantize does)")
+    p.add_argument("--int8", help="also the test accuracy and size of this int8 .pt2 of the model (the quantize "
+                                  "stage's pruned_int8.pt2)")
     _config_latency_overrides(p, "optional YAML for data settings (data.root, ...)")
 
 
@@ -142,7 +145,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a saved checkpoint on its dataset's test split."""
     from amas.pipeline.teacher import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters)
+    result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters,
+                                 int8=args.int8)
     if args.runtimes:
         from amas.files.pruned import load_any_model
         from amas.latency.table import runtime_latency

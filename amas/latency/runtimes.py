@@ -25,7 +25,7 @@ from amas.errors import AmasError
 
 RUNTIMES = ("eager", "compiled", "onnx", "compiled_int8", "onnx_int8")
 
-__all__ = ["RUNTIMES", "available_runtimes", "make_runner"]
+__all__ = ["RUNTIMES", "available_runtimes", "make_runner", "make_runners"]
 
 
 def available_runtimes() -> list[str]:
@@ -81,6 +81,36 @@ def make_runner(model: nn.Module, x: torch.Tensor, runtime: str = "eager", chann
         run_compiled()  # compile now, not inside the timed calls
         return run_compiled
     return _onnx_runner(net, x)
+
+
+def make_runners(model: nn.Module, xs: list[torch.Tensor], runtime: str = "eager") -> list[Callable[[], object]]:
+    """make_runner for each input of xs (one model, several batch sizes); the ONNX runtimes export (and quantize)
+    the model once with a dynamic batch and open one session per input."""
+    if runtime not in ("onnx", "onnx_int8") or len(xs) < 2 or runtime not in available_runtimes():
+        return [make_runner(model, x, runtime) for x in xs]
+    from amas.files.export import export_onnx
+    from amas.quant import quantize_onnx
+
+    net = copy.deepcopy(model).cpu().eval()
+    shape = tuple(xs[0].shape[1:])
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        if runtime == "onnx":
+            export_onnx(net, shape, path, check=False)
+        else:
+            quantize_onnx(net, None, shape, path, inputs=[xs[0].detach().float().cpu()])
+        runners = []
+        for x in xs:
+            try:
+                run = _session(path, x)
+                run()
+            except Exception:  # a model exported with a fixed batch: its own session for this batch size
+                run = make_runner(model, x, runtime)
+            runners.append(run)
+        return runners
+    finally:
+        os.unlink(path)
 
 
 def _compiled_int8_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from amas.latency.runtimes import available_runtimes, make_runner
+from amas.latency.runtimes import available_runtimes, make_runners
 from amas.latency.timing import alternating_latency
 
 if TYPE_CHECKING:
@@ -74,11 +74,12 @@ def runtime_latency(models: dict[str, nn.Module], input_shape: Sequence[int], ba
     here = available_runtimes()
     runtimes = [r for r in (runtimes or here) if r in here and (not int8_models or f"{r}_int8" in here)]
     out: dict = {"runtimes": runtimes, "batches": list(batches), "ms": {}, "busy": False, "warnings": []}
+    xs = [torch.randn((b, *input_shape)) for b in batches]
     for rt in runtimes:
-        for b in batches:
-            x = torch.randn((b, *input_shape))
-            runners = {name: make_runner(m, x, f"{rt}_int8" if name in int8_models else rt)
-                       for name, m in models.items()}
+        by_model = {name: make_runners(m, xs, f"{rt}_int8" if name in int8_models else rt)
+                    for name, m in models.items()}
+        for i, b in enumerate(batches):
+            runners = {name: fns[i] for name, fns in by_model.items()}
             r = alternating_latency(runners, rounds=rounds, iters=iters if b == 1 else max(2, iters // 4))
             for name, rec in r["models"].items():
                 out["ms"].setdefault(name, {}).setdefault(rt, {})[f"b{b}"] = rec["median_ms"]

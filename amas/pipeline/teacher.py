@@ -4,6 +4,7 @@ checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     return result
 
 
-def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20) -> dict[str, Any]:
-    """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model."""
+def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20,
+                        int8: str | None = None) -> dict[str, Any]:
+    """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model (and of its int8 .pt2)."""
     from amas.channels.cost import count
     from amas.files.pruned import load_any_model
     from amas.latency.timing import latency
@@ -73,7 +75,7 @@ def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], lat
     macs, params = count(model, shape)
     lat1 = latency(model, shape, batch_size=1, iters=latency_iters)
     lat64 = latency(model, shape, batch_size=64, iters=max(3, latency_iters // 4))
-    return {
+    out = {
         "test_acc": round(test["acc"], 3),
         "macs_M": round(macs / 1e6, 3),
         "params_M": round(params / 1e6, 4),
@@ -81,6 +83,17 @@ def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], lat
         "latency_b64_ms": round(lat64["median_ms"], 3),
         "device": str(device),
     }
+    if int8 is not None:
+        from amas.errors import QuantizeError
+        from amas.quant import load_int8, top1_accuracy
+
+        if not os.path.isfile(int8):
+            raise QuantizeError(f"--int8 {int8}: no such file; pass the int8 .pt2 the quantize stage wrote "
+                                "(pruned_int8.pt2 in the run directory)")
+        acc = top1_accuracy(load_int8(int8), data.test)
+        out.update(int8_test_acc=None if acc is None else round(acc, 3), int8_pt2_bytes=os.path.getsize(int8),
+                   pt_bytes=os.path.getsize(path))
+    return out
 
 
 __all__ = ["evaluate_checkpoint", "teacher_stage", "train_dense"]

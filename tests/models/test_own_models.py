@@ -33,7 +33,7 @@ class Net(nn.Module):
 
 
 def overrides(data_root, **extra) -> list[str]:
-    base = {"data.name": "imagefolder", "data.root": str(data_root), "data.image_size": 32, "data.augment": "false",
+    base = {"data.name": "imagefolder", "data.root": str(data_root), "data.image_size": 16, "data.augment": "false",
             "select.levels": "[0.5]", "select.budget_epochs": 1, "select.min_reduction": 0.4,
             "search.target_reduction": 0.5}
     for s in ("search.train", "finetune.train"):
@@ -70,7 +70,7 @@ def test_torchvision_model_with_a_plain_state_dict(tmp_path, data_root) -> None:
     assert report["model"] == "tv:resnet18" and report["macs_reduction"] >= 0.4
     model, obj = load_pruned(run / "pruned.pt")  # rebuilds from the record: no in-memory model needed
     assert obj["model"]["name"] == "tv:resnet18"
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
 
 
 def test_importable_class_with_kwargs(tmp_path, data_root) -> None:
@@ -91,7 +91,7 @@ def test_importable_class_with_kwargs(tmp_path, data_root) -> None:
         model, obj = load_pruned(run / "pruned.pt")
         assert obj["recipe"]["model"] == {"name": "usermodels:Net", "num_classes": 2, "in_channels": 3,
                                           "kwargs": {"width": 16}}
-        assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+        assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("usermodels", None)
@@ -122,11 +122,11 @@ def test_prune_torchvision_tool(tmp_path, data_root) -> None:
     run = tmp_path / "run"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prune_torchvision.py"), "--arch",
                         "mobilenet_v3_small", "--weights", str(tmp_path / "mine.pth"), "--data", str(data_root),
-                        "--image-size", "32", "--out", str(run), "--target", "0.4", "--latency-iters", "1",
+                        "--image-size", "16", "--out", str(run), "--target", "0.4", "--latency-iters", "1",
                         *overrides(data_root, **{"select.levels": "[0.4]", "search.target_reduction": 0.4})],
                        capture_output=True, text=True, cwd=tmp_path, timeout=600,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["model"] == "tv:mobilenet_v3_small" and report["macs_reduction"] >= 0.4
-    assert torch.export.load(run / "pruned.pt2").module()(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    assert torch.export.load(run / "pruned.pt2").module()(torch.zeros(2, 3, 16, 16)).shape == (2, 2)

@@ -16,9 +16,10 @@ from amas.channels.plan import kept_counts
 from amas.files.export import export_pt2
 from amas.models import create_model
 
-MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "mobilenet_v3_large",
+# one model per topology (wide_resnet50_2 is resnet50 wider; efficientnet_b0 has b1's blocks, fewer of them)
+MODELS = ["resnet50", "resnext50_32x4d", "regnet_y_400mf", "mobilenet_v3_large",
           "convnext_tiny", "squeezenet1_1", "inception_v3", "shufflenet_v2_x0_5",
-          "resnet34", "mobilenet_v3_small", "regnet_x_400mf", "mnasnet0_5", "vgg11_bn", "efficientnet_b1"]
+          "resnet34", "mobilenet_v3_small", "regnet_x_400mf", "mnasnet0_5", "vgg11_bn", "efficientnet_b0"]
 # what the one-line error of an untraceable model tells the user to keep whole
 IGNORE = {"shufflenet_v2_x0_5": ["stage2", "stage3", "stage4"]}
 # groups through grouped convs at least (resnext50_32x4d: both inner groups of its 16 blocks)

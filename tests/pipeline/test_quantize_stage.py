@@ -11,21 +11,26 @@ from amas.errors import ConfigError, PipelineError
 from amas.pipeline.runner import run_pipeline
 
 
+def config(**quant: str):
+    """The seconds-long pipeline with one candidate level (the quantize stage is what is tested here)."""
+    return load_config(None, prune_overrides(**{"select.levels": "[0.5]", "select.budget_epochs": "1",
+                                                "prune.report_runtimes": "[]", **quant}))
+
+
 def events(run):
     return [(e["stage"], e["event"]) for e in json.loads((run / "pipeline.json").read_text())["events"]]
 
 
 def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_path, capsys):
     run = tmp_path / "run"
-    run_pipeline(load_config(None, prune_overrides()), run, teacher=str(teacher_path), latency_iters=2)
+    run_pipeline(config(), run, teacher=str(teacher_path), latency_iters=2)
     assert not list(run.glob("pruned_int8*"))
     assert "quantize" not in json.loads((run / "pipeline.json").read_text())["stages"]
     assert "int8" not in json.loads((run / "report.json").read_text())
     assert not any(stage == "quantize" for stage, _ in events(run))
 
     # turning quantization on reuses every earlier stage and runs only the quantize stage
-    cfg = load_config(None, prune_overrides(**{"quant.mode": "ptq", "quant.calib_batches": "2",
-                                               "quant.report_runtimes": "[onnx]"}))
+    cfg = config(**{"quant.mode": "ptq", "quant.calib_batches": "2", "quant.report_runtimes": "[onnx]"})
     before = (run / "pruned.pt").stat().st_mtime_ns
     capsys.readouterr()
     run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
@@ -57,14 +62,24 @@ def test_quantize_stage_off_by_default_then_ptq_skip_and_redo(teacher_path, tmp_
                                                                     rel=1e-2)
         assert "| onnx | 64 |" in (run / "report.md").read_text()
 
+    # amas eval shows the int8 file's test accuracy beside the float model's: the number the report holds
+    from amas.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "pruned.pt"), "--int8", str(pt2), "--latency-iters", "1"]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shown["int8_test_acc"] == pytest.approx(q["test_acc"], abs=1e-3)
+    assert shown["int8_pt2_bytes"] == q["pt2_bytes"]
+    assert main(["eval", "--checkpoint", str(run / "pruned.pt"), "--int8", str(run / "nope.pt2")]) == 1
+    assert "--int8" in capsys.readouterr().err
+
     # a rerun skips every stage; other quant settings are refused; --redo quantize redoes only it (here as QAT)
     stamp = pt2.stat().st_mtime_ns
     run_pipeline(cfg, run, teacher=str(teacher_path), latency_iters=2)
     assert events(run)[-8:-1] == [(s, "skip") for s in ("teacher", "search", "candidates", "select", "final",
                                                          "export", "quantize")]
     assert pt2.stat().st_mtime_ns == stamp
-    qat = load_config(None, prune_overrides(**{"quant.mode": "qat", "quant.onnx": "true",
-                                               "quant.report_runtimes": "[]"}))
+    qat = config(**{"quant.mode": "qat", "quant.onnx": "true", "quant.report_runtimes": "[]"})
     with pytest.raises(PipelineError, match="--redo quantize"):
         run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2)
     run_pipeline(qat, run, teacher=str(teacher_path), latency_iters=2, redo="quantize")
