@@ -11,7 +11,9 @@ def _amas(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "amas.cli", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
-def test_train_then_eval_then_refuse_overwrite(tmp_path):
+def test_train_then_eval_then_refuse_overwrite(tmp_path, capsys):
+    from amas.cli import main
+
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model:\n  name: resnet20\n")
     run = tmp_path / "run"
@@ -23,16 +25,17 @@ def test_train_then_eval_then_refuse_overwrite(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["result"]["macs"] > 0
 
-    e = _amas("eval", "--checkpoint", str(run / "model.pt"), "--latency-iters", "2")
-    assert e.returncode == 0, e.stderr
-    result = json.loads(e.stdout.strip().splitlines()[-1])
+    # the rest in this process (the entry point itself ran above): the same main() the console script calls
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "model.pt"), "--latency-iters", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(result["test_acc"] - metrics["result"]["test_acc"]) < 1e-3
     assert result["latency_b1_ms"] > 0 and result["macs_M"] > 0
 
     before = (run / "model.pt").read_bytes()
-    again = _amas("train", "--config", str(cfg), "--out", str(run), *tiny_overrides())
-    assert again.returncode == 1
-    assert again.stderr.strip().count("\n") == 0 and "--resume" in again.stderr
+    assert main(["train", "--config", str(cfg), "--out", str(run), *tiny_overrides()]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--resume" in err
     assert (run / "model.pt").read_bytes() == before
 
 
