@@ -52,7 +52,8 @@ def test_torchrun_two_processes_prune_like_one_process(teacher_path, tmp_path):
     # synthetic val split two candidates can tie within two images, and the test is about equality, not about halving.
     cl = {f"{s}.train.channels_last": "false" for s in ("search", "finetune")}
     overrides = prune_overrides(**{"search.d_optimizer": "sgd", "finetune.d_optimizer": "sgd", "search.fista": "false",
-                                   "select.min_reduction": "0.55", "data.train_subset": "64", **cl})
+                                   "select.min_reduction": "0.55", "data.train_subset": "64", "select.levels": "[0.6]",
+                                   "select.budget_epochs": "1", "prune.report_runtimes": "[]", **cl})
     one = tmp_path / "one"
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)  # as each torchrun worker: on some CPUs oneDNN picks other conv kernels per thread count
