@@ -31,27 +31,26 @@ def _net() -> nn.Module:
                          nn.Flatten(), nn.Linear(4, 3)).eval()
 
 
-@pytest.mark.parametrize("runtime", ["eager", "onnx", "compiled"])
-def test_each_runtime_gives_the_eager_outputs(runtime):
+def _outputs(runtime: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the runtime's output, the eager model's) on a random batch; skips where the runtime is not installed."""
     if runtime not in available_runtimes():
         pytest.skip(f"{runtime} is not installed here")
-    net, x = _net(), torch.randn(2, 1, 6, 6)
+    net, x = _net(), torch.randn(batch, 1, 6, 6)
     with torch.no_grad():
         ref = net(x)
     out = make_runner(net, x, runtime)()
-    out = torch.as_tensor(out[0] if isinstance(out, list) else np.asarray(out.detach()))
+    return torch.as_tensor(out[0] if isinstance(out, list) else np.asarray(out.detach())), ref
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnx", "compiled"])
+def test_each_runtime_gives_the_eager_outputs(runtime):
+    out, ref = _outputs(runtime, 2)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("runtime", ["compiled_int8", "onnx_int8"])
 def test_int8_runtimes_compute_the_model_to_int8_rounding(runtime):
-    if runtime not in available_runtimes():
-        pytest.skip(f"{runtime} is not installed here")
-    net, x = _net(), torch.randn(8, 1, 6, 6)
-    with torch.no_grad():
-        ref = net(x)
-    out = make_runner(net, x, runtime)()
-    out = torch.as_tensor(out[0] if isinstance(out, list) else np.asarray(out.detach()))
+    out, ref = _outputs(runtime, 8)
     err = float((out - ref).abs().max())
     assert out.shape == ref.shape and 0 < err <= 0.05 * float(ref.abs().max())  # int8: close, and not float
 
