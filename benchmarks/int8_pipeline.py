@@ -9,6 +9,8 @@
 
 Reads report.json of each run directory (its int8 block: the quantize stage's accuracies, file sizes and the float
 teacher / float pruned / int8 pruned latency timed in alternating rounds on each runtime). Prints a table, writes JSON.
+With --retime, times the run's teacher and pruned.pt again on --threads threads for --rounds alternating rounds
+(amas.latency.table.int8_comparison) instead of reading the stage's timing.
 """
 
 from __future__ import annotations
@@ -20,12 +22,25 @@ import sys
 from pathlib import Path
 
 
-def rows_of(run: Path) -> list[dict]:
+def retime(run: Path, report: dict, rounds: int) -> dict:
+    """The run's float teacher, float pruned.pt and int8 pruned model timed again (int8_comparison's result)."""
+    from amas.files.pruned import load_any_model, load_pruned
+    from amas.latency.table import int8_comparison
+
+    teacher, _ = load_any_model(report["teacher"]["checkpoint"], "cpu")
+    pruned, obj = load_pruned(run / "pruned.pt", "cpu")
+    shape = tuple(int(s) for s in obj["metadata"]["input_shape"])
+    return int8_comparison(teacher, pruned, shape, ["compiled", "onnx"], iters=20, rounds=rounds)
+
+
+def rows_of(run: Path, rounds: int = 0) -> list[dict]:
     """One row per runtime of a run's report: accuracies, sizes, ms and speed-ups over the teacher."""
     report = json.loads((run / "report.json").read_text())
     q = report.get("int8")
     if not q:
         raise SystemExit(f"{run}/report.json has no int8 block: run amas prune with quant.mode=ptq or qat")
+    if rounds:
+        q["runtimes"] = retime(run, report, rounds)
     base = {"run": str(run), "mode": q["mode"], "macs_reduction": report["macs_reduction"],
             "teacher_test_acc": report["teacher"]["test_acc"], "pruned_test_acc": report["pruned"]["test_acc"],
             "int8_test_acc": q["test_acc"], "int8_val_acc": q["val_acc"], "pruned_val_acc": report["pruned"]["val_acc"],
@@ -36,6 +51,7 @@ def rows_of(run: Path) -> list[dict]:
         row = dict(base, runtime=rt)
         if r is not None:
             row.update(r)
+        row["busy_warnings"] = (q.get("runtimes") or {}).get("warnings", [])
         out.append(row)
     return out
 
@@ -52,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="amas prune run directories with a quantize stage")
     p.add_argument("--out", default="benchmarks/results/int8_pipeline.json")
+    p.add_argument("--retime", action="store_true", help="time teacher, pruned and int8 again (not the stage's)")
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds with --retime")
+    p.add_argument("--threads", type=int, default=0, help="torch threads with --retime (0: torch's default)")
     args = p.parse_args(argv)
-    rows = [row for run in args.runs for row in rows_of(Path(run))]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = [row for run in args.runs for row in rows_of(Path(run), args.rounds if args.retime else 0)]
     head = ("| mode | MACs ↓ | test % teacher / pruned / int8 | int8 .pt2 bytes | runtime | b1 ms teacher / pruned / "
             "int8 | b1 speed-up pruned / int8 | b64 ms teacher / pruned / int8 | b64 speed-up pruned / int8 |")
     print(head)

@@ -104,12 +104,12 @@ def runtime_comparison(teacher: nn.Module, pruned: nn.Module, input_shape: Seque
 
 
 def int8_comparison(teacher: nn.Module, pruned: nn.Module, input_shape: Sequence[int], runtimes: Sequence[str],
-                    iters: int = 10) -> dict:
+                    iters: int = 10, rounds: int = 5) -> dict:
     """The float teacher, the float pruned model and the pruned model in int8 on each runtime (compiled, onnx; the
     int8 one on its int8 variant) at batch 1 and 64, timed in alternating rounds: ms, speed-ups over the teacher."""
     models = {m: copy.deepcopy(net).cpu().eval() for m, net in (("teacher", teacher), ("pruned", pruned),
                                                                  ("pruned_int8", pruned))}
-    r = runtime_latency(models, input_shape, batches=(1, 64), runtimes=runtimes, iters=iters,
+    r = runtime_latency(models, input_shape, batches=(1, 64), runtimes=runtimes, rounds=rounds, iters=iters,
                         int8_models=("pruned_int8",))
     rows = {}
     for rt in r["runtimes"]:
