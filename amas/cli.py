@@ -58,7 +58,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _latency_table_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML recipe: model, data and the prune.latency_* settings")
     p.add_argument("--batch", type=int, help="batch size (default: prune.latency_batch)")
-    p.add_argument("--runtime", choices=["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"], help="default: prune.latency_runtime")
+    p.add_argument("--runtime", choices=["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"],
+                   help="default: prune.latency_runtime")
     p.add_argument("--validate", type=int, default=0, metavar="N",
                    help="also time N random plans as whole models and report the table's prediction error")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
