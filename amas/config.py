@@ -16,6 +16,10 @@ from amas.files.atomic import temp_beside
 
 # what latency is timed on (amas.latency.runtimes; the int8 ones time the model quantized as amas.quantize does)
 Runtime = Literal["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"]
+# what a per-layer latency table plans on: float runtimes only. Layers timed alone in int8 mispredict whole int8
+# models (ResNet-20, batch 64, onnx_int8: median error 64%, `amas latency-table --validate`): plan on a float
+# runtime and select by whole-model int8 timings (select.latency_runtime) instead
+TableRuntime = Literal["eager", "compiled", "onnx"]
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -170,7 +174,7 @@ class PruneConfig:
     # with cost latency: fraction of the teacher's latency to keep, at latency_batch on latency_runtime
     target_latency: float = field(default=0.5, metadata=_range(0.01, 1))
     latency_batch: int = field(default=1, metadata=_range(1))
-    latency_runtime: Runtime = "eager"
+    latency_runtime: TableRuntime = "eager"
     # where measured latency tables are cached (one JSON per model, batch, threads, runtime, device, torch version)
     latency_tables: str = "~/.cache/amas/latency"
     # with cost latency: the planner may drop a residual block whole (it becomes its shortcut)

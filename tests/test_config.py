@@ -34,6 +34,7 @@ def test_defaults_and_overrides(tmp_path):
         ("train.device=tpu", "choose one of"),
         ("train.amp=maybe", "true or false"),
         ("noequals", "key.path=value"),
+        ("prune.latency_runtime=onnx_int8", "choose one of"),  # per-layer int8 tables mispredict whole models
     ],
 )
 def test_bad_values_are_one_line(override, needle):
@@ -41,6 +42,12 @@ def test_bad_values_are_one_line(override, needle):
         load_config(None, [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_int8_runtimes_time_whole_models_only():
+    cfg = load_config(None, ["select.latency_runtime=compiled_int8", "prune.report_runtimes=[eager,onnx_int8]",
+                             "quant.report_runtimes=[onnx]"])
+    assert cfg.select.latency_runtime == "compiled_int8" and cfg.prune.report_runtimes == ["eager", "onnx_int8"]
 
 
 def test_missing_and_invalid_files(tmp_path):
