@@ -210,10 +210,11 @@ def cmd_prune(args: argparse.Namespace) -> None:
     run_pipeline(
         cfg, run_dir, teacher=args.teacher, method=args.method, redo=args.redo, latency_iters=args.latency_iters
     )
-    print(
-        f"prune: all stages done in {run_dir}; report: {run_dir / 'report.md'}; TensorBoard: tensorboard "
-        f"--logdir {run_dir}"
-    )
+    from amas import distributed
+
+    if distributed.context().is_main:  # one closing line under torchrun, as each stage prints one summary
+        print(f"prune: all stages done in {run_dir}; report: {run_dir / 'report.md'}; TensorBoard: tensorboard "
+              f"--logdir {run_dir}")
 
 
 def _name_flags(message: str, flags: dict[str, str]) -> str:

@@ -78,6 +78,7 @@ def test_torchrun_two_processes_prune_like_one_process(teacher_path, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     for stage in ("search", "candidates", "select", "final", "export"):
         assert p.stdout.count(f"{stage}: done") == 1, (stage, p.stdout[-2000:])  # one summary, from rank 0
+    assert p.stdout.count("prune: all stages done") == 1
 
     rank0 = set((tmp_path / "writes.0").read_text().split())
     rank1 = set((tmp_path / "writes.1").read_text().split())
