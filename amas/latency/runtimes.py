@@ -12,11 +12,12 @@ example input: ranges do not change the time of an int8 kernel. Eager PyTorch ha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from amas.errors import AmasError
 
 RUNTIMES = ("eager", "compiled", "onnx", "compiled_int8", "onnx_int8")
 
-__all__ = ["RUNTIMES", "available_runtimes", "make_runner", "make_runners"]
+__all__ = ["RUNTIMES", "available_runtimes", "install_hint", "make_runner", "make_runners"]
 
 
 def available_runtimes() -> list[str]:
@@ -43,6 +44,23 @@ def available_runtimes() -> list[str]:
     return out
 
 
+def install_hint(runtime: str) -> str:
+    """What to install for a runtime that is not available here."""
+    extra = "quant" if runtime == "compiled_int8" else "onnx"
+    return f"install the {extra} extra (pip install 'amas[{extra}]')"
+
+
+@contextlib.contextmanager
+def _onnx_file() -> Iterator[str]:
+    """A temporary .onnx path, deleted on exit (a session keeps what it loaded)."""
+    fd, path = tempfile.mkstemp(suffix=".onnx")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
 def _prepared(model: nn.Module, x: torch.Tensor, channels_last: bool) -> tuple[nn.Module, torch.Tensor]:
     net = copy.deepcopy(model).eval()
     if channels_last and x.dim() == 4:
@@ -57,9 +75,7 @@ def make_runner(model: nn.Module, x: torch.Tensor, runtime: str = "eager", chann
     if runtime not in RUNTIMES:
         raise AmasError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     if runtime not in available_runtimes():
-        extra = "quant" if runtime == "compiled_int8" else "onnx"
-        raise AmasError(f"runtime {runtime!r} is not available here; install the {extra} extra (pip install "
-                        f"'amas[{extra}]') or use runtime eager")
+        raise AmasError(f"runtime {runtime!r} is not available here; {install_hint(runtime)} or use runtime eager")
     if runtime == "compiled_int8":
         return _compiled_int8_runner(model, x)
     if runtime == "onnx_int8":
@@ -93,9 +109,7 @@ def make_runners(model: nn.Module, xs: list[torch.Tensor], runtime: str = "eager
 
     net = copy.deepcopy(model).cpu().eval()
     shape = tuple(xs[0].shape[1:])
-    fd, path = tempfile.mkstemp(suffix=".onnx")
-    os.close(fd)
-    try:
+    with _onnx_file() as path:
         if runtime == "onnx":
             export_onnx(net, shape, path, check=False)
         else:
@@ -109,8 +123,6 @@ def make_runners(model: nn.Module, xs: list[torch.Tensor], runtime: str = "eager
                 run = make_runner(model, x, runtime)
             runners.append(run)
         return runners
-    finally:
-        os.unlink(path)
 
 
 def _compiled_int8_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -137,27 +149,17 @@ def _onnx_int8_runner(model: nn.Module, x: torch.Tensor) -> Callable[[], object]
     """An ONNX Runtime session of model's static QDQ int8 ONNX (calibrated on x)."""
     from amas.quant import quantize_onnx
 
-    fd, path = tempfile.mkstemp(suffix=".onnx")
-    os.close(fd)
-    try:
+    with _onnx_file() as path:
         quantize_onnx(copy.deepcopy(model).cpu().eval(), None, tuple(x.shape[1:]), path,
                       inputs=[x.detach().float().cpu()])
         return _session(path, x)
-    finally:
-        os.unlink(path)
 
 
 def _onnx_runner(net: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """An ONNX Runtime session of net exported at x's shape (single-threaded settings follow torch's)."""
-    fd, path = tempfile.mkstemp(suffix=".onnx")
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(net, (x,), path, input_names=["x"], output_names=["y"], external_data=False,
-                              verbose=False)
+    with _onnx_file() as path, torch.no_grad():
+        torch.onnx.export(net, (x,), path, input_names=["x"], output_names=["y"], external_data=False, verbose=False)
         return _session(path, x)
-    finally:
-        os.unlink(path)
 
 
 def _session(path: str, x: torch.Tensor) -> Callable[[], object]:

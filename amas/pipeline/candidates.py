@@ -256,13 +256,12 @@ def _time_candidates(cut: dict, teacher: nn.Module, models: dict[str, nn.Module]
     """Add latency_ms (teacher and candidates timed in alternating rounds on the CPU) to the cut's rows."""
     import copy
 
-    from amas.latency.runtimes import available_runtimes
+    from amas.latency.runtimes import available_runtimes, install_hint
     from amas.latency.table import runtime_latency
 
     if sel.latency_runtime not in available_runtimes():
-        extra = "quant" if sel.latency_runtime == "compiled_int8" else "onnx"
-        raise SelectionError(f"select.latency_runtime={sel.latency_runtime} is not installed here; install the {extra} "
-                             f"extra (pip install 'amas[{extra}]') or use select.latency_runtime=eager")
+        raise SelectionError(f"select.latency_runtime={sel.latency_runtime} is not installed here; "
+                             f"{install_hint(sel.latency_runtime)} or use select.latency_runtime=eager")
     nets = {name: copy.deepcopy(m).cpu().eval() for name, m in {"teacher": teacher, **models}.items()}
     b, rt = sel.latency_batch, sel.latency_runtime
     r = runtime_latency(nets, shape, batches=(b,), runtimes=[rt])

@@ -28,7 +28,6 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     training batches set the int8 ranges (an evaluation reads them without moving them).
     """
     from torchao.quantization.pt2e import (
-        allow_exported_model_train_eval,
         disable_observer,
         enable_observer,
         move_exported_model_to_eval,
@@ -36,7 +35,7 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     )
 
     folded = folded_copy(model, input_shape)  # None where torch.fx cannot: BN then trains inside the QAT graph
-    prepared = allow_exported_model_train_eval(prepare_int8(folded or model, input_shape, qat=True))
+    prepared = prepare_int8(folded or model, input_shape, qat=True)
 
     def train(self: nn.Module, mode: bool = True) -> nn.Module:
         (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
