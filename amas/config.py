@@ -90,6 +90,10 @@ class AlignmentConfig:
     mu: float = field(default=1.0, metadata=_range(0))
     kd: Literal["mse", "kl"] = "mse"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
+    # KD and the discriminator read per-sample z-scored outputs (zero mean, unit std over classes): the loss and its
+    # gradient then do not grow with the teacher's logit scale (AdamW-trained MobileNetV3/EfficientNet teachers reach
+    # |logit| 20-50, a CIFAR ResNet's a few units); false: the raw logits, as GAL's MSE
+    standardize: bool = False
     adv_weight: float = field(default=0.1, metadata=_range(0))
     fast_teacher: bool = True  # run the frozen teacher as a conv+BN-folded copy (torch.fx), checked against it
     # discriminator: MLP on the logits or on the globally pooled features before the classifier

@@ -23,7 +23,7 @@ from amas.engine.loop import Objective, StepOutput
 from amas.errors import SearchError
 
 __all__ = ["AlignmentObjective", "Discriminator", "discriminator_loss", "fast_inference_copy",
-           "kd_loss", "last_global_pool", "real_fake_bce"]
+           "kd_loss", "last_global_pool", "real_fake_bce", "standardized"]
 
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
 
@@ -51,9 +51,22 @@ class Discriminator(nn.Module):
         return self.net(full_precision(x).flatten(1)).squeeze(1)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", temperature: float = 4.0) -> torch.Tensor:
-    """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T."""
+def standardized(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each row z-scored over its last dimension (zero mean, unit standard deviation): the logits' shape, not scale."""
+    x = full_precision(logits)
+    mean = x.mean(dim=-1, keepdim=True)
+    return (x - mean) / (x.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", temperature: float = 4.0,
+            standardize: bool = False) -> torch.Tensor:
+    """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T.
+
+    standardize: both sides z-scored per sample first (Sun et al., CVPR 2024), so the loss and its gradient do not
+    grow with the teacher's logit scale."""
     s, t = full_precision(student), full_precision(teacher)
+    if standardize:
+        s, t = standardized(s), standardized(t)
     if kind == "mse":
         return F.mse_loss(s, t)
     if kind == "kl":
@@ -211,6 +224,8 @@ class AlignmentObjective(Objective):
             t_out, s_out = _pooled(t_map), _pooled(s_map)
         else:
             t_out, s_out = t_logits, s_logits
+        if cfg.standardize:
+            t_out, s_out = standardized(t_out), standardized(s_out)
         assert self.d_opt is not None, "setup() must run before compute()"
         d = self.discriminator
         with _no_autocast(self.device):
@@ -235,7 +250,7 @@ class AlignmentObjective(Objective):
             adv = real_fake_bce(d_fake, True)
         s32 = full_precision(s_logits)
         ce = F.cross_entropy(s32, labels, label_smoothing=self.label_smoothing)
-        kd = kd_loss(s32, t_logits, cfg.kd, cfg.temperature)
+        kd = kd_loss(s32, t_logits, cfg.kd, cfg.temperature, cfg.standardize)
         loss = cfg.ce_weight * ce + cfg.mu * kd + cfg.adv_weight * adv
         terms = {
             "ce": ce.detach(), "kd": kd.detach(), "adv": adv.detach(),
