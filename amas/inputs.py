@@ -14,7 +14,7 @@ from amas.data import DataBundle
 from amas.datasets import DatasetInfo
 from amas.errors import AmasError, DataError
 
-__all__ = ["UserBatches", "UserDataInfo", "classes_of", "importable_name", "user_bundle"]
+__all__ = ["UserBatches", "UserDataInfo", "check_labels", "classes_of", "importable_name", "user_bundle"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,17 @@ def _dropped(batches: Any) -> str:
         return (f": its drop_last drops the only batch ({n} samples, batch_size {size}); pass drop_last=False or a "
                 f"batch_size of at most {n}")
     return "; pass a non-empty iterable of (images, labels)"
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """One DataError when integer labels fall outside 0..num_classes-1 (the loss would raise a raw IndexError)."""
+    if labels.is_floating_point() or labels.numel() == 0:
+        return  # class probabilities, or nothing to check
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{where} has label {hi if hi >= num_classes else lo}, but the model has {num_classes} classes "
+                        f"(labels 0 to {num_classes - 1}); fix the labels, or pass a model with as many outputs as "
+                        "there are classes")
 
 
 def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
