@@ -54,7 +54,8 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
 
     Args:
         teacher: any trained classifier; its output on (batch, C, H, W) is (batch, classes) logits (the class count
-            is read from it). It is left unchanged.
+            is read from it). It is left unchanged (device, mode, requires_grad flags, memory format): the run
+            uses a frozen copy.
         train, val: iterables of (images, labels) batches as the model takes them (e.g. DataLoaders, images already
             normalised); val chooses among the candidates.
         input_shape: (C, H, W) of one image.
@@ -81,6 +82,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
 
     Under torchrun every rank calls prune with the same arguments; each rank trains on its share of the batches.
     """
+    from amas.config_check import check_target
     from amas.errors import DataError
     from amas.files.pruned import load_pruned
     from amas.inputs import UserDataInfo, classes_of, user_bundle
@@ -92,6 +94,9 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3:
         raise DataError(f"input_shape {tuple(input_shape)} is not (C, H, W); pass the shape of one image")
+    target_reduction = check_target(target_reduction)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DataError(f"out_dir '{out_dir}' is a file, not a folder; pass a new or existing run directory")
     cfg = resolve_config(config, overrides, **{"search.target_reduction": target_reduction,
                                                "select.min_reduction": target_reduction, "quant.mode": quantize})
     _check_method(method)

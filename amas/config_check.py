@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from amas.errors import ConfigError
 
-__all__ = ["build_section", "check_range", "check_type"]
+__all__ = ["build_section", "check_range", "check_target", "check_type"]
 
 
 def _suggest(key: str, options: list[str]) -> str:
@@ -70,6 +70,16 @@ def check_type(path: str, value: Any, tp: Any) -> Any:
             return str(value)
         raise ConfigError(f"config {path} must be a string, got {value!r}")
     return value
+
+
+def check_target(value: float, name: str = "target_reduction") -> float:
+    """value as a float when it is a fraction of the MACs to remove, strictly between 0 and 1; else one ConfigError."""
+    t = float(value)
+    if not 0.0 < t < 1.0:
+        what = "removes nothing" if t <= 0 else "removes every MAC"
+        raise ConfigError(f"{name}={value} {what}; pass the fraction of the MACs to remove, between 0 and 1 "
+                          "(e.g. 0.5 removes half)")
+    return t
 
 
 def check_range(path: str, value: Any, meta: typing.Mapping) -> None:

@@ -14,7 +14,7 @@ from amas.data import DataBundle
 from amas.datasets import DatasetInfo
 from amas.errors import AmasError, DataError
 
-__all__ = ["UserBatches", "UserDataInfo", "classes_of", "importable_name", "user_bundle"]
+__all__ = ["UserBatches", "UserDataInfo", "check_labels", "classes_of", "importable_name", "user_bundle"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class UserBatches:
     rank under torchrun (so each rank sees its own shard), checked to be (images, labels) of the stated shape."""
 
     def __init__(self, batches: Iterable, input_shape: tuple[int, int, int], device: torch.device | str,
-                 name: str) -> None:
+                 name: str, num_classes: int = 0) -> None:
         if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
             raise DataError(f"{name} is a {type(batches).__name__}; pass an iterable of (images, labels) batches, "
                             "e.g. a torch DataLoader")
@@ -43,6 +43,7 @@ class UserBatches:
             raise DataError(f"{name} is a one-shot {type(batches).__name__}; pass an iterable that can be read once "
                             "per epoch, e.g. a DataLoader or a list of (images, labels) batches")
         self.batches, self.input_shape, self.device, self.name = batches, tuple(input_shape), torch.device(device), name
+        self.num_classes = int(num_classes)
         ctx = distributed.context()
         self.rank, self.world = ctx.rank, ctx.world_size
         first = self._check(next(iter(batches), None), 0)
@@ -66,6 +67,8 @@ class UserBatches:
         if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
             raise DataError(f"{self.name} batch {i} has labels of shape {tuple(y.shape)} ({y.dtype}) for {len(x)} "
                             "images; labels must be one integer class index per image")
+        if self.num_classes and (i == 0 or y.device.type == "cpu"):  # CUDA labels: the first batch (no sync per batch)
+            check_labels(y, self.num_classes, f"{self.name} batch {i}")
         return x, y
 
     def _total(self) -> int:
@@ -107,6 +110,17 @@ def _dropped(batches: Any) -> str:
     return "; pass a non-empty iterable of (images, labels)"
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """One DataError when integer labels fall outside 0..num_classes-1 (the loss would raise a raw IndexError)."""
+    if labels.is_floating_point() or labels.numel() == 0:
+        return  # class probabilities, or nothing to check
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{where} has label {hi if hi >= num_classes else lo}, but the model has {num_classes} classes "
+                        f"(labels 0 to {num_classes - 1}); fix the labels, or pass a model with as many outputs as "
+                        "there are classes")
+
+
 def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """The class count of a classifier: its output on two zero images must be (2, classes)."""
     p = next(teacher.parameters(), None)
@@ -132,10 +146,10 @@ def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
 def user_bundle(train: Iterable, val: Iterable, test: Iterable | None, info: UserDataInfo,
                 device: torch.device | str) -> DataBundle:
     """The user's train/val/test batches as the DataBundle the stages read (test may be None)."""
-    shape = info.input_shape
-    return DataBundle(train=UserBatches(train, shape, device, "train"), val=UserBatches(val, shape, device, "val"),
-                      test=None if test is None else UserBatches(test, shape, device, "test"),  # type: ignore[arg-type]
-                      info=info)
+    shape, k = info.input_shape, info.num_classes
+    test_batches = None if test is None else UserBatches(test, shape, device, "test", k)
+    return DataBundle(train=UserBatches(train, shape, device, "train", k),
+                      val=UserBatches(val, shape, device, "val", k), test=test_batches, info=info)  # type: ignore[arg-type]
 
 
 def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,

@@ -71,10 +71,11 @@ class MaskSearchCallback(pl.Callback):
       unmasked again, ``callback.search`` can still be read). With False, the search stays attached: call
       ``callback.search.cut(...)`` and ``callback.search.close()`` yourself.
 
-    teacher: the frozen classifier (the callback moves it to the student's device). input_shape: (C, H, W) of one
-    sample. target_reduction: the MACs reduction the search steers to and the cut plans for. round_to,
-    min_channels, residual_channels, ignore and ``**options`` (any ``search.*`` key: mu, mask_lr, hold_budget,
-    controller_every, ...): as ``amas.MaskSearch``. Under DDP, every rank runs the callback (the mask step averages
+    teacher: the trained classifier, never modified (the search runs a frozen copy of it on the student's device),
+    so a resumed fit can rebuild its LightningModule from it. input_shape: (C, H, W) of one sample. target_reduction:
+    the MACs reduction the search steers to and the cut plans for. round_to, min_channels, residual_channels, ignore
+    and ``**options`` (any ``search.*`` key: mu, mask_lr, hold_budget, controller_every, ...): as
+    ``amas.MaskSearch``. Under DDP, every rank runs the callback (the mask step averages
     the mask gradients across ranks).
     """
 

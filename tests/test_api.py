@@ -3,6 +3,7 @@ own batches; bad inputs stop with one line."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -81,6 +82,7 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
     train, val, test = loaders()
     teacher = trained_teacher(train)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags = [(p.requires_grad, p.stride()) for p in teacher.parameters()]
     run = tmp_path / "run"
     result = amas.prune(teacher, train=train, val=val, input_shape=SHAPE, target_reduction=0.5, overrides=tiny(),
                         out_dir=run, test=test, latency_iters=2)
@@ -88,6 +90,11 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
     rep = result.report
     assert {"macs", "params", "macs_reduction", "val_acc", "test_acc", "latency_b1_ms"} <= set(rep)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher is left as it was
+    assert [(p.requires_grad, p.stride()) for p in teacher.parameters()] == flags and not teacher.training
+    # so a student deep-copied from it now is trainable and has the channel groups the run found
+    from amas.channels.groups import find_groups as groups_of
+    assert [g.name for g in groups_of(copy.deepcopy(teacher), SHAPE)] == [g.name for g in groups_of(
+        load_masked(run / "search" / "search.pt")[0], SHAPE)]
 
     # MACs reduction within one rounding step (8 channels of one group) of the target, at or over it
     student, masks, _ = load_masked(run / "search" / "search.pt")
@@ -185,17 +192,31 @@ class Features(nn.Module):
     ("not_logits", "not (batch, classes) logits"),
     ("not_pairs", "not (images, labels)"),
     ("wrong_shape", "has images of shape"),
+    ("label_past_classes", "train batch 0 has label 4, but the model has 4 classes"),
+    ("negative_label", "val batch 0 has label -1, but the model has 4 classes"),
+    ("target_zero", "target_reduction=0 removes nothing"),
+    ("out_dir_is_a_file", "is a file, not a folder"),
 ])
 def test_bad_inputs_stop_with_one_line_and_write_nothing(tmp_path, case: str, match: str) -> None:
     train, val, _ = loaders()
     teacher: nn.Module = TinyNet()
+    target, run = 0.5, tmp_path / "run"
     if case == "not_logits":
         teacher = Features()
     elif case == "not_pairs":
         train = [torch.zeros(8, *SHAPE)]  # images only
     elif case == "wrong_shape":
         train = [(torch.zeros(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))]
+    elif case == "label_past_classes":  # labels 1..4 for a 4-class model
+        train = [(torch.zeros(8, *SHAPE), torch.arange(8) % 4 + 1)]
+    elif case == "negative_label":
+        val = [(torch.zeros(8, *SHAPE), torch.arange(8) % 4 - 1)]
+    elif case == "target_zero":
+        target = 0
+    elif case == "out_dir_is_a_file":
+        run = tmp_path / "run.txt"
+        run.write_text("notes")
     with pytest.raises(AmasError, match=re.escape(match)) as e:
-        amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), out_dir=tmp_path / "run")
+        amas.prune(teacher, train, val, SHAPE, target, overrides=tiny(), out_dir=run)
     assert "\n" not in str(e.value)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and (case != "out_dir_is_a_file" or run.read_text() == "notes")

@@ -53,8 +53,10 @@ def _loader() -> DataLoader:
 
 
 def _fit(tmp, teacher, max_epochs, ckpt_path=None, extra=(), **kw):
-    """A fresh student (a copy of the teacher), a new callback and Trainer; returns (callback, trainer)."""
-    cb = MaskSearchCallback(copy.deepcopy(teacher), SHAPE, TARGET, **OPTIONS, **kw)
+    """A fresh student (a copy of the teacher), a new callback and Trainer; returns (callback, trainer). The callback
+    gets the teacher object itself, as a user's script passes it: every fit (a resume rebuilds the LightningModule
+    from it) deep-copies a trainable student from the same teacher the earlier fits searched against."""
+    cb = MaskSearchCallback(teacher, SHAPE, TARGET, **OPTIONS, **kw)
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=L.pytorch.loggers.CSVLogger(tmp, name="log"),
                         callbacks=[cb, ckpt, *extra], enable_progress_bar=False, enable_model_summary=False,
@@ -67,6 +69,11 @@ def _fit(tmp, teacher, max_epochs, ckpt_path=None, extra=(), **kw):
 def teacher():
     torch.manual_seed(0)
     return create_model("resnet20", num_classes=4, in_channels=1).eval()
+
+
+def test_the_teacher_is_left_as_it_was(unbroken, teacher):
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(p.is_contiguous() for p in teacher.parameters())  # not turned channels_last
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,20 @@ def test_an_empty_class_folder_is_named_before_any_stage_writes(tmp_path, weight
     assert "done" not in out.out and not run.exists()
 
 
+@pytest.mark.parametrize("content", [b"", b"not an image at all"])
+def test_a_corrupt_image_is_named_before_any_stage_writes(tmp_path, weights, capsys, content: bytes) -> None:
+    """A stage would stop mid-run with PIL's traceback: the file is named first (header check, decoding nothing)."""
+    data = image_folder(tmp_path / "data", {"train": 2, "val": 2})
+    bad = data / "val" / "light" / "1.png"
+    bad.write_bytes(content)
+    run = tmp_path / "run"
+    assert run_tool(tool_args(data, weights, run)) == 1
+    out = capsys.readouterr()
+    line = _one_line(out.err)
+    assert f"'{bad}'" in line and "remove or replace" in line, line
+    assert "done" not in out.out and not run.exists()
+
+
 def test_missing_data_names_the_flag_that_was_used(tmp_path, weights, capsys) -> None:
     run = tmp_path / "run"
     assert run_tool(tool_args(tmp_path / "nowhere", weights, run)) == 1

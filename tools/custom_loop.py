@@ -52,6 +52,7 @@ shape = (a.in_channels, size, size)
 
 teacher = create_model(a.model, num_classes=a.classes, in_channels=a.in_channels)
 teacher.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True))
+teacher.eval()  # the fine-tuning below distils from it (MaskSearch leaves the teacher's mode as it finds it)
 student = create_model(a.model, num_classes=a.classes, in_channels=a.in_channels)
 student.load_state_dict(teacher.state_dict())
 steps = a.epochs * len(loader)

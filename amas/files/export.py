@@ -20,7 +20,7 @@ from torch import nn
 from amas.errors import ExportError
 from amas.files.atomic import temp_beside
 
-__all__ = ["export_onnx", "export_pt2", "onnx_available"]
+__all__ = ["check_input", "export_onnx", "export_pt2", "onnx_available"]
 
 
 # ---------------------------------------------------------------- torch.export and ONNX
@@ -33,6 +33,31 @@ def _example(model: nn.Module, input_shape: tuple[int, ...], batch: int = 2) -> 
     return torch.randn((batch, *input_shape), device=device, dtype=dtype)
 
 
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """One eager forward of the model in eval mode on x (its mode restored); a failure is one ExportError naming the
+    input the model expects."""
+    first: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, _: first.append(m) if not first else None)
+             for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception as e:
+        want = getattr(first[0], "in_channels", None) if first else None
+        if isinstance(want, int) and want != x.shape[1]:
+            raise ExportError(f"the model's first layer takes {want} input channels, but input_shape "
+                              f"{tuple(x.shape[1:])} has {x.shape[1]}; pass input_shape=({want}, H, W)") from None
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ExportError(f"the model fails on inputs of shape {tuple(x.shape)} ({type(e).__name__}: {msg}); "
+                          "fix input_shape to the (C, H, W) of one image the model takes") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+
+
 def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
                dynamic_batch: bool = True) -> dict:
     """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}."""
@@ -42,6 +67,7 @@ def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | 
     ep = None
     dynamic = False
     try:
+        check_input(model, x)  # a wrong input_shape is named, not reported as a model torch.export cannot trace
         if dynamic_batch:
             try:
                 batch = torch.export.Dim("batch", min=1, max=65536)
@@ -86,9 +112,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
     p0 = next(model.parameters(), None)
     if p0 is not None and (p0.dtype != torch.float32 or p0.device.type != "cpu"):
         model = copy.deepcopy(model).float().cpu()
+    x = _example(model, tuple(input_shape))
+    check_input(model, x)
     was_training = model.training
     model.eval()
-    x = _example(model, tuple(input_shape))
     p = Path(path)
     tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
     dynamic = False

@@ -4,6 +4,7 @@ runs on: seeding, the run directory guard and the stage's sharded data."""
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import random
@@ -121,7 +122,8 @@ class RunContext:
         self.plain_teacher = self.teacher_arg is not None and is_plain_state_dict(self.teacher_arg)
         if teacher_model is not None:
             record = _memory_record(teacher_model, data.info, cfg.model.kwargs)
-            self._teacher = (teacher_model.to(self.device).eval().requires_grad_(False), record)
+            # a private frozen copy: the caller's module keeps its device, mode, flags and memory format
+            self._teacher = (copy.deepcopy(teacher_model).to(self.device).eval().requires_grad_(False), record)
         if "teacher" in self.given:
             model, obj = self.given["teacher"]
             self._teacher = (model.to(self.device).eval().requires_grad_(False), obj)
@@ -183,13 +185,15 @@ class RunContext:
             self.write(make)
 
     def check_data(self) -> None:
-        """Stop on configured data that cannot work (e.g. an ImageFolder class folder without images) before any
-        stage runs or writes; the user's in-memory batches were checked when given."""
+        """Stop on configured data that cannot work (an ImageFolder class folder without images, a file that is not
+        an image) before any stage runs or writes; the user's in-memory batches were checked when given."""
         if self.user_data or (self.command == "export" and not self.export.test):
             return
-        from amas.data import dataset_info
+        from amas.data import check_images, dataset_info
 
         dataset_info(self.cfg.data)
+        if self.cfg.data.name == "imagefolder":
+            check_images(self.cfg.data)  # a corrupt file would stop a stage mid-run with a PIL traceback
 
     @property
     def dataset_label(self) -> str:

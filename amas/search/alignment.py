@@ -1,14 +1,16 @@
 """Alignment with a frozen teacher, shared by the mask search and fine-tuning: CE + KD + adversarial.
 
-The frozen teacher (eval mode, no gradients) guides a student. A small MLP discriminator, trained inside the
-objective with its own optimiser, tells teacher outputs (logits, or the pooled features before the classifier)
-from student outputs; the student is pushed to fool it while matching the teacher's logits (KD) and the labels
-(CE). ``AlignmentObjective`` is that loss on the one engine; the search objective (amas.search.objective) adds masks.
+The teacher, run as a private frozen copy (eval mode, no gradients; the caller's module is never modified), guides a
+student. A small MLP discriminator, trained inside the objective with its own optimiser, tells teacher outputs
+(logits, or the pooled features before the classifier) from student outputs; the student is pushed to fool it
+while matching the teacher's logits (KD) and the labels (CE). ``AlignmentObjective`` is that loss on the one
+engine; the search objective (amas.search.objective) adds masks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -140,12 +142,12 @@ def _inplace_relus(gm: torch.fx.GraphModule) -> None:
 def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
     """A frozen eval-mode copy of model for no-grad forwards: conv+BN folded (torch.fx) and in-place ReLUs.
 
-    The copy is checked against model on a random batch; when tracing fails or the outputs differ, model
-    itself is returned. The original's weights and buffers are never touched.
+    The copy is checked against model on a random batch; when tracing fails or the outputs differ, it is a plain
+    frozen copy. model itself (weights, buffers, flags, mode) is never touched.
     """
     fast = folded_copy(model, input_shape)
     if fast is None:
-        return model
+        return copy.deepcopy(model).eval().requires_grad_(False)
     _inplace_relus(fast)
     return fast.eval().requires_grad_(False)
 
@@ -168,18 +170,18 @@ class AlignmentObjective(Objective):
                  student: nn.Module | None = None, section: str = "search") -> None:
         super().__init__(cfg.train.label_smoothing)
         self.cfg: AlignmentConfig = cfg
-        self.teacher = teacher
-        teacher.eval().requires_grad_(False)
-        # what runs the teacher's forwards: the teacher, or its conv+BN-folded copy (same outputs to float rounding)
-        self.teacher_fwd = fast_inference_copy(teacher, input_shape) if cfg.fast_teacher else teacher
+        self.teacher = teacher  # the caller's, never modified: its forwards run the private frozen copy teacher_fwd
+        # conv+BN folded (same outputs to float rounding) with search.fast_teacher, else a plain frozen copy
+        self.teacher_fwd = (fast_inference_copy(teacher, input_shape) if cfg.fast_teacher
+                            else copy.deepcopy(teacher).eval().requires_grad_(False))
         self._tapped = cfg.d_input == "features" or cfg.feature_kd > 0
         if self._tapped:
             what = f"{section}.d_input=features" if cfg.d_input == "features" else f"{section}.feature_kd"
             fix = f"use {section}.d_input=logits and {section}.feature_kd=0"
-            pool = last_global_pool(teacher)
+            pool = last_global_pool(self.teacher_fwd)
             if pool is None:
                 raise SearchError(f"{what} needs a pooling layer before the classifier; this model has none, {fix}")
-            width = _feature_width(teacher, pool, input_shape)
+            width = _feature_width(self.teacher_fwd, pool, input_shape)
             student_pool = last_global_pool(student) if student is not None else None
             s_width = _feature_width(student, student_pool, input_shape) if student_pool is not None else width
             if s_width != width:
@@ -192,13 +194,12 @@ class AlignmentObjective(Objective):
         self.device = torch.device("cpu")
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
-        """Freeze the teacher on the device, build the discriminator (the same on every rank) and its optimiser."""
+        """Move the teacher's frozen copy to the device, build the discriminator (the same on every rank) and its
+        optimiser."""
         self.device = device
-        for t in {id(self.teacher): self.teacher, id(self.teacher_fwd): self.teacher_fwd}.values():
-            t.eval().requires_grad_(False)
-            t.to(device)
-            if self.cfg.train.channels_last:
-                t.to(memory_format=torch.channels_last)
+        self.teacher_fwd.to(device)
+        if self.cfg.train.channels_last:
+            self.teacher_fwd.to(memory_format=torch.channels_last)
         self.discriminator.to(device)
         distributed.broadcast_module(self.discriminator)  # one discriminator across ranks (torchrun)
         if self.cfg.d_optimizer == "adam":

@@ -30,7 +30,8 @@ class MaskSearch:
         amas.save_pruned(small, "small.pt", input_shape=(3, 32, 32))   # amas.load_pruned rebuilds it
 
     student: a trainable copy of the teacher (same architecture); the masks are forward hooks on it, outside its
-    parameters, so the user's optimizer never sees them. teacher: the frozen classifier. ignore: module names kept
+    parameters, so the user's optimizer never sees them. teacher: the trained classifier, never modified (its forwards
+    run a private frozen copy, so students deep-copied from it later are trainable). ignore: module names kept
     whole (as prune.ignore, for layers Torch-Pruning cannot trace). options: any
     ``search.*`` config key (mu, kd, adv_weight, d_input, lam, mask_lr, fista, controller_*; see
     configs/REFERENCE.md); ``lr`` there is the base learning rate that ``step(lr)`` scales the mask step by.
@@ -51,9 +52,17 @@ class MaskSearch:
         from amas.channels.cost import CostModel
         from amas.channels.groups import find_groups
         from amas.channels.masks import ChannelMasks
+        from amas.config_check import check_target
+        from amas.errors import SearchError
         from amas.inputs import classes_of
         from amas.search.objective import SearchObjective
 
+        target_reduction = check_target(target_reduction)
+        if student is teacher or not any(p.requires_grad for p in student.parameters()):
+            # Torch-Pruning traces the channel groups through autograd: a frozen student has none
+            why = "is the teacher itself" if student is teacher else "has no parameter that requires grad"
+            raise SearchError(f"the student {why}, so no channel group can be traced; pass a trainable copy: "
+                              "copy.deepcopy(teacher).requires_grad_(True)")
         known = {f.name for f in fields(SearchConfig)}
         bad = [k for k in options if k not in known]
         if bad:
@@ -66,10 +75,13 @@ class MaskSearch:
             data["train"]["lr"] = float(lr)
         self.cfg: SearchConfig = from_dict(data, SearchConfig)
         self.input_shape = tuple(int(s) for s in input_shape)
-        self.student, self.teacher = student, teacher.eval().requires_grad_(False)
+        self.student, self.teacher = student, teacher  # the teacher is never modified (its forwards run a copy)
         self.round_to, self.min_channels = int(round_to), int(min_channels)
         self.num_classes = classes_of(teacher, self.input_shape)
         self.groups = find_groups(student, self.input_shape, residual=residual_channels, ignore=ignore)
+        if not self.groups:
+            raise SearchError(f"the student ({type(student).__name__}) has no prunable channel groups (no conv or "
+                              "linear output that can lose channels); pass fewer ignore= names, or another model")
         self.cost = CostModel(student, self.groups, self.input_shape)
         self.masks = ChannelMasks(self.groups, init=1.0)
         self.objective = SearchObjective(teacher, self.groups, self.masks, self.cost, self.cfg, self.input_shape,
@@ -79,9 +91,15 @@ class MaskSearch:
         self.objective.setup(student, p.device)
         self.steps = 0
         self.last_terms: dict[str, torch.Tensor] = {}
+        self._labels_checked = False
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """The student's forward on images and its loss: CE + mu·KD + adversarial + lam·mask penalty."""
+        if not self._labels_checked:  # the first batch: a label past the class count fails deep in the loss
+            from amas.inputs import check_labels
+
+            check_labels(labels, self.num_classes, "the first batch")
+            self._labels_checked = True
         out = self.objective.compute(self.student if model is None else model, images, labels)
         self.last_terms = out.terms
         return out.loss

@@ -241,3 +241,19 @@ def test_export_criterion_l1_cuts_what_prune_method_l1_cuts(tmp_path) -> None:
     keep = plan_for_method("l1", model, groups, CostModel(model, groups, SHAPE), 0.5, train=None, val=None,
                            cfg=CriteriaConfig(), prune_cfg=PruneConfig(round_to=1), num_classes=4)
     assert exported == kept_counts(keep) and report["macs_reduction"] >= 0.5
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_an_input_shape_the_model_does_not_take_is_named(tmp_path, fmt: str) -> None:
+    """Three channels for a one-channel model: the mismatch, not 'torch.export cannot trace this model'."""
+    from amas.errors import ExportError
+
+    if fmt == "onnx" and not onnx_available():
+        pytest.skip("the onnx extra is not installed")
+    model = create_model("resnet20", num_classes=4, in_channels=1).train()
+    with pytest.raises(ExportError, match=r"takes 1 input channels, but input_shape \(3, 16, 16\) has 3") as e:
+        amas.export(model, tmp_path / f"m.{fmt}", (3, 16, 16), format=fmt)
+    assert "\n" not in str(e.value) and model.training and not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="fails on inputs of shape") as e:  # channels fit, the head does not
+        amas.export(model, tmp_path / f"m.{fmt}", (1, 16), format=fmt)
+    assert "\n" not in str(e.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import TINY_NET_SHAPE as SHAPE
 from conftest import loaders, trained_teacher
@@ -11,6 +12,7 @@ from conftest import loaders, trained_teacher
 import amas
 from amas.channels.cost import count
 from amas.channels.plan import kept_counts
+from amas.errors import SearchError
 
 
 def run_steps(search: amas.MaskSearch, opt: torch.optim.Optimizer, batches) -> None:
@@ -94,7 +96,7 @@ def test_min_keep_exempts_each_groups_strongest_share_from_the_penalty() -> None
     for floor in (0.0, 0.5):
         torch.manual_seed(0)
         student = copy.deepcopy(teacher).requires_grad_(True)
-        search = amas.MaskSearch(student, teacher, SHAPE, 0.0, lam=500.0, min_keep=floor)
+        search = amas.MaskSearch(student, teacher, SHAPE, 0.9, lam=500.0, min_keep=floor)  # no controller step
         with torch.no_grad():
             for m in search.masks.masks:
                 m.copy_(torch.linspace(1.0, 0.05, m.numel()))
@@ -167,4 +169,63 @@ def test_eval_mode_runs_the_masks_the_cut_folds() -> None:
     small = search.cut(0.0, round_to=1)
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked, atol=1e-4, rtol=1e-4)
+    search.close()
+
+
+def teacher_state(model: torch.nn.Module) -> list:
+    """What a search must leave as it was on the caller's teacher: modes, requires_grad flags, strides, devices."""
+    return ([m.training for m in model.modules()]
+            + [(p.requires_grad, p.stride(), p.device) for p in model.parameters()]
+            + [(b.stride(), b.device) for b in model.buffers()])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_search_leaves_the_teacher_as_it_was_and_a_second_search_equals_the_first(fast: bool) -> None:
+    """The caller's teacher keeps its mode, flags and memory format (search.train.channels_last, the default), so a
+    student deep-copied from it after a first search is trainable: a second search finds the same groups and gives
+    the same loss on the same batch. fast: the teacher's forwards run a folded copy, or (False) the teacher's own."""
+    train, _, _ = loaders()
+    teacher = trained_teacher(train).train()  # a teacher in training mode, as a user's may be
+    before = teacher_state(teacher)
+    x, y = next(iter(train))
+    got = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        student = copy.deepcopy(teacher)
+        search = amas.MaskSearch(student, teacher, SHAPE, 0.5, round_to=4, fast_teacher=fast)
+        assert teacher_state(teacher) == before
+        got.append(([(g.name, g.size) for g in search.groups], search.loss(x, y).item()))
+        search.close()
+        assert teacher_state(teacher) == before
+    assert got[0][0] and got[1] == got[0]
+
+
+def test_a_frozen_student_stops_with_one_line() -> None:
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    for student in (copy.deepcopy(teacher).requires_grad_(False), teacher):
+        with pytest.raises(SearchError, match=r"requires_grad_\(True\)") as e:
+            amas.MaskSearch(student, teacher, SHAPE, 0.5)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("target", [0, 0.0, 1.0])
+def test_a_target_that_removes_nothing_or_everything_stops_with_one_line(target: float) -> None:
+    from amas.errors import ConfigError
+
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    with pytest.raises(ConfigError, match="target_reduction=") as e:
+        amas.MaskSearch(copy.deepcopy(teacher), teacher, SHAPE, target)
+    assert "\n" not in str(e.value)
+
+
+def test_labels_past_the_class_count_stop_with_one_line() -> None:
+    train, _, _ = loaders()
+    teacher = trained_teacher(train)
+    x, y = next(iter(train))
+    search = amas.MaskSearch(copy.deepcopy(teacher), teacher, SHAPE, 0.5)
+    with pytest.raises(amas.AmasError, match="has label 4, but the model has 4 classes") as e:
+        search.loss(x, torch.full_like(y, 4))
+    assert "\n" not in str(e.value)
     search.close()

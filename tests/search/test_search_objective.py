@@ -140,7 +140,10 @@ def test_fast_teacher_copy_matches_and_leaves_the_teacher_alone():
             return self.fc(x) if float(x.sum()) > -1e9 else -self.fc(x)  # data-dependent control flow
 
     u = Untraceable()
-    assert fast_inference_copy(u, (4,)) is u
+    plain = fast_inference_copy(u, (4,))  # a plain frozen copy; u keeps its mode and flags
+    assert plain is not u and isinstance(plain, Untraceable) and not plain.training
+    assert not any(p.requires_grad for p in plain.parameters()) and all(p.requires_grad for p in u.parameters())
+    assert u.training
 
 
 def test_kd_losses():
@@ -275,12 +278,14 @@ def test_feature_kd_matches_the_final_feature_maps(teacher_path, tmp_path):
 def test_teacher_is_untouched_by_search(teacher_path, tmp_path):
     trainer, obj, teacher, _ = _objective(teacher_path, tmp_path, **{"search.lam": "5"})
     before = {k: v.clone() for k, v in load_model(teacher_path)[0].state_dict().items()}
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
     trainer.fit()
     after = teacher.state_dict()
     assert set(before) == set(after)
     for k in before:  # weights and BN running statistics, bit for bit
         assert torch.equal(before[k], after[k]), k
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    # nor its flags (the forwards run a frozen copy): a student deep-copied from it later is trainable
+    assert not teacher.training and all(p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())  # the student did train
 
 
