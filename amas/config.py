@@ -75,10 +75,17 @@ class TrainConfig:
     channels_last: bool = True
     log_every: int = field(default=50, metadata=_range(1))
     progress: bool = True
+    # the stage's first probe_steps steps are tried first: while the eval-mode validation accuracy falls by more than
+    # probe_tolerance points, everything is restored and the step size (weights and masks) quartered (0: no probe)
+    probe_steps: int = field(default=0, metadata=_range(0))
+    probe_tolerance: float = field(default=3.0, metadata=_range(0))
+    # step-size back-offs per stage: the probe's quarters, and halvings when the loss turns non-finite or jumps
+    # 10x past its recent median (the last good state restored)
+    max_backoffs: int = field(default=4, metadata=_range(0))
 
 
 def _search_train() -> TrainConfig:
-    return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine")
+    return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine", probe_steps=10)
 
 
 @dataclass
@@ -156,7 +163,7 @@ class SearchConfig(AlignmentConfig):
 
 
 def _finetune_train() -> TrainConfig:
-    return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine")
+    return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine", probe_steps=10)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
 from amas.engine.schedules import make_scheduler
+from amas.engine.stability import Backoff, SpikeGuard, probe_step_size, scale_lr, snapshot
 from amas.engine.stopping import StopRequest
 from amas.errors import Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
@@ -187,6 +189,9 @@ class Trainer:
         self._writer = writer
         self._own_writer = writer is None
         self.stop = StopRequest()
+        self.lr_scale = 1.0  # the step-size factor the probe and the spike back-offs settled on (1: the config's)
+        self.backoffs = 0
+        self.guard = SpikeGuard()
 
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask the run to stop after the current step, as SIGTERM would."""
@@ -209,6 +214,7 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "history": self.history,
             "rng": torch.get_rng_state(),
+            "lr_scale": self.lr_scale,
         }
 
     def save_state(self) -> None:
@@ -222,6 +228,10 @@ class Trainer:
         state = load_file(path or self.ckpt_path, "train_state")
         if state["stage"] != self.stage:
             raise TrainingError(f"'{path or self.ckpt_path}' belongs to stage '{state['stage']}', not '{self.stage}'")
+        self.restore(state)
+
+    def restore(self, state: dict) -> None:
+        """Restore a state_dict of this trainer (from a file or an in-memory snapshot)."""
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -236,6 +246,23 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.guard.reset()
+
+    def back_off(self, factor: float, why: str) -> None:
+        """Scale the step size by factor (the schedule keeps its shape) and say so in one line."""
+        scale_lr(self.optimizer, self.scheduler, factor)
+        self.lr_scale *= factor
+        self.say(f"{why}; learning rate x{self.lr_scale:.3g} of train.lr from here")
+
+    def say(self, line: str) -> None:
+        """One line about this stage on stderr (rank 0)."""
+        if self.dist.is_main:
+            print(f"{self.stage}: {line}", file=sys.stderr, flush=True)
+
+    def accuracy_on(self, batches: Any) -> float:
+        """Eval-mode top-1 (%) of the model on batches (a list of (images, labels) pairs)."""
+        return evaluate(self.model, batches, self.num_classes, self.device, self.cfg.amp)["acc"]
 
     @property
     def writer(self) -> Any:
@@ -257,8 +284,18 @@ class Trainer:
         end = self.cfg.epochs if until_epoch is None else min(int(until_epoch), self.cfg.epochs)
         try:
             with self.stop as stop:
+                if self.global_step == 0 and self.epoch < end:
+                    probe_step_size(self, stop)
+                good = snapshot(self.state_dict())
                 while self.epoch < end:
-                    self._train_epoch(stop)
+                    try:
+                        self._train_epoch(stop)
+                    except Backoff as b:
+                        self.restore(good)
+                        self.backoffs += 1
+                        self.back_off(0.5, f"loss {b.value:.4g} at epoch {self.epoch + 1} step {b.step}; "
+                                           "restored the last good state")
+                        continue
                     if stop.signum is not None:
                         self.save_state()
                         raise Stopped(
@@ -278,6 +315,7 @@ class Trainer:
                     self.epoch += 1
                     self.step_in_epoch = 0
                     self.save_state()
+                    good = snapshot(self.state_dict())
                     if self.on_epoch_end is not None:
                         self.on_epoch_end(self.epoch, record)
                     self.writer.flush()
@@ -287,16 +325,33 @@ class Trainer:
                 self._writer = None
         return self.history
 
-    def _agree(self, out: StepOutput, stop: StopRequest) -> None:
-        """Stop every rank together on a non-finite loss or a stop request seen by any rank."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stop: StopRequest,
+                   guard: SpikeGuard | None = None) -> tuple[StepOutput, float]:
+        """One optimiser step on a batch (and the objective's step after it); the step's output and learning rate."""
+        with _autocast(self.device, self.cfg.amp):
+            out = self.objective.compute(self.train_model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self._agree(out, stop, guard)
+        self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.objective.after_step(self.model, lr, self.global_step)
+        self.scheduler.step()
+        self.global_step += 1
+        return out, lr
+
+    def _agree(self, out: StepOutput, stop: StopRequest, guard: SpikeGuard | None = None) -> None:
+        """Stop every rank together on a non-finite loss or a stop request seen by any rank; back off on a spike."""
+        watched = out.terms.get("ce", out.loss).detach()
         finite = torch.isfinite(out.loss.detach())
-        if not self.dist.enabled:
-            self._check_finite(out, bool(finite))
-            return
-        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.signum or 0), device=finite.device)])
-        flags = distributed.all_reduce_sum(flags)
+        spike = torch.tensor(float(guard is not None and guard.is_spike(float(watched))), device=finite.device)
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.signum or 0), device=finite.device), spike])
+        if self.dist.enabled:
+            flags = distributed.all_reduce_sum(flags)
         if stop.signum is None and float(flags[1]) > 0:
             stop.signum = signal.SIGTERM
+        if float(flags[2]) > 0 and self.backoffs < self.cfg.max_backoffs:
+            raise Backoff(float(watched), self.step_in_epoch + 1)
         self._check_finite(out, float(flags[0]) == 0)
 
     def _check_finite(self, out: StepOutput, finite: bool) -> None:
@@ -337,16 +392,7 @@ class Trainer:
         for i, (x, y) in enumerate(self.train_batches):
             if i < skip:  # replay the epoch's random stream up to where the saved state stopped
                 continue
-            with _autocast(self.device, cfg.amp):
-                out = self.objective.compute(self.train_model, x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self._agree(out, stop)
-            self.optimizer.step()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.objective.after_step(self.model, lr, self.global_step)
-            self.scheduler.step()
-            self.global_step += 1
+            out, lr = self.train_step(x, y, stop, self.guard)
             self.step_in_epoch = i + 1
             n_steps += 1
             loss_sum += out.loss.detach().float()
