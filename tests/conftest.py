@@ -102,6 +102,17 @@ def masked_and_cut(model: torch.nn.Module, groups, masks: dict, keep: dict, x: t
         return plain, masked, pruned(x), pruned
 
 
+def reloaded(pruned: torch.nn.Module, name: str, classes: int, shape: tuple, keep: dict, path) -> torch.nn.Module:
+    """pruned (cut from amas.models.create_model(name, classes, shape[0])) written by amas.save_pruned and read back by
+    amas.load_pruned, as the pipeline's candidates and export stages do."""
+    from amas.channels.cut import make_recipe
+    from amas.files.pruned import load_pruned, save_pruned
+
+    record = {"name": name, "num_classes": classes, "in_channels": shape[0]}
+    save_pruned(path, pruned, make_recipe(record, shape, keep), {"input_shape": list(shape)})
+    return load_pruned(path)[0]
+
+
 def random_masks(groups, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Masks in [0.3, 1) with ~40% exact zeros in every group (channel 0 kept, the last one zeroed); kept indices."""
     masks, keep = {}, {}

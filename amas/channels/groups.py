@@ -48,6 +48,7 @@ from torch import nn
 from amas.channels.masks import _BN, _PLAIN_BN_FORWARDS, _unmaskable
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.channels.tracing import build_graph, is_kept_whole
+from amas.errors import MaskError
 
 __all__ = ["ChannelGroup", "find_groups"]
 
@@ -265,6 +266,16 @@ def _by_conv_group(rec: dict, conv_groups: set[int], size: int, straight: bool) 
             "in_layers": {n: k * g for n, k in rec["in_layers"].items()}, "conv_groups": g}
 
 
+def _no_script_modules(model: nn.Module) -> None:
+    """A TorchScript block (torch.jit.script'ed) takes no forward hooks, which tracing and masks need: name it."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            what = f"'{name}'" if name else "the model"
+            raise MaskError(f"{what} of {type(model).__name__} is a TorchScript module (torch.jit.script), which takes "
+                            "no forward hooks, so amas cannot trace or mask it; build it as a plain nn.Module "
+                            "(script the pruned model afterwards)")
+
+
 def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: bool = False,
                 ignore: Sequence[str] = ()) -> list[ChannelGroup]:
     """Prunable channel groups of model (Torch-Pruning DependencyGraph), in named_modules order of their roots.
@@ -274,6 +285,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
     """
     input_shape = tuple(int(s) for s in input_shape)
     ignore = tuple(str(n) for n in ignore)
+    _no_script_modules(model)
     with _StateOutputs(model) as notes:
         dg = build_graph(model, input_shape, ignore)
     # layers with per-channel state that Torch-Pruning traced through as plain ops (a frozen BN): it would not cut them

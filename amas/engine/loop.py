@@ -19,9 +19,10 @@ from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
+from amas.engine.formats import keep_channels_last
 from amas.engine.schedules import make_scheduler
 from amas.engine.stability import Backoff, SpikeGuard, probe_step_size, scale_lr, snapshot
-from amas.engine.stopping import StopRequest
+from amas.engine.stopping import StopRequest, no_steps_reason
 from amas.errors import Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
 
@@ -71,11 +72,15 @@ class Objective:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
 
+    def use_contiguous(self) -> None:
+        """The model runs in the contiguous format (its forward cannot run channels_last): so do extra models."""
+
 
 def evaluate(
-    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False
+    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False,
+    contiguous: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of model over batches."""
+    """Top-1 accuracy (%) and mean cross-entropy of model over batches (contiguous: each batch made contiguous)."""
     from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
 
     was_training = model.training
@@ -85,7 +90,7 @@ def evaluate(
     n = 0
     with torch.inference_mode(), _autocast(device, amp):
         for x, y in batches:
-            logits = model(x).float()
+            logits = model(x.contiguous() if contiguous else x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             metric.update(logits, y)
             n += y.numel()
@@ -102,30 +107,6 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# the config key that sets each stage's batch size (candidates, the final fine-tune and criteria use finetune's)
-_BATCH_KEYS = {"train": "train.batch_size", "search": "search.train.batch_size"}
-
-
-def _no_steps(stage: str, train: Batches, world_size: int, batch_key: str | None) -> str:
-    """Why a stage would take no optimiser step, and the fix, in one line."""
-    n = int(getattr(train, "num_samples", 0))
-    images = f"{n} training image{'' if n == 1 else 's'}"
-    per_rank = getattr(train, "batch_size", None)
-    if per_rank is None:  # the user's own batches: their loader sets the batch size
-        return (f"{stage}: 0 optimiser steps per epoch from {images} over {world_size} processes; pass at least one "
-                "batch per process, or run fewer processes")
-    key = batch_key or _BATCH_KEYS.get(stage, "finetune.train.batch_size")
-    batch = f"a global batch of {per_rank * world_size} ({key}"
-    batch += f", {per_rank} on each of {world_size} processes)" if world_size > 1 else ")"
-    if n == 0:
-        fix = "add training images"
-    elif n < world_size:
-        fix = "add training images or run fewer processes: every process needs an image of each batch"
-    else:
-        fix = f"lower {key} to at most {n} or add training images"
-    return f"{stage}: 0 optimiser steps per epoch: {images} for {batch}; {fix}"
 
 
 class Trainer:
@@ -150,11 +131,12 @@ class Trainer:
         self.cfg = cfg
         self.dist = distributed.context()
         if cfg.epochs > 0 and len(train) == 0:
-            raise TrainingError(_no_steps(stage, train, self.dist.world_size, batch_key))
+            raise TrainingError(no_steps_reason(stage, train, self.dist.world_size, batch_key))
         self.device = distributed.device_for(self.dist, device or resolve_device(cfg.device))
         self.model = distributed.convert_batchnorm(model.to(self.device), self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._contiguous: bool | None = None if cfg.channels_last else False  # None: settled on the first batch
         self.train_batches, self.val_batches = train, val
         self.num_classes = num_classes
         self.objective = objective or Objective(cfg.label_smoothing)
@@ -306,7 +288,8 @@ class Trainer:
                     record = {"epoch": self.epoch + 1}
                     record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
                     if self.val_batches is not None:
-                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp)
+                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp,
+                                       contiguous=bool(self._contiguous))
                         record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
                         self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
                         self.writer.add_scalar(f"{self.stage}/val_loss", val["loss"], self.global_step)
@@ -328,6 +311,10 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stop: StopRequest,
                    guard: SpikeGuard | None = None) -> tuple[StepOutput, float]:
         """One optimiser step on a batch (and the objective's step after it); the step's output and learning rate."""
+        if self._contiguous is None:  # a forward that cannot run channels_last (a .view): back to contiguous
+            self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
+        if self._contiguous:
+            x = x.contiguous()
         with _autocast(self.device, self.cfg.amp):
             out = self.objective.compute(self.train_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)

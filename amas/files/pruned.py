@@ -128,11 +128,18 @@ def removed_blocks(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, RemovedBlock)]
 
 
+def _stored_width(module: nn.Module, attr: str) -> bool:
+    """attr is a plain int the module stores itself (conv, linear, BN), not one a wrapper derives from its layers
+    (timm's ConvNormAct.in_channels is a read-only property reading its conv's)."""
+    return isinstance(vars(module).get(attr), int) and not isinstance(vars(module).get(attr), bool)
+
+
 def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The width attributes of every layer that has them (conv, linear, BN, the option-A shortcut), by module name."""
+    """The width attributes each layer stores itself (conv, linear, BN, the option-A shortcut), by module name;
+    wrappers that only derive widths from their layers (properties) are left out: rebuilt layers carry them."""
     out = {}
     for name, module in model.named_modules():
-        attrs = {a: int(getattr(module, a)) for a in _WIDTHS if isinstance(getattr(module, a, None), int)}
+        attrs = {a: int(vars(module)[a]) for a in _WIDTHS if _stored_width(module, a)}
         if attrs:
             out[name] = attrs
     return out
@@ -160,7 +167,8 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor],
             fix = "pass the architecture the model was pruned from" if base is not None else "re-export the model"
             raise CheckpointError(f"the pruned layer '{name}' is not in {where}; {fix}")
         for attr, value in attrs.items():
-            setattr(modules[name], attr, int(value))
+            if _stored_width(modules[name], attr):  # never a wrapper's derived width (older files list them)
+                setattr(modules[name], attr, int(value))
     for key, tensor in state_dict.items():
         owner, _, attr = key.rpartition(".")
         module = modules.get(owner)

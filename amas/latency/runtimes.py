@@ -64,8 +64,13 @@ def _onnx_file() -> Iterator[str]:
 def _prepared(model: nn.Module, x: torch.Tensor, channels_last: bool) -> tuple[nn.Module, torch.Tensor]:
     net = copy.deepcopy(model).eval()
     if channels_last and x.dim() == 4:
+        from amas.engine.formats import runs_channels_last
+
         net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+        if runs_channels_last(net, x[:1]):  # else a .view of a feature map: timed in the contiguous format
+            x = x.contiguous(memory_format=torch.channels_last)
+        else:
+            net = net.to(memory_format=torch.contiguous_format)
     return net, x
 
 

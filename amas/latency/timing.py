@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from amas.channels.cost import _batched_shape, _device_and_dtype
+from amas.engine.formats import runs_channels_last
 from amas.errors import AmasError
 
 # round-median spread above which a measurement is reported as taken on a busy machine
@@ -118,6 +119,8 @@ def latency(
     else:
         net = model
     x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=memory_format)
+    if channels_last and not runs_channels_last(net, x[:1]):  # a .view of a feature map: timed as it can run
+        net, x = net.to(memory_format=torch.contiguous_format), x.contiguous()
     warm_allocator()
     was_training = net.training
     times: list[float] = []

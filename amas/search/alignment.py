@@ -192,6 +192,8 @@ class AlignmentObjective(Objective):
         self.d_opt: torch.optim.Optimizer | None = None
         self._taps: list[_FeatureTap] = []
         self.device = torch.device("cpu")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self._teacher_contiguous = False  # its forward cannot run channels_last (a .view of a feature map)
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Move the teacher's frozen copy to the device, build the discriminator (the same on every rank) and its
@@ -199,7 +201,12 @@ class AlignmentObjective(Objective):
         self.device = device
         self.teacher_fwd.to(device)
         if self.cfg.train.channels_last:
+            from amas.engine.formats import runs_channels_last
+
             self.teacher_fwd.to(memory_format=torch.channels_last)
+            x = torch.randn(2, *self.input_shape, device=device)
+            if not runs_channels_last(self.teacher_fwd, x, type(self.teacher).__name__):
+                self.use_contiguous()
         self.discriminator.to(device)
         distributed.broadcast_module(self.discriminator)  # one discriminator across ranks (torchrun)
         if self.cfg.d_optimizer == "adam":
@@ -211,11 +218,16 @@ class AlignmentObjective(Objective):
         if self._tapped:
             self._taps = [_FeatureTap(last_global_pool(self.teacher_fwd)), _FeatureTap(last_global_pool(model))]
 
+    def use_contiguous(self) -> None:
+        """Run the teacher's copy in the contiguous format, on contiguous images."""
+        self.teacher_fwd.to(memory_format=torch.contiguous_format)
+        self._teacher_contiguous = True
+
     def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """Teacher forward (no grad), discriminator step(s), then the student's alignment loss."""
         cfg = self.cfg
         with torch.no_grad():
-            t_logits = self.teacher_fwd(images)
+            t_logits = self.teacher_fwd(images.contiguous() if self._teacher_contiguous else images)
         s_logits = model(images)
         t_map = s_map = None
         if self._taps:

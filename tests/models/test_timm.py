@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import masked_and_cut, random_cut, randomize_norms, tiny_overrides
+from conftest import masked_and_cut, random_cut, randomize_norms, reloaded, tiny_overrides
 from torch import nn
 
 from amas.channels.cost import CostModel, count
@@ -160,6 +160,9 @@ def test_timm_removal_equals_masking_and_exports(name: str, tmp_path) -> None:
     assert not close(plain, masked, 1e-3)  # the masks change the outputs: the check means something
     assert close(masked, out, 1e-4)
     assert count(pruned, shape)[0] == cost.macs(kept_counts(keep))  # the planner's MACs are the pruned model's
+    with torch.no_grad():  # pruned.pt round trip: rebuilt from timm and the stored layer widths, no tracing
+        again = reloaded(pruned.eval(), "timm:" + name, 5, shape, keep, tmp_path / "p.pt")(x)
+    assert close(again, out, 1e-6)
     if name in EXPORTED:
         export_pt2(pruned, shape, tmp_path / "m.pt2")
         with torch.no_grad():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import masked_and_cut, random_masks, randomize_norms
+from conftest import masked_and_cut, random_masks, randomize_norms, reloaded
 
 from amas.channels.cost import CostModel, count
 from amas.channels.groups import find_groups
@@ -50,6 +50,9 @@ def test_torchvision_removal_equals_masking_and_exports(name: str, tmp_path) -> 
     assert count(pruned, shape)[0] == cost.macs(kept_counts(keep))  # the planner's MACs are the pruned model's
     assert (plain - masked).abs().max().item() > 1e-3  # the masks change the outputs: the check means something
     assert (masked - out).abs().max().item() <= 1e-4 * max(1.0, masked.abs().max().item())
+    with torch.no_grad():  # pruned.pt round trip: rebuilt from torchvision and the stored layer widths, no tracing
+        again = reloaded(pruned.eval(), "tv:" + name, 10, shape, keep, tmp_path / "p.pt")(x)
+    assert (again - out).abs().max().item() <= 1e-6 * max(1.0, out.abs().max().item())
     export_pt2(pruned, shape, tmp_path / "m.pt2")
     with torch.no_grad():
         got = torch.export.load(tmp_path / "m.pt2").module()(x)
