@@ -48,6 +48,11 @@ class DataConfig:
     test_subset: int = field(default=0, metadata=_range(0))
     split_seed: int = 0
     augment: bool = True
+    # ImageFolder training crops: RandomResizedCrop over this range of the image's area. ImageNet training uses
+    # (0.08, 1); amas' stages are short fine-tunes of a trained model, where crops that small move the BatchNorm
+    # statistics away from what the teacher saw (timm efficientnet_b0 at 32 px: the search student fell from 46% to
+    # 17% val in 10 steps with (0.08, 1), kept 43% without crops)
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     pad: int = field(default=4, metadata=_range(0))
     flip: bool = True
     image_size: int = field(default=224, metadata=_range(8))
@@ -61,7 +66,12 @@ class TrainConfig:
     epochs: int = field(default=15, metadata=_range(0))
     batch_size: int = field(default=128, metadata=_range(1))
     eval_batch_size: int = field(default=512, metadata=_range(1))
-    lr: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    # sgd; adamw; auto: adamw for models built from depthwise/grouped convolutions or LayerNorm/GroupNorm
+    # (MobileNets, EfficientNet, RegNet, ConvNeXt), sgd for plain conv+BatchNorm nets (amas.engine.optimizers)
+    optimizer: Literal["sgd", "adamw", "auto"] = "sgd"
+    lr: float = field(default=0.1, metadata=_range(0, lo_open=True))  # SGD's
+    adamw_lr: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    adamw_weight_decay: float = field(default=0.01, metadata=_range(0))
     momentum: float = field(default=0.9, metadata=_range(0, 1))
     nesterov: bool = True
     weight_decay: float = field(default=5e-4, metadata=_range(0))
@@ -82,10 +92,15 @@ class TrainConfig:
     # step-size back-offs per stage: the probe's quarters, and halvings when the loss turns non-finite or jumps
     # 10x past its recent median (the last good state restored)
     max_backoffs: int = field(default=4, metadata=_range(0))
+    # BatchNorm statistics re-estimated on this many training batches before each validation (0: the running
+    # averages as training left them; they lag behind weights and masks that moved fast, on MobileNets/EfficientNets
+    # by tens of points)
+    bn_recalibration: int = field(default=0, metadata=_range(0))
 
 
 def _search_train() -> TrainConfig:
-    return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine", probe_steps=10)
+    return TrainConfig(epochs=10, lr=0.01, weight_decay=2e-4, schedule="cosine", probe_steps=10,
+                       bn_recalibration=10, optimizer="auto", adamw_lr=1e-4)
 
 
 @dataclass
@@ -97,10 +112,11 @@ class AlignmentConfig:
     mu: float = field(default=1.0, metadata=_range(0))
     kd: Literal["mse", "kl"] = "mse"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
-    # KD and the discriminator read per-sample z-scored outputs (zero mean, unit std over classes): the loss and its
-    # gradient then do not grow with the teacher's logit scale (AdamW-trained MobileNetV3/EfficientNet teachers reach
-    # |logit| 20-50, a CIFAR ResNet's a few units); false: the raw logits, as GAL's MSE
-    standardize: bool = False
+    # MSE distillation and the discriminator read per-sample z-scored outputs (zero mean, unit std over classes): the
+    # loss and its gradient then do not grow with the teacher's logit scale (AdamW-trained MobileNetV3/EfficientNet
+    # teachers reach |logit| 20-50, a CIFAR ResNet's a few units); false: raw logits, as GAL's MSE. KL is left raw:
+    # its gradient is bounded by T per logit whatever the scale
+    standardize: bool = True
     adv_weight: float = field(default=0.1, metadata=_range(0))
     fast_teacher: bool = True  # run the frozen teacher as a conv+BN-folded copy (torch.fx), checked against it
     # discriminator: MLP on the logits or on the globally pooled features before the classifier
@@ -163,7 +179,8 @@ class SearchConfig(AlignmentConfig):
 
 
 def _finetune_train() -> TrainConfig:
-    return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine", probe_steps=10)
+    return TrainConfig(epochs=5, lr=0.02, weight_decay=5e-4, schedule="cosine", probe_steps=10,
+                       bn_recalibration=10, optimizer="auto", adamw_lr=5e-4)
 
 
 @dataclass

@@ -165,8 +165,13 @@ class FolderBatches:
         from torchvision.datasets import ImageFolder
 
         norm = T.Normalize(info.mean, info.std)
+        lo, hi = (list(cfg.crop_scale) + [0.0, 0.0])[:2]
+        if len(cfg.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+            raise DataError(f"data.crop_scale={list(cfg.crop_scale)} is not a range of the image's area; pass two "
+                            "fractions lo <= hi in (0, 1], e.g. [0.35, 1.0]")
         if train and cfg.augment:
-            tf = T.Compose([T.RandomResizedCrop(info.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+            tf = T.Compose([T.RandomResizedCrop(info.image_size, scale=tuple(cfg.crop_scale)), T.RandomHorizontalFlip(),
+                            T.ToTensor(), norm])
         else:
             tf = T.Compose([T.Resize(int(info.image_size * 8 / 7)), T.CenterCrop(info.image_size), T.ToTensor(), norm])
         self.dataset = ImageFolder(str(root), transform=tf)

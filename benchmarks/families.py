@@ -71,13 +71,14 @@ def build(model: str, classes: int) -> nn.Module:
 
 
 def user_loaders(folder: Path, size: int, batch: int) -> dict:
-    """What a user writes: torchvision ImageFolder + DataLoader, flips for training, ImageNet normalisation."""
+    """What a user writes: torchvision ImageFolder + DataLoader, padded random crops and flips for training,
+    ImageNet normalisation."""
     import torchvision.transforms as T
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
     norm = T.Normalize(*IMAGENET)
-    train_tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    train_tf = T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     test_tf = T.Compose([T.ToTensor(), norm])
     return {"train": DataLoader(ImageFolder(str(folder / "train"), train_tf), batch_size=batch, shuffle=True,
                                 generator=torch.Generator().manual_seed(0)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import time
@@ -19,9 +18,20 @@ from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
+from amas.engine.evaluation import autocast as _autocast
+from amas.engine.evaluation import evaluate
 from amas.engine.formats import keep_channels_last
+from amas.engine.optimizers import make_optimizer, resolve_optimizer
 from amas.engine.schedules import make_scheduler
-from amas.engine.stability import Backoff, SpikeGuard, probe_step_size, scale_lr, snapshot
+from amas.engine.stability import (
+    Backoff,
+    SpikeGuard,
+    first_batches,
+    probe_step_size,
+    recalibrate_batchnorm,
+    scale_lr,
+    snapshot,
+)
 from amas.engine.stopping import StopRequest, no_steps_reason
 from amas.errors import Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
@@ -76,39 +86,6 @@ class Objective:
         """The model runs in the contiguous format (its forward cannot run channels_last): so do extra models."""
 
 
-def evaluate(
-    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False,
-    contiguous: bool = False,
-) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of model over batches (contiguous: each batch made contiguous)."""
-    from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
-
-    was_training = model.training
-    model.eval()
-    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    n = 0
-    with torch.inference_mode(), _autocast(device, amp):
-        for x, y in batches:
-            logits = model(x.contiguous() if contiguous else x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            metric.update(logits, y)
-            n += y.numel()
-    model.train(was_training)
-    totals = distributed.all_reduce_sum(
-        torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)])
-    )
-    if float(totals[1]) == 0:
-        return {"acc": float("nan"), "loss": float("nan")}
-    return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Trainer:
     """Trains model on batches with an objective; checkpoints every epoch and resumes exactly."""
 
@@ -151,17 +128,8 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-        groups = self.objective.param_groups(self.model)
-        for g in groups:
-            g.setdefault("lr", cfg.lr)
-            g.setdefault("weight_decay", cfg.weight_decay)
-        self.optimizer = torch.optim.SGD(
-            groups,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer_kind = resolve_optimizer(cfg.optimizer, model)
+        self.optimizer, self.base_lr = make_optimizer(self.objective.param_groups(self.model), cfg, self.optimizer_kind)
         self.steps_per_epoch = len(train)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
         self.epoch = 0
@@ -242,9 +210,25 @@ class Trainer:
         if self.dist.is_main:
             print(f"{self.stage}: {line}", file=sys.stderr, flush=True)
 
-    def accuracy_on(self, batches: Any) -> float:
-        """Eval-mode top-1 (%) of the model on batches (a list of (images, labels) pairs)."""
-        return evaluate(self.model, batches, self.num_classes, self.device, self.cfg.amp)["acc"]
+    def recalibrate(self) -> None:
+        """BatchNorm statistics re-estimated on the first train.bn_recalibration batches (random state kept)."""
+        n = self.cfg.bn_recalibration
+        if n <= 0:
+            return
+        rng = torch.get_rng_state()
+        batches = first_batches(self.train_batches, n)
+        with _autocast(self.device, self.cfg.amp):
+            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
+        torch.set_rng_state(rng)
+
+    def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
+        """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
+        first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
+        if calibration:
+            with _autocast(self.device, self.cfg.amp):
+                recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
+        return evaluate(self.model, batches, self.num_classes, self.device, self.cfg.amp,
+                        contiguous=bool(self._contiguous))["acc"]
 
     @property
     def writer(self) -> Any:
@@ -288,6 +272,7 @@ class Trainer:
                     record = {"epoch": self.epoch + 1}
                     record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
                     if self.val_batches is not None:
+                        self.recalibrate()
                         val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp,
                                        contiguous=bool(self._contiguous))
                         record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
@@ -322,7 +307,7 @@ class Trainer:
         self._agree(out, stop, guard)
         self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.objective.after_step(self.model, lr, self.global_step)
+        self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
         self.scheduler.step()
         self.global_step += 1
         return out, lr

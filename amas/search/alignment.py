@@ -64,10 +64,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", tem
             standardize: bool = False) -> torch.Tensor:
     """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T.
 
-    standardize: both sides z-scored per sample first (Sun et al., CVPR 2024), so the loss and its gradient do not
-    grow with the teacher's logit scale."""
+    standardize: for MSE, both sides z-scored per sample first (as Sun et al., CVPR 2024 do for KL), so the loss and
+    its gradient do not grow with the teacher's logit scale; KL's gradient is bounded by T per logit already."""
     s, t = full_precision(student), full_precision(teacher)
-    if standardize:
+    if standardize and kind == "mse":
         s, t = standardized(s), standardized(t)
     if kind == "mse":
         return F.mse_loss(s, t)

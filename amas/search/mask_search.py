@@ -51,7 +51,7 @@ class MaskSearch:
                  **options: Any) -> None:
         from amas.channels.cost import CostModel
         from amas.channels.groups import find_groups
-        from amas.channels.masks import ChannelMasks
+        from amas.channels.masks import ChannelMasks, remove_mask_hooks
         from amas.config_check import check_target
         from amas.errors import SearchError
         from amas.inputs import classes_of
@@ -78,6 +78,9 @@ class MaskSearch:
         self.student, self.teacher = student, teacher  # the teacher is never modified (its forwards run a copy)
         self.round_to, self.min_channels = int(round_to), int(min_channels)
         self.num_classes = classes_of(teacher, self.input_shape)
+        # a student deep-copied from one under another search still runs that search's mask hooks (they point at its
+        # masks): drop them, this search's masks are the only ones
+        remove_mask_hooks(student)
         self.groups = find_groups(student, self.input_shape, residual=residual_channels, ignore=ignore)
         if not self.groups:
             raise SearchError(f"the student ({type(student).__name__}) has no prunable channel groups (no conv or "

@@ -1,0 +1,50 @@
+"""Evaluation of a classifier on batches (top-1 and cross-entropy) and the engine's autocast context."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from amas import distributed
+from amas.data import Batches
+
+__all__ = ["autocast", "evaluate"]
+
+
+def evaluate(
+    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False,
+    contiguous: bool = False,
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of model over batches (contiguous: each batch made contiguous)."""
+    from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
+
+    was_training = model.training
+    model.eval()
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    with torch.inference_mode(), autocast(device, amp):
+        for x, y in batches:
+            logits = model(x.contiguous() if contiguous else x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            metric.update(logits, y)
+            n += y.numel()
+    model.train(was_training)
+    totals = distributed.all_reduce_sum(
+        torch.stack([loss_sum, torch.tensor(float(n), device=device, dtype=torch.float64)])
+    )
+    if float(totals[1]) == 0:
+        return {"acc": float("nan"), "loss": float("nan")}
+    return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when amp is on; nothing otherwise."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
