@@ -98,7 +98,12 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         "total_channels": sum(g.size for g in groups),
         "kept": kept,
         "epochs": tcfg.epochs,
+        # the student's validation accuracy after each epoch: the first thing to read on a new model family (a search
+        # that wrecks the student shows here before the masks bite)
+        "val_acc_by_epoch": [round(float(h["val_acc"]), 2) for h in history if "val_acc" in h],
         "final_lr": float(trainer.optimizer.param_groups[0]["lr"]),
+        "lr_scale": trainer.lr_scale,
+        "optimizer": trainer.optimizer_kind,
         "wall_s": time.perf_counter() - t0,
     })
     if distributed.context().is_main:
@@ -128,6 +133,8 @@ def search_stage(ctx: RunContext) -> Rows:
         ("teacher", str(ctx.teacher_path)), ("dataset", ctx.dataset_label),
         ("student val acc %", r.get("val_acc", float("nan"))),
         ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
+        ("student val acc by epoch %", ", ".join(f"{a:.2f}" for a in r.get("val_acc_by_epoch", [])) or "–"),
+        ("optimiser", f"{r.get('optimizer', 'sgd')} at x{r.get('lr_scale', 1.0):.3g} of its rate"),
         ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
         ("MACs reduction %", 100.0 * r["macs_reduction"]), ("target reduction %", 100.0 * r["target_reduction"]),
         ("kept channels", f"{r['kept_channels']} of {r['total_channels']}"), ("lambda", r["lambda"]),
