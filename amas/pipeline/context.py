@@ -269,13 +269,13 @@ def _memory_record(model: nn.Module, info: Any, kwargs: dict | None = None) -> d
     """The file record of an in-memory teacher: 'package.module:Class' (+ kwargs) when its class rebuilds it, so
     pruned.pt loads wherever the class imports; else a name that rebuilds it as a copy in this process only."""
     from amas.files.checkpoint import model_record
-    from amas.inputs import importable_name
-    from amas.models.registry import register_memory_model
+    from amas.inputs import arch_name
+    from amas.models.registry import MEMORY_PREFIX
 
     cls = type(model)
-    name = importable_name(model, info.input_shape, info.num_classes, kwargs)
-    record = model_record(name or register_memory_model(model), info.num_classes, info.in_channels, info,
-                          kwargs if name else None)
+    name = arch_name(model, info.input_shape, info.num_classes, kwargs)
+    record = model_record(name, info.num_classes, info.in_channels, info,
+                          None if name.startswith(MEMORY_PREFIX) else kwargs)
     return {"model": dict(record, source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}
 
 
