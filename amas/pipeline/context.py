@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from amas import distributed
-from amas.config import Config, TrainConfig, atomic_write_text, save_config
+from amas.config import Config, TrainConfig, save_config
 from amas.errors import AmasError, PipelineError, SearchError
+from amas.files.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from amas.data import DataBundle

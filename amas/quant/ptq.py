@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from amas.errors import QuantizeError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_path
 
 __all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "load_int8", "quantize_onnx",
            "quantize_pt2e", "top1_accuracy"]
@@ -191,13 +191,8 @@ def finish_int8(converted: nn.Module, input_shape: tuple[int, ...], path: str | 
         x = torch.randn((2, *tuple(input_shape)))
         ep8, dynamic = export_graph(converted, x, "quantized model")
         p = Path(path)
-        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
-        try:
+        with atomic_path(p) as tmp:
             torch.export.save(ep8, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         result.path, result.dynamic_batch = str(p), dynamic
     return result
 
@@ -232,7 +227,6 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
     with tempfile.TemporaryDirectory() as d:
         fp = Path(d) / "float.onnx"
         export_onnx(model, tuple(input_shape), fp, check=False)
-        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
         try:
             import onnx
 
@@ -241,20 +235,17 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
             level = root.level
             root.setLevel(logging.ERROR)
             try:
-                quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                with atomic_path(p) as tmp:
+                    quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             finally:
                 root.setLevel(level)
-            os.replace(tmp, p)
         except QuantizeError:
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             raise QuantizeError(f"ONNX Runtime cannot quantize this model ({type(e).__name__}: {first}); "
                                 "ship the int8 .pt2 instead") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return str(p)
 
 
