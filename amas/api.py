@@ -87,7 +87,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     from amas.files.pruned import load_pruned
     from amas.inputs import UserDataInfo, classes_of, user_bundle
     from amas.pipeline.context import RunContext
-    from amas.pipeline.runner import _check_method, run_stages
+    from amas.pipeline.runner import check_method, run_stages
 
     if not isinstance(teacher, nn.Module):
         raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module classifier")
@@ -99,7 +99,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         raise DataError(f"out_dir '{out_dir}' is a file, not a folder; pass a new or existing run directory")
     cfg = resolve_config(config, overrides, **{"search.target_reduction": target_reduction,
                                                "select.min_reduction": target_reduction, "quant.mode": quantize})
-    _check_method(method)
+    check_method(method)
     info = UserDataInfo("user", classes_of(teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
     with _run_dir(out_dir) as run_dir:

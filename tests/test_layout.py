@@ -146,6 +146,15 @@ def test_no_import_cycles():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_no_private_names_imported_across_modules():
+    """A name another module needs is public in the module that owns it (tests may reach into privates)."""
+    private = [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+               for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("amas")
+               for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, "\n".join(private)
+
+
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
