@@ -189,7 +189,7 @@ class PruneConfig:
 
     # fraction of the dense MACs to remove (0.5 keeps half), as search.target_reduction
     target_reduction: float = field(default=0.5, metadata=_range(0, 0.99))
-    # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast; see DESIGN.md)
+    # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast)
     round_to: int = field(default=8, metadata=_range(1))
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)

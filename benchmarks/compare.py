@@ -14,7 +14,7 @@ sections: round_to, min_channels; where a target is out of reach at ``prune.roun
 that target, for every method alike, and the tables say so; a dead group, all scores zero, keeps min_channels
 unrounded) and
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
-per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same
+per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap), with the same
 round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
 that meets the MACs target. ``amas``: the AMAS search (``adversarial.search`` with the search section of
 ``--amas-config``, the pipeline recipe by default; ``--amas-search-epochs`` shortens it) from the same teacher to the
