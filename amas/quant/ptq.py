@@ -250,10 +250,55 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
 
 
 def load_int8(path: str | os.PathLike) -> nn.Module:
-    """The runnable module of an int8 .pt2 (registers core torch's quantize/dequantize ops first)."""
+    """The runnable module of an int8 .pt2 (registers core torch's quantize/dequantize ops first), or a one-line
+    QuantizeError when the file does not load (missing, not a .pt2, or ops this process does not register).
+
+    PyTorch resolves a .pt2's operators by name and has no hook to import the library that registers them, so a
+    plain ``torch.export.load`` of an int8 .pt2 needs ``LOAD_HINT`` run first; this loader runs it.
+    """
     import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers quantized_decomposed ops
 
-    return torch.export.load(str(path)).module()
+    p = Path(path)
+    if not p.is_file():
+        raise QuantizeError(f"{p} does not exist; pass the int8 .pt2 that amas.quantize wrote")
+    log, caught = logging.getLogger("torch.export"), _Caught()
+    # torch.export.load logs a 40-line traceback before it raises: kept here, for the cause, instead of printed
+    handlers, propagate, level = log.handlers[:], log.propagate, log.level
+    log.handlers, log.propagate, log.level = [caught], False, logging.WARNING
+    try:
+        return torch.export.load(str(p)).module()
+    except Exception as e:
+        causes = [e] + [r.exc_info[1] for r in caught.records if r.exc_info and r.exc_info[1] is not None]
+        why = next((w for c in causes if (w := _unregistered_op(c))), None)
+        why = why or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+        raise QuantizeError(f"{p} does not load as a torch.export program ({why}); load a .pt2 written by "
+                            "amas.quantize or amas.export, with this torch version") from None
+    finally:
+        log.handlers, log.propagate, log.level = handlers, propagate, level
+
+
+class _Caught(logging.Handler):
+    """The records torch.export logs while it loads (they hold the real cause of a failed load)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _unregistered_op(exc: BaseException) -> str | None:
+    """'operator X is not registered in this process' when exc (or its cause) says torch could not resolve an op."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        m = re.search(r"failed to resolve (\S+) to an operator", str(seen))
+        if m:
+            return f"operator {m.group(1)} is not registered in this process; import the library that defines it"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def top1_accuracy(model: Any, batches: Any, batch: int | None = None) -> float | None:
