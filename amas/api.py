@@ -87,7 +87,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     from amas.files.pruned import load_pruned
     from amas.inputs import UserDataInfo, classes_of, user_bundle
     from amas.pipeline.context import RunContext
-    from amas.pipeline.runner import _check_method, run_stages
+    from amas.pipeline.runner import check_method, run_stages
 
     if not isinstance(teacher, nn.Module):
         raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module classifier")
@@ -99,7 +99,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         raise DataError(f"out_dir '{out_dir}' is a file, not a folder; pass a new or existing run directory")
     cfg = resolve_config(config, overrides, **{"search.target_reduction": target_reduction,
                                                "select.min_reduction": target_reduction, "quant.mode": quantize})
-    _check_method(method)
+    check_method(method)
     info = UserDataInfo("user", classes_of(teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
     with _run_dir(out_dir) as run_dir:
@@ -141,8 +141,8 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple
     """
     from amas.errors import AmasError
     from amas.files.pruned import save_pruned as write_pruned
-    from amas.inputs import classes_of, importable_name
-    from amas.models.registry import arch_of, register_memory_model
+    from amas.inputs import arch_name, classes_of
+    from amas.models.factory import arch_of
 
     record = arch_of(model)
     if record is None and base is not None:
@@ -153,8 +153,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple
                                 "rebuilds it; pass the shape of one image")
             shape = tuple(int(s) for s in input_shape)
             classes = classes_of(base, shape)
-            record = {"name": importable_name(base, shape, classes) or register_memory_model(base),
-                      "num_classes": classes, "in_channels": shape[0]}
+            record = {"name": arch_name(base, shape, classes), "num_classes": classes, "in_channels": shape[0]}
     if record is None:
         raise AmasError(f"save_pruned cannot name the architecture of this {type(model).__name__} (it was not cut by "
                         "amas nor built by amas.models.create_model); pass base=<the dense model it was cut from>")

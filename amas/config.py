@@ -12,7 +12,7 @@ import yaml
 
 from amas.config_check import build_section
 from amas.errors import ConfigError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_write_text
 
 # what latency is timed on (amas.latency.runtimes; the int8 ones time the model quantized as amas.quantize does)
 Runtime = Literal["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"]
@@ -189,7 +189,7 @@ class PruneConfig:
 
     # fraction of the dense MACs to remove (0.5 keeps half), as search.target_reduction
     target_reduction: float = field(default=0.5, metadata=_range(0, 0.99))
-    # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast; see DESIGN.md)
+    # kept channels per group rounded up to a multiple of this (8 makes CPU kernels fast)
     round_to: int = field(default=8, metadata=_range(1))
     min_channels: int = field(default=1, metadata=_range(1))
     # also prune the residual-stage channels of option-A ResNets (default: block-inner channels only, as GAL/HRank)
@@ -385,20 +385,6 @@ def from_dict(data: dict, cls: type = Config) -> Any:
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config dataclass."""
     return dataclasses.asdict(cfg)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path through a temp file and rename, so a crash never leaves half a file."""
-    p = Path(path)
-    tmp = temp_beside(p)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ from amas.data import DataBundle
 from amas.datasets import DatasetInfo
 from amas.errors import AmasError, DataError
 
-__all__ = ["UserBatches", "UserDataInfo", "check_labels", "classes_of", "importable_name", "user_bundle"]
+__all__ = ["UserBatches", "UserDataInfo", "check_labels", "arch_name", "classes_of", "importable_name", "user_bundle"]
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
     """
     import importlib
 
-    from amas.models.registry import _create_imported
+    from amas.models.factory import create_imported
 
     cls = type(model)
     name = f"{cls.__module__}:{cls.__qualname__}"
@@ -173,7 +173,7 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
             obj = getattr(obj, part)
         if obj is not cls:
             return None
-        fresh = _create_imported(name, num_classes, input_shape[0], dict(kwargs or {}))
+        fresh = create_imported(name, num_classes, input_shape[0], dict(kwargs or {}))
         state = model.state_dict()
         mine = fresh.state_dict()
         if list(mine) != list(state) or any(mine[k].shape != v.shape for k, v in state.items()):
@@ -183,6 +183,15 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
     except Exception:  # the class does not import or build here: only this process can rebuild it
         return None
     return name if same else None
+
+
+def arch_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
+              kwargs: dict | None = None) -> str:
+    """The name create_model rebuilds model's architecture by: 'package.module:Class' where that class, built with
+    kwargs, is model again (see importable_name), else a 'memory:' name that rebuilds it in this process only."""
+    from amas.models.registry import register_memory_model
+
+    return importable_name(model, input_shape, num_classes, kwargs) or register_memory_model(model)
 
 
 def _same_outputs(fresh: nn.Module, model: nn.Module, input_shape: tuple[int, int, int]) -> bool:

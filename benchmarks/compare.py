@@ -14,7 +14,7 @@ sections: round_to, min_channels; where a target is out of reach at ``prune.roun
 that target, for every method alike, and the tables say so; a dead group, all scores zero, keeps min_channels
 unrounded) and
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
-per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap, see DESIGN.md), with the same
+per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap), with the same
 round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
 that meets the MACs target. ``amas``: the AMAS search (``adversarial.search`` with the search section of
 ``--amas-config``, the pipeline recipe by default; ``--amas-search-epochs`` shortens it) from the same teacher to the
@@ -60,12 +60,13 @@ from amas.channels.cost import CostModel, count  # noqa: E402
 from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
 from amas.channels.plan import plan_keep  # noqa: E402
-from amas.config import TrainConfig, atomic_write_text, load_config, to_dict  # noqa: E402
+from amas.config import TrainConfig, load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
 from amas.distributed import resolve_device  # noqa: E402
 from amas.engine.loop import Trainer, evaluate  # noqa: E402
 from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
+from amas.files.atomic import atomic_write_text  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.latency.timing import latency  # noqa: E402
 from amas.pipeline.context import seed_everything  # noqa: E402

@@ -58,12 +58,13 @@ from amas.channels.cost import CostModel, count  # noqa: E402
 from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.fold import scale_folded_grads  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
-from amas.config import atomic_write_text, load_config, to_dict  # noqa: E402
+from amas.config import load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
 from amas.distributed import resolve_device  # noqa: E402
 from amas.engine.loop import evaluate  # noqa: E402
 from amas.errors import AmasError, PruneError  # noqa: E402
+from amas.files.atomic import atomic_path, atomic_write_text  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.pipeline.candidates import finetune_trainer  # noqa: E402
 from amas.pipeline.context import seed_everything  # noqa: E402
@@ -313,11 +314,9 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write(result: dict, out_dir: Path, name: str, md: bool = True, png: bool = False) -> None:

@@ -40,8 +40,9 @@ from amas.channels.cost import CostModel, count  # noqa: E402
 from amas.channels.cut import prune_model  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
 from amas.channels.plan import kept_counts, plan_keep  # noqa: E402
-from amas.config import CriteriaConfig, atomic_write_text  # noqa: E402
+from amas.config import CriteriaConfig  # noqa: E402
 from amas.criteria import channel_scores  # noqa: E402
+from amas.files.atomic import atomic_write_text  # noqa: E402
 from amas.files.checkpoint import load_model  # noqa: E402
 from amas.latency.timing import alternating_latency, latency  # noqa: E402
 from amas.models import create_model  # noqa: E402

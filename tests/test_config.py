@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -94,7 +95,7 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps(tmp_path) -> None:
 
     import torch
 
-    from amas.config import atomic_write_text
+    from amas.files.atomic import atomic_write_text
     from amas.files.checkpoint import atomic_save
 
     old = os.umask(0o022)
@@ -106,3 +107,27 @@ def test_atomic_writes_get_the_umask_mode_not_mkstemps(tmp_path) -> None:
     for name in ("a.json", "b.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.pt"]  # no temp file left
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path) -> None:
+    from amas.files.atomic import atomic_path, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a.json") as tmp:
+        assert tmp.endswith(".tmp.json")  # writers that pick the format by suffix (torch.export, onnx) see .json
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("crash mid-write")
+    assert (tmp_path / "a.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_files_are_written_atomically_in_one_place() -> None:
+    """Every temp-file-and-rename write goes through amas.files.atomic (no hand-written os.replace blocks)."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"amas/files/atomic.py", "amas/pipeline/quantize.py"}  # quantize renames its finished partial .pt2
+    files = {str(p.relative_to(root)): p.read_text() for d in ("amas", "benchmarks", "tools")
+             for p in (root / d).rglob("*.py")}
+    hand = [name for name, text in files.items() if name not in allowed
+            and any(s in text for s in ("os.replace(", "mkstemp(dir=", "tmp.replace("))]
+    assert not hand, hand

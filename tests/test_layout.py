@@ -1,5 +1,5 @@
-"""The package layout: imports only go down the layers, no import cycles, no module over 400 lines, and
-`import amas` stays free of torch."""
+"""The package layout: imports only go down the layers, no import cycles (function-level imports included), no
+module over 400 lines, and `import amas` stays free of torch."""
 
 from __future__ import annotations
 
@@ -52,7 +52,11 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def _imports(tree: ast.Module, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
-    """(imported amas module, line, at module level and run at import time) for every import in a file."""
+    """(imported amas module, line, runs when executed) for every import in a file.
+
+    Imports inside functions run (when the function is called) and so count for cycles; imports under
+    `if TYPE_CHECKING:` never run: they count for the direction of the layers only.
+    """
     found: list[tuple[str, int, bool]] = []
 
     def targets(node: ast.stmt) -> list[str]:
@@ -64,36 +68,35 @@ def _imports(tree: ast.Module, modules: dict[str, Path]) -> list[tuple[str, int,
                     for a in node.names]
         return []
 
-    def walk(body: list, top: bool) -> None:
-        for node in body:
+    def walk(nodes: list, runs: bool) -> None:
+        for node in nodes:  # statements, except handlers and match cases (which hold statements)
             for name in targets(node):
                 if name == "amas" or name.startswith("amas."):
-                    found.append((name, node.lineno, top))
+                    found.append((name, node.lineno, runs))
             if isinstance(node, ast.If) and _is_type_checking(node):
                 walk(node.body, False)  # for type checkers only: counts for the direction, not for cycles
-                walk(node.orelse, top)
+                walk(node.orelse, runs)
                 continue
-            inside = top and not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-            for field in ("body", "orelse", "finalbody", "handlers"):
+            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
                 inner = getattr(node, field, None)
                 if isinstance(inner, list):
-                    walk(inner, inside)
+                    walk(inner, runs)
 
     walk(tree.body, True)
     return found
 
 
 def _graph() -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
-    """(module-level import graph, every import as (importer, imported, line))."""
+    """(import graph of the imports that run, every import as (importer, imported, line))."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     every: list[tuple[str, str, int]] = []
     for name, path in modules.items():
-        for target, line, top in _imports(ast.parse(path.read_text()), modules):
+        for target, line, runs in _imports(ast.parse(path.read_text()), modules):
             if target == "amas":  # the package root (amas.__version__) is loaded before any of its modules
                 continue
             every.append((name, target, line))
-            if top and target != name:
+            if runs and target != name:
                 graph[name].add(target)
     return graph, every
 
@@ -143,6 +146,15 @@ def test_no_import_cycles():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_no_private_names_imported_across_modules():
+    """A name another module needs is public in the module that owns it (tests may reach into privates)."""
+    private = [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+               for path in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("amas")
+               for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, "\n".join(private)
+
+
 def test_no_module_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
@@ -153,6 +165,27 @@ def test_layout_checks_see_a_cycle_and_an_upward_import():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
     assert layer("amas.pipeline.runner") > layer("amas.channels.masks") > layer("amas.errors")
+
+
+def test_layout_checks_see_imports_inside_functions_but_not_type_checking_ones():
+    source = """
+from typing import TYPE_CHECKING
+import amas.errors
+if TYPE_CHECKING:
+    from amas.config import Config
+def f():
+    try:
+        from amas.models.registry import register_model
+    except ImportError:
+        import amas.console
+class C:
+    def g(self):
+        with open("x"):
+            import amas.engine.loop
+"""
+    found = {name: runs for name, _, runs in _imports(ast.parse(source), _modules())}
+    assert found == {"amas.errors": True, "amas.config": False, "amas.models.registry": True, "amas.console": True,
+                     "amas.engine.loop": True}, found
 
 
 def test_import_amas_does_not_import_torch():

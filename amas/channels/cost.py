@@ -17,7 +17,7 @@ from amas.errors import AmasError, MaskError
 if TYPE_CHECKING:
     from amas.channels.groups import ChannelGroup
 
-__all__ = ["CostModel", "count", "device_dtype", "param_count"]
+__all__ = ["CostModel", "batched_shape", "count", "device_dtype", "param_count"]
 
 
 # Convention (matches the CIFAR pruning literature, e.g. HRank/GAL tables): MACs of conv and
@@ -50,7 +50,7 @@ _BIAS_AWARE = {
 }
 
 
-def _batched_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+def batched_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     """Return (N, C, H, W) from (C, H, W) (N = 1) or (N, C, H, W)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
@@ -60,14 +60,6 @@ def _batched_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     raise AmasError(f"input_shape must be (C, H, W) or (N, C, H, W), got {tuple(input_shape)}")
 
 
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Return the device and floating dtype of the model's first parameter (CPU/float32 if none)."""
-    for p in model.parameters():
-        dtype = p.dtype if p.is_floating_point() else torch.float32
-        return p.device, dtype
-    return torch.device("cpu"), torch.float32
-
-
 def param_count(model: nn.Module) -> int:
     """Return the number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -75,8 +67,8 @@ def param_count(model: nn.Module) -> int:
 
 def count(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
     """Return (MACs per image, params) for an eval-mode forward pass on an input of `input_shape`."""
-    shape = _batched_shape(input_shape)
-    device, dtype = _device_and_dtype(model)
+    shape = batched_shape(input_shape)
+    device, dtype = device_dtype(model)
     x = torch.zeros(shape, device=device, dtype=dtype)
     was_training = model.training
     counter = FlopCounterMode(display=False, custom_mapping=_BIAS_AWARE)

@@ -45,7 +45,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from amas.channels.masks import _BN, _PLAIN_BN_FORWARDS, _unmaskable
+from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.channels.tracing import build_graph, is_kept_whole
 from amas.errors import MaskError
@@ -110,10 +110,10 @@ def _through_own_norm(node: Any) -> Any:
     if len(node.outputs) != 1:
         return None
     nxt = node.outputs[0]
-    if isinstance(nxt.module, _BN) or "batchnorm" not in _grad_fn_name(nxt) or len(nxt.outputs) != 1:
+    if isinstance(nxt.module, BatchNormBase) or "batchnorm" not in _grad_fn_name(nxt) or len(nxt.outputs) != 1:
         return None
     after = nxt.outputs[0]
-    own = isinstance(after.module, _BN) and type(after.module).forward not in _PLAIN_BN_FORWARDS
+    own = isinstance(after.module, BatchNormBase) and type(after.module).forward not in PLAIN_BN_FORWARDS
     return after if own and len(after.inputs) == 1 else None
 
 
@@ -192,7 +192,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if _is_channel_split(node):
             return None  # split sizes or slice bounds the model's forward would keep after the cut (MixNet)
         if module in unmaskable:
-            return None  # removal is not masking there (amas.channels.masks._unmaskable)
+            return None  # removal is not masking there (amas.channels.masks.unmaskable_modules)
         roots = list(item.root_idxs)
         counts = collections.Counter(roots)
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
@@ -240,7 +240,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             producers.append(name)
             continue
         outs = node.outputs
-        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, _BN) else _through_own_norm(node)
+        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, BatchNormBase) else _through_own_norm(node)
         if bn is not None and bn in members and names.get(bn.module) in out_nodes:
             continue  # masked after its BN
         if _is_gate_conv(node):
@@ -290,7 +290,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
         dg = build_graph(model, input_shape, ignore)
     # layers with per-channel state that Torch-Pruning traced through as plain ops (a frozen BN): it would not cut them
     hidden = {fn for m, fns in notes.outputs.items() if m not in dg.module2node for fn in fns}
-    unmaskable = _unmaskable(model)
+    unmaskable = unmaskable_modules(model)
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     found: dict[str, ChannelGroup] = {}

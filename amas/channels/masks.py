@@ -39,16 +39,17 @@ from amas.errors import MaskError
 if TYPE_CHECKING:
     from amas.channels.groups import ChannelGroup
 
-__all__ = ["ChannelMasks", "channel_dim", "mask_site", "prox_nonneg_l1", "remove_mask_hooks"]
+__all__ = ["PLAIN_BN_FORWARDS", "BatchNormBase", "ChannelMasks", "channel_dim", "mask_site", "prox_nonneg_l1",
+           "remove_mask_hooks", "unmaskable_modules"]
 
 
 # ---------------------------------------------------------------- where masks go
 
-_BN = nn.modules.batchnorm._BatchNorm
+BatchNormBase = nn.modules.batchnorm._BatchNorm  # every BatchNorm class: 1d/2d/3d, SyncBatchNorm, subclasses
 _LAYER = (nn.modules.conv._ConvNd, nn.Linear)
 # torch's own forwards: a subclass that keeps one has no hidden step (a BN: none after its affine)
-_PLAIN_BN_FORWARDS = frozenset({_BN.forward, nn.SyncBatchNorm.forward})
-_PLAIN_FORWARDS = _PLAIN_BN_FORWARDS | {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+PLAIN_BN_FORWARDS = frozenset({BatchNormBase.forward, nn.SyncBatchNorm.forward})
+_PLAIN_FORWARDS = PLAIN_BN_FORWARDS | {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
 # the tensors Torch-Pruning's conv, linear and BN pruners cut
 _CUT_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 _SITE_CHILDREN = ("drop", "act")  # timm's norm+act layers: norm, then drop, then act
@@ -56,7 +57,7 @@ _SITE_CHILDREN = ("drop", "act")  # timm's norm+act layers: norm, then drop, the
 
 def mask_site(module: nn.Module) -> nn.Module | None:
     """The child whose input a producer's mask multiplies (timm BatchNormAct2d: drop, else act), or None: its output."""
-    if not isinstance(module, _BN) or type(module).forward in _PLAIN_BN_FORWARDS:
+    if not isinstance(module, BatchNormBase) or type(module).forward in PLAIN_BN_FORWARDS:
         return None
     for attr in _SITE_CHILDREN:
         child = module._modules.get(attr)
@@ -86,7 +87,7 @@ def _masks_exactly(module: nn.Module) -> bool:
     Probed in float64 on a randomised copy (wide weights, biases, statistics and inputs, so a hidden clamp or
     activation shows), with mask values in [0, 1.5) and exact zeros.
     """
-    if not isinstance(module, _BN) or not module.affine:
+    if not isinstance(module, BatchNormBase) or not module.affine:
         return False
     gen = torch.Generator().manual_seed(0)
     c = int(module.num_features)
@@ -151,7 +152,7 @@ def _folds_exactly(module: nn.Module) -> bool:
     return bool(torch.allclose(got, _times(out, mask, dim), rtol=1e-9, atol=1e-9))
 
 
-def _unmaskable(model: nn.Module) -> set[nn.Module]:
+def unmaskable_modules(model: nn.Module) -> set[nn.Module]:
     """Conv, linear and BatchNorm layers whose removal is not masking: their groups are left out.
 
     A layer with per-channel tensors Torch-Pruning would not cut (its own beyond weight, bias and BN statistics, or
@@ -161,13 +162,13 @@ def _unmaskable(model: nn.Module) -> set[nn.Module]:
     shared = _shared_modules(model)
     out = set()
     for m in model.modules():
-        if not isinstance(m, (_BN, *_LAYER)):
+        if not isinstance(m, (BatchNormBase, *_LAYER)):
             continue
         own = [t for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
                if n not in _CUT_TENSORS]
         if any(t.numel() > 1 for t in own):
             out.add(m)
-        elif isinstance(m, _BN) and type(m).forward not in _PLAIN_BN_FORWARDS:
+        elif isinstance(m, BatchNormBase) and type(m).forward not in PLAIN_BN_FORWARDS:
             site = mask_site(m)
             stateful = any(t.numel() > 1 for c in m.children() for t in (*c.parameters(), *c.buffers()))
             if stateful or (site is not None and site in shared) or not _masks_exactly(m):

@@ -12,7 +12,7 @@ plan removes the shortest prefix of the ranking whose pruned model, measured exa
 overshot by as little as the ranking allows.
 
 Rounding: with ``round_to=N`` each group's kept count is rounded up to a multiple of N (or the full
-width), because on CPU ragged widths waste most of the MAC savings (see DESIGN.md); the search over
+width), because on CPU ragged widths waste most of the MAC savings; the search over
 the ranking then removes more elsewhere so the budget still holds. A group through grouped convs counts
 channels per conv group: its ``conv_groups × kept`` channels are what is rounded.
 """

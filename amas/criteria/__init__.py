@@ -20,6 +20,7 @@ they are given). ``cfg`` may also be a whole ``Config`` (its ``criteria`` sectio
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
 from amas.errors import CriteriaError
 
-__all__ = ["METHODS", "Criterion", "REGISTRY", "channel_scores", "plan_for_method", "check_method",
-           "prepare_model", "register"]
+__all__ = ["METHODS", "Criterion", "REGISTRY", "blend_pool_scores", "channel_scores", "plan_for_method",
+           "check_method", "prepare_model", "register"]
 
 Scores = dict[str, torch.Tensor]
 
@@ -115,8 +116,9 @@ class _Blend(Criterion):
         if any(c.reads_data for c in scorers):
             need_batches("blend (its pool has data-driven criteria)", train)
         held_out = need_batches("blend", val, "held-out validation")
-        return blend.search(model, groups, cost, target, train=train, val=held_out, cfg=cfg, prune_cfg=prune_cfg,
-                            num_classes=num_classes, seed=seed).keep
+        pool_scores = blend_pool_scores(model, groups, train, cfg, seed=seed)
+        return blend.search(model, groups, cost, target, pool_scores=pool_scores, val=held_out, cfg=cfg,
+                            prune_cfg=prune_cfg, num_classes=num_classes, seed=seed).keep
 
 
 class _Srr(Criterion):
@@ -180,6 +182,13 @@ def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], ba
     if not groups:
         return {}
     return criterion.scores(model, groups, batches, cfg, seed=seed, num_classes=num_classes)
+
+
+def blend_pool_scores(model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig, *,
+                      seed: int = 0) -> dict[str, Scores]:
+    """The channel scores of each criterion of cfg.blend_pool, as blend.search takes them (no BN sparsity training)."""
+    data_free_cfg = replace(criteria_cfg(cfg), bn_sparsity=False)
+    return {c: channel_scores(c, model, groups, train, data_free_cfg, seed=seed) for c in data_free_cfg.blend_pool}
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -8,7 +8,7 @@ are not public; the choices below are ours.
 
 Ours:
 - Pool: ``criteria.blend_pool`` (default l1, l2, fpgm, bn_scale, taylor, hrank, apoz; random is left out), each
-  scored by ``amas.criteria.channel_scores`` (data-driven ones on the training batches; BN sparsity training is
+  scored by ``amas.criteria.blend_pool_scores`` (data-driven ones on the training batches; BN sparsity training is
   never run inside the blend).
 - Clustering, per group: Spearman ρ between every pair of criteria over the group's channels (Pearson
   correlation of average ranks, ties averaged); complete-linkage agglomerative clustering that merges two
@@ -36,7 +36,7 @@ Ours:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -160,18 +160,17 @@ class BlendResult:
 
 
 def search(model: nn.Module, groups: list[ChannelGroup], cost_model: CostModel, target_reduction: float, *,
-           train: Batches | None, val: Batches, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int,
-           seed: int = 0, pool_scores: dict[str, dict[str, torch.Tensor]] | None = None) -> BlendResult:
-    """Cluster the pool per group, then evolve the blend weights; fitness = held-out accuracy after pruning."""
-    from amas.criteria import channel_scores
+           pool_scores: dict[str, dict[str, torch.Tensor]], val: Batches, cfg: CriteriaConfig,
+           prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> BlendResult:
+    """Cluster the pool per group, then evolve the blend weights; fitness = held-out accuracy after pruning.
+
+    pool_scores: each pool criterion's channel scores (``amas.criteria.blend_pool_scores``).
+    """
     from amas.errors import CriteriaError
 
     pool = list(cfg.blend_pool)
     if not pool:
         raise CriteriaError("criteria.blend_pool is empty; list at least one criterion, e.g. [l1, taylor, apoz]")
-    if pool_scores is None:
-        data_free_cfg = replace(cfg, bn_sparsity=False)
-        pool_scores = {c: channel_scores(c, model, groups, train, data_free_cfg, seed=seed) for c in pool}
     if cfg.blend_elite >= cfg.blend_population:
         raise CriteriaError(f"criteria.blend_elite={cfg.blend_elite} leaves no room to breed in a population of "
                             f"{cfg.blend_population}; lower blend_elite or raise blend_population")

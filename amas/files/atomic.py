@@ -1,9 +1,14 @@
-"""Temp files beside their destination, for writes that rename into place (a crash never leaves half a file)."""
+"""Atomic writes: a temp file beside the destination, renamed into place, so a crash never leaves half a file.
+
+``atomic_path`` is the one place that does it; ``atomic_write_text`` writes text through it.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -22,3 +27,23 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> str:
     finally:
         os.close(fd)
     return tmp
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temp path beside path (with path's suffix: torch.export and onnx want it) for the block to write; renamed
+    over path when the block ends without an error, deleted otherwise."""
+    p = Path(path)
+    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

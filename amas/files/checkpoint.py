@@ -11,22 +11,15 @@ import torch
 import torch.nn as nn
 
 from amas.errors import CheckpointError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_path
 
 FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file beside path, then rename over it."""
-    p = Path(path)
-    tmp = temp_beside(p)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_file(path: str | os.PathLike, kind: str, map_location: str | torch.device = "cpu") -> dict:

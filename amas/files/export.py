@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from amas.errors import ExportError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_path
 
 __all__ = ["check_input", "export_onnx", "export_pt2", "onnx_available"]
 
@@ -84,14 +84,8 @@ def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | 
     finally:
         model.train(was_training)
     p = Path(path)
-    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
-    try:
+    with atomic_path(p) as tmp:
         torch.export.save(ep, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return {"path": str(p), "dynamic_batch": dynamic}
 
 
@@ -117,27 +111,21 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
     was_training = model.training
     model.eval()
     p = Path(path)
-    tmp = temp_beside(p, suffix=f".tmp{p.suffix}")  # torch.export.save and onnx want the real suffix
     dynamic = False
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+    with atomic_path(p) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), external_data=False, verbose=False)
+            dynamic = True
+        except Exception:
             try:
-                batch = torch.export.Dim("batch", min=1, max=65536)
                 torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=({0: batch},), external_data=False, verbose=False)
-                dynamic = True
-            except Exception:
-                try:
-                    torch.onnx.export(model, (x,), tmp, input_names=["input"], output_names=["logits"],
-                                      external_data=False, verbose=False)
-                except Exception as e:
-                    raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                                      "ship pruned.pt2 instead") from None
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                                  external_data=False, verbose=False)
+            except Exception as e:
+                raise ExportError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                                  "ship pruned.pt2 instead") from None
     info: dict[str, Any] = {"path": str(p), "dynamic_batch": dynamic}
     if check:
         import onnxruntime as ort

@@ -287,7 +287,7 @@ def build_table(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple
     """
     if block is None:
         block = grid_step
-    from amas.config import atomic_write_text
+    from amas.files.atomic import atomic_write_text
 
     input_shape = tuple(int(s) for s in input_shape)
     key = table_key(model_name or type(model).__name__, input_shape, groups, batch_size, runtime, grid_step=grid_step,

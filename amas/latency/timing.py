@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from amas.channels.cost import _batched_shape, _device_and_dtype
+from amas.channels.cost import batched_shape, device_dtype
 from amas.engine.formats import runs_channels_last
 from amas.errors import AmasError
 
@@ -103,14 +103,14 @@ def latency(
     channels_last: bool = True,
 ) -> dict:
     """Measure inference time per batch: median_ms, mean_ms, images_per_s, batch_size, device."""
-    shape = _batched_shape(input_shape)
+    shape = batched_shape(input_shape)
     if len(input_shape) == 3:
         shape = (batch_size, *shape[1:])
     elif batch_size not in (1, shape[0]):
         raise AmasError(f"batch_size={batch_size} conflicts with the batch of input_shape {tuple(input_shape)}")
     if iters < 1 or warmup < 0:
         raise AmasError(f"latency needs iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    model_device, dtype = _device_and_dtype(model)
+    model_device, dtype = device_dtype(model)
     dev = torch.device(device) if device is not None else model_device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # Work on a copy when the model must change device or layout, so the caller's model is untouched.

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.config import FinetuneConfig, atomic_write_text
+from amas.config import FinetuneConfig
 from amas.errors import PruneError, SelectionError
+from amas.files.atomic import atomic_write_text
 from amas.pipeline.context import Rows, RunContext
 from amas.pipeline.halving import halving_schedule, successive_halving
 from amas.pipeline.select import budget_bound, choose, halving_score, latency_bound

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from amas import distributed
-from amas.config import Config, TrainConfig, atomic_write_text, save_config
+from amas.config import Config, TrainConfig, save_config
 from amas.errors import AmasError, PipelineError, SearchError
+from amas.files.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from amas.data import DataBundle
@@ -269,13 +270,13 @@ def _memory_record(model: nn.Module, info: Any, kwargs: dict | None = None) -> d
     """The file record of an in-memory teacher: 'package.module:Class' (+ kwargs) when its class rebuilds it, so
     pruned.pt loads wherever the class imports; else a name that rebuilds it as a copy in this process only."""
     from amas.files.checkpoint import model_record
-    from amas.inputs import importable_name
-    from amas.models.registry import register_memory_model
+    from amas.inputs import arch_name
+    from amas.models.registry import MEMORY_PREFIX
 
     cls = type(model)
-    name = importable_name(model, info.input_shape, info.num_classes, kwargs)
-    record = model_record(name or register_memory_model(model), info.num_classes, info.in_channels, info,
-                          kwargs if name else None)
+    name = arch_name(model, info.input_shape, info.num_classes, kwargs)
+    record = model_record(name, info.num_classes, info.in_channels, info,
+                          None if name.startswith(MEMORY_PREFIX) else kwargs)
     return {"model": dict(record, source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from amas.config import atomic_write_text
+from amas.files.atomic import atomic_write_text
 
 __all__ = ["export_report", "measure", "report_rows", "write_report"]
 

@@ -308,7 +308,8 @@ def run_stages(ctx: RunContext, stages: tuple[Stage, ...] = STAGES, redo: str | 
 # ---------------------------------------------------------------- the commands as library calls
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
+    """A one-line PipelineError unless method names a registered criterion (amas, or a baseline)."""
     from amas.criteria import REGISTRY
 
     if method not in REGISTRY:
@@ -328,7 +329,7 @@ def run_pipeline(cfg: Config, run_dir: str | Path, *, teacher: str | None = None
 
     hooks: optional {"after_stage": f(stage), "on_epoch_end": f(stage, epoch, record)} (used by tests).
     """
-    _check_method(method)
+    check_method(method)
     if redo is not None and redo not in STAGE_NAMES:
         raise PipelineError(f"--redo {redo} is not a stage; choose one of {', '.join(STAGE_NAMES)}")
     _check_teacher(teacher)

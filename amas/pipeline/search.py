@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from amas import distributed
-from amas.config import Config, atomic_write_text
+from amas.config import Config
 from amas.errors import SearchError
+from amas.files.atomic import atomic_write_text
 from amas.pipeline.context import (
     Rows,
     RunContext,

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amas.config import SelectConfig, atomic_write_text
+from amas.config import SelectConfig
 from amas.errors import SelectionError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from amas.pipeline.context import Rows, RunContext
@@ -270,14 +269,8 @@ def plot_front(rows: list[dict], front: list[int], winner: int, teacher: dict, i
 
 def _save_figure(fig: Any, path: Path) -> None:
     """Save a figure as PNG through a temp file and rename."""
-    tmp = temp_beside(path, suffix=".png")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def select_stage(ctx: RunContext) -> Rows:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from amas import distributed
-from amas.config import Config, atomic_write_text, load_config
+from amas.config import Config, load_config
 from amas.data import build_data
 from amas.distributed import resolve_device
 from amas.engine.loop import Trainer, evaluate
+from amas.files.atomic import atomic_write_text
 from amas.files.checkpoint import model_record, save_model
 from amas.pipeline.context import Rows, RunContext, prepare_run_dir, seed_everything, stage_data
 

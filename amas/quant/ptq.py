@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from amas.errors import QuantizeError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_path
 
 __all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "load_int8", "quantize_onnx",
            "quantize_pt2e", "top1_accuracy"]
@@ -191,13 +191,8 @@ def finish_int8(converted: nn.Module, input_shape: tuple[int, ...], path: str | 
         x = torch.randn((2, *tuple(input_shape)))
         ep8, dynamic = export_graph(converted, x, "quantized model")
         p = Path(path)
-        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
-        try:
+        with atomic_path(p) as tmp:
             torch.export.save(ep8, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         result.path, result.dynamic_batch = str(p), dynamic
     return result
 
@@ -232,7 +227,6 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
     with tempfile.TemporaryDirectory() as d:
         fp = Path(d) / "float.onnx"
         export_onnx(model, tuple(input_shape), fp, check=False)
-        tmp = temp_beside(p, suffix=f".tmp{p.suffix}")
         try:
             import onnx
 
@@ -241,28 +235,70 @@ def quantize_onnx(model: nn.Module, batches: Iterable, input_shape: tuple[int, i
             level = root.level
             root.setLevel(logging.ERROR)
             try:
-                quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                with atomic_path(p) as tmp:
+                    quantize_static(str(fp), str(tmp), reader_cls(name, calib), quant_format=QuantFormat.QDQ,
+                                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             finally:
                 root.setLevel(level)
-            os.replace(tmp, p)
         except QuantizeError:
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0][:120]
             raise QuantizeError(f"ONNX Runtime cannot quantize this model ({type(e).__name__}: {first}); "
                                 "ship the int8 .pt2 instead") from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return str(p)
 
 
 def load_int8(path: str | os.PathLike) -> nn.Module:
-    """The runnable module of an int8 .pt2 (registers core torch's quantize/dequantize ops first)."""
+    """The runnable module of an int8 .pt2 (registers core torch's quantize/dequantize ops first), or a one-line
+    QuantizeError when the file does not load (missing, not a .pt2, or ops this process does not register).
+
+    PyTorch resolves a .pt2's operators by name and has no hook to import the library that registers them, so a
+    plain ``torch.export.load`` of an int8 .pt2 needs ``LOAD_HINT`` run first; this loader runs it.
+    """
     import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers quantized_decomposed ops
 
-    return torch.export.load(str(path)).module()
+    p = Path(path)
+    if not p.is_file():
+        raise QuantizeError(f"{p} does not exist; pass the int8 .pt2 that amas.quantize wrote")
+    log, caught = logging.getLogger("torch.export"), _Caught()
+    # torch.export.load logs a 40-line traceback before it raises: kept here, for the cause, instead of printed
+    handlers, propagate, level = log.handlers[:], log.propagate, log.level
+    log.handlers, log.propagate, log.level = [caught], False, logging.WARNING
+    try:
+        return torch.export.load(str(p)).module()
+    except Exception as e:
+        causes = [e] + [r.exc_info[1] for r in caught.records if r.exc_info and r.exc_info[1] is not None]
+        why = next((w for c in causes if (w := _unregistered_op(c))), None)
+        why = why or f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
+        raise QuantizeError(f"{p} does not load as a torch.export program ({why}); load a .pt2 written by "
+                            "amas.quantize or amas.export, with this torch version") from None
+    finally:
+        log.handlers, log.propagate, log.level = handlers, propagate, level
+
+
+class _Caught(logging.Handler):
+    """The records torch.export logs while it loads (they hold the real cause of a failed load)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _unregistered_op(exc: BaseException) -> str | None:
+    """'operator X is not registered in this process' when exc (or its cause) says torch could not resolve an op."""
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        m = re.search(r"failed to resolve (\S+) to an operator", str(seen))
+        if m:
+            return f"operator {m.group(1)} is not registered in this process; import the library that defines it"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def top1_accuracy(model: Any, batches: Any, batch: int | None = None) -> float | None:

@@ -144,8 +144,8 @@ class MaskSearch:
     def cut(self, target_reduction: float | None = None, round_to: int = 8) -> nn.Module:
         """The physically pruned student at target_reduction (kept counts rounded), mask values folded, no hooks."""
         from amas.channels.cut import prune_model
-        from amas.inputs import importable_name
-        from amas.models.registry import arch_of, register_memory_model, tag_arch
+        from amas.inputs import arch_name
+        from amas.models.factory import arch_of, tag_arch
 
         keep = self.plan(target_reduction, round_to)
         self.objective.updater.drop_momentum(count=False)  # the student now runs the masks the cut folds
@@ -156,9 +156,8 @@ class MaskSearch:
         finally:
             self.student.train(was_training)
         if arch_of(small) is None:  # so that amas.save_pruned(small, path) can name the architecture
-            name = importable_name(self.teacher, self.input_shape, self.num_classes)
-            tag_arch(small, {"name": name or register_memory_model(self.teacher), "num_classes": self.num_classes,
-                             "in_channels": self.input_shape[0]})
+            tag_arch(small, {"name": arch_name(self.teacher, self.input_shape, self.num_classes),
+                             "num_classes": self.num_classes, "in_channels": self.input_shape[0]})
         return small
 
     def state_dict(self) -> dict:

@@ -11,7 +11,7 @@ from amas.channels.cost import CostModel, count
 from amas.channels.cut import prune_model
 from amas.channels.groups import find_groups
 from amas.config import CriteriaConfig, PruneConfig, TrainConfig, load_config
-from amas.criteria import METHODS, blend, channel_scores, plan_for_method, srr
+from amas.criteria import METHODS, blend, blend_pool_scores, channel_scores, plan_for_method, srr
 from amas.criteria.common import aggregate
 from amas.data import build_data
 from amas.engine.loop import Trainer
@@ -213,7 +213,8 @@ def test_blend_search_improves_held_out_fitness(trained: dict) -> None:
     cfg = CriteriaConfig(
         batches=2, blend_population=6, blend_generations=6, blend_val_batches=2, blend_layer_scales=True
     )
-    res = blend.search(trained["model"], trained["groups"], trained["cost"], 0.75, train=trained["data"].train,
+    pool = blend_pool_scores(trained["model"], trained["groups"], trained["data"].train, cfg, seed=0)
+    res = blend.search(trained["model"], trained["groups"], trained["cost"], 0.75, pool_scores=pool,
                        val=trained["data"].val, cfg=cfg, prune_cfg=PruneConfig(round_to=1), num_classes=4, seed=0)
     assert len(res.history) == 6  # on an AMD EPYC (2026-12) generations 0-4 tie at 51.56%, the sixth gains an image
     assert res.history[-1] > res.history[0]  # the best genome beats the best of generation 0 (equal blend included)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ import amas
 from amas.errors import QuantizeError
 from amas.files.export import onnx_available
 from amas.models import create_model
+from amas.quant import load_int8
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 pytest.importorskip("torchao")
 
@@ -98,6 +102,47 @@ def test_int8_pt2_runs_without_amas_and_agrees(trained, quantized, tmp_path) -> 
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)  # the .pt2 is the converted model
     assert (got.argmax(1) == fp.argmax(1)).float().mean() >= 0.9  # int8 keeps (nearly) every float top-1
     assert (got - fp).abs().max() <= 0.15 * fp.abs().max()  # measured: a few percent of the logit range
+
+
+def test_int8_pt2_loads_with_the_two_lines_the_readme_shows_and_not_without(quantized, tmp_path) -> None:
+    """PyTorch resolves a .pt2's ops by name and cannot import the library that registers them: a plain
+    torch.export.load of the int8 .pt2 fails until core torch's quantized_decomposed ops are imported."""
+    result, _, _ = quantized
+    plain = f"import torch; torch.export.load({str(result.path)!r}).module()"
+    out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and "quantized_decomposed" in out.stderr
+    readme = ("import torch, torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops\n"
+              f"model = torch.export.load({str(result.path)!r}).module()\n")
+    assert "model = torch.export.load(\"pruned_int8.pt2\").module()" in README  # the README shows these lines
+    assert readme.splitlines()[0] in README
+    subprocess.run([sys.executable, "-c", readme], check=True, cwd=tmp_path, timeout=120)
+
+
+def test_load_int8_says_in_one_line_why_a_file_does_not_load(quantized, tmp_path, capfd) -> None:
+    result, _, _ = quantized
+    x = torch.randn(3, *SHAPE)
+    torch.testing.assert_close(load_int8(result.path)(x), result.model(x))
+    op_file = tmp_path / "custom_op.pt2"  # a .pt2 whose op is registered only by a library this process lacks
+    subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import torch
+        @torch.library.custom_op("amas_test::twice", mutates_args=())
+        def twice(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+        twice.register_fake(lambda x: torch.empty_like(x))
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return twice(x) + 1
+        torch.export.save(torch.export.export(M(), (torch.randn(2, 3),)), {str(op_file)!r})
+    """)], check=True, timeout=120)
+    (tmp_path / "junk.pt2").write_text("not a pt2")
+    capfd.readouterr()
+    for path, says in ((op_file, "operator torch.ops.amas_test.twice.default is not registered"),
+                       (tmp_path / "junk.pt2", "does not load as a torch.export program"),
+                       (tmp_path / "missing.pt2", "does not exist")):
+        with pytest.raises(QuantizeError, match=says) as e:
+            load_int8(path)
+        assert "\n" not in str(e.value)
+    assert "Traceback" not in capfd.readouterr().err  # no 40-line deserialisation dump either
 
 
 def test_int8_pt2_is_smaller_than_the_float_pt2(trained, quantized, tmp_path) -> None:
