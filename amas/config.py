@@ -12,7 +12,7 @@ import yaml
 
 from amas.config_check import build_section
 from amas.errors import ConfigError
-from amas.files.atomic import temp_beside
+from amas.files.atomic import atomic_write_text
 
 # what latency is timed on (amas.latency.runtimes; the int8 ones time the model quantized as amas.quantize does)
 Runtime = Literal["eager", "compiled", "onnx", "compiled_int8", "onnx_int8"]
@@ -385,20 +385,6 @@ def from_dict(data: dict, cls: type = Config) -> Any:
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config dataclass."""
     return dataclasses.asdict(cfg)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path through a temp file and rename, so a crash never leaves half a file."""
-    p = Path(path)
-    tmp = temp_beside(p)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

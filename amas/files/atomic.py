@@ -1,4 +1,5 @@
-"""Temp files beside their destination, for writes that rename into place (a crash never leaves half a file)."""
+"""Temp files beside their destination, for writes that rename into place (a crash never leaves half a file), and
+the atomic text write built on them."""
 
 from __future__ import annotations
 
@@ -22,3 +23,17 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> str:
     finally:
         os.close(fd)
     return tmp
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text to path through a temp file and rename, so a crash never leaves half a file."""
+    p = Path(path)
+    tmp = temp_beside(p)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
