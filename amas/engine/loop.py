@@ -17,11 +17,11 @@ from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
-from amas.engine.evaluation import autocast as _autocast
 from amas.engine.evaluation import evaluate
 from amas.engine.formats import keep_channels_last
 from amas.engine.objective import Objective, StepOutput
 from amas.engine.optimizers import make_optimizer, resolve_optimizer
+from amas.engine.precision import LossScale, autocast, resolve_amp
 from amas.engine.schedules import make_scheduler
 from amas.engine.stability import (
     Backoff,
@@ -72,6 +72,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / f"{stage}_state.pt"
         self.on_epoch_end = on_epoch_end
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)  # the training forwards' autocast dtype (None: float32)
+        self.loss_scale = LossScale(self.amp_dtype == torch.float16)
         self.objective.setup(self.model, self.device)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -116,6 +118,7 @@ class Trainer:
             "history": self.history,
             "rng": torch.get_rng_state(),
             "lr_scale": self.lr_scale,
+            **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale.enabled else {}),
         }
 
     def save_state(self) -> None:
@@ -148,6 +151,7 @@ class Trainer:
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.loss_scale.load_state_dict(state.get("loss_scale", {}))
         self.guard.reset()
 
     def back_off(self, factor: float, why: str) -> None:
@@ -168,18 +172,15 @@ class Trainer:
             return
         rng = torch.get_rng_state()
         batches = first_batches(self.train_batches, n)
-        with _autocast(self.device, self.cfg.amp):
-            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
+        recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
         torch.set_rng_state(rng)
 
     def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
         first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
         if calibration:
-            with _autocast(self.device, self.cfg.amp):
-                recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
-        return evaluate(self.model, batches, self.num_classes, self.device, self.cfg.amp,
-                        contiguous=bool(self._contiguous))["acc"]
+            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
+        return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous))["acc"]
 
     @property
     def writer(self) -> Any:
@@ -224,7 +225,7 @@ class Trainer:
                     record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
                     if self.val_batches is not None:
                         self.recalibrate()
-                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp,
+                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device,
                                        contiguous=bool(self._contiguous))
                         record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
                         self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
@@ -251,14 +252,16 @@ class Trainer:
             self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
         if self._contiguous:
             x = x.contiguous()
-        with _autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.amp_dtype):
             out = self.objective.compute(self.train_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        self.loss_scale.scaled(out.loss).backward()
         self._agree(out, stop, guard)
-        self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
+        scaled = self.loss_scale.enabled
+        if not scaled or self.loss_scale.unscale([*self.model.parameters(), *self.objective.scaled_parameters()]):
+            self.optimizer.step()  # (fp16: skipped on a gradient that overflowed, the loss scale halved)
+            self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
         self.scheduler.step()
         self.global_step += 1
         return out, lr

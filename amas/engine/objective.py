@@ -41,6 +41,11 @@ class Objective:
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return StepOutput(loss, logits, {"ce": loss.detach()})
 
+    def scaled_parameters(self) -> list[torch.Tensor]:
+        """Tensors outside the model whose gradients the loss's backward fills (e.g. masks): fp16's loss scaling
+        unscales them with the model's."""
+        return []
+
     def after_step(self, model: nn.Module, lr: float, step: int) -> None:
         """Runs after each optimiser step (e.g. a proximal step on masks)."""
 

@@ -217,6 +217,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
             d["select"].pop(k, None)
     if not d["model"].get("kwargs"):
         d["model"].pop("kwargs", None)  # recorded only when set, so runs from before model.kwargs keep their hashes
+    for train in (d["train"], d["search"]["train"], d["finetune"]["train"]):  # train.amp was a bool: auto/off hash as
+        train["amp"] = {"auto": True, "off": False}.get(train["amp"], train["amp"])  # it did, earlier runs keep theirs
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None
