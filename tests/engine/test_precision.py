@@ -3,7 +3,6 @@ trains on the CPU with its masks, controller and discriminator in float32, a for
 so in one line, fp16's loss scale skips an overflowing step, and the old true/false values still load."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -91,10 +90,11 @@ def test_old_runs_keep_their_stage_fingerprints():
     assert auto != off and auto != bf16 and off != bf16
     # auto and off hash as the bools true and false did before train.amp had names: earlier runs resume, not redo
     for name, flag in (("auto", True), ("off", False)):
-        cfg = load_config(None, [f"train.amp={name}", f"search.train.amp={name}", f"finetune.train.amp={name}"])
-        old = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp=flag))
-        old.search.train = dataclasses.replace(cfg.search.train, amp=flag)
-        old.finetune.train = dataclasses.replace(cfg.finetune.train, amp=flag)
+        cfg = load_config(None, [f"{s}.amp={name}" for s in ("train", "search.train", "finetune.train",
+                                                              "criteria.bn_sparsity_train")])
+        old = copy.deepcopy(cfg)
+        for section in (old.train, old.search.train, old.finetune.train, old.criteria.bn_sparsity_train):
+            section.amp = flag
         assert stage_fingerprints(old) == stage_fingerprints(cfg)
 
 
