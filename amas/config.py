@@ -81,7 +81,10 @@ class TrainConfig:
     warmup_epochs: float = field(default=0.0, metadata=_range(0))
     label_smoothing: float = field(default=0.0, metadata=_range(0, 1))
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
+    # training precision (amas.engine.precision): auto (bf16 on CUDA and on CPUs with native bf16, AVX512-BF16 or
+    # AMX; float32 elsewhere), bf16, fp16 (CUDA only, loss-scaled) or off; true/false read as auto/off. Masks, the
+    # discriminator and accuracies stay float32
+    amp: Literal["auto", "bf16", "fp16", "off"] = field(default="auto", metadata={"from_bool": ("off", "auto")})
     channels_last: bool = True
     log_every: int = field(default=50, metadata=_range(1))
     progress: bool = True

@@ -121,7 +121,10 @@ def build_section(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
                 inner = None
             kwargs[name] = build_section(tp, data[name], path, inner)
         else:
-            value = check_type(path, data[name], tp)
+            value = data[name]
+            if isinstance(value, bool) and "from_bool" in f.metadata:  # a setting that was a bool (train.amp)
+                value = f.metadata["from_bool"][value]
+            value = check_type(path, value, tp)
             if f.metadata and value is not None:
                 check_range(path, value, f.metadata)
             kwargs[name] = value

@@ -33,7 +33,8 @@ def test_defaults_and_overrides(tmp_path):
         ("train.lr=-1", "out of range"),
         ("train.momentum=2", "out of range"),
         ("train.device=tpu", "choose one of"),
-        ("train.amp=maybe", "true or false"),
+        ("train.amp=maybe", "choose one of auto, bf16, fp16, off"),
+        ("train.channels_last=maybe", "true or false"),
         ("noequals", "key.path=value"),
         ("prune.latency_runtime=onnx_int8", "choose one of"),  # per-layer int8 tables mispredict whole models
     ],

@@ -1,8 +1,6 @@
-"""Evaluation of a classifier on batches (top-1 and cross-entropy) and the engine's autocast context."""
+"""Evaluation of a classifier on batches (top-1 and cross-entropy), in float32 unless told otherwise."""
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn as nn
@@ -10,15 +8,20 @@ import torch.nn.functional as F
 
 from amas import distributed
 from amas.data import Batches
+from amas.engine.precision import autocast
 
-__all__ = ["autocast", "evaluate"]
+__all__ = ["evaluate"]
 
 
 def evaluate(
-    model: nn.Module, batches: Batches, num_classes: int, device: torch.device, amp: bool = False,
+    model: nn.Module, batches: Batches, num_classes: int, device: torch.device,
+    dtype: torch.dtype | None = None,
     contiguous: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of model over batches (contiguous: each batch made contiguous)."""
+    """Top-1 accuracy (%) and mean cross-entropy of model over batches (contiguous: each batch made contiguous).
+
+    dtype: autocast the forwards to it (None: float32, the way an exported model runs; every accuracy amas reports).
+    """
     from torchmetrics.classification import MulticlassAccuracy  # seconds to import: only where something is evaluated
 
     was_training = model.training
@@ -26,7 +29,7 @@ def evaluate(
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro").to(device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), autocast(device, dtype):
         for x, y in batches:
             logits = model(x.contiguous() if contiguous else x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -39,12 +42,3 @@ def evaluate(
     if float(totals[1]) == 0:
         return {"acc": float("nan"), "loss": float("nan")}
     return {"acc": 100.0 * float(metric.compute()), "loss": float(totals[0] / totals[1])}
-
-
-def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when amp is on; nothing otherwise."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-

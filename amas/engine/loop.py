@@ -1,4 +1,5 @@
-"""The one train/eval loop: every stage differs only by its Objective (loss, parameter groups, extra steps)."""
+"""The one train/eval loop: every stage differs only by its Objective (amas.engine.objective: loss, parameter groups,
+extra steps)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,21 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
-from amas.engine.evaluation import autocast as _autocast
 from amas.engine.evaluation import evaluate
 from amas.engine.formats import keep_channels_last
+from amas.engine.objective import Objective, StepOutput
 from amas.engine.optimizers import make_optimizer, resolve_optimizer
+from amas.engine.precision import LossScale, autocast, resolve_amp
 from amas.engine.schedules import make_scheduler
 from amas.engine.stability import (
     Backoff,
@@ -35,55 +35,6 @@ from amas.engine.stability import (
 from amas.engine.stopping import StopRequest, no_steps_reason
 from amas.errors import Stopped, TrainingError
 from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
-
-
-@dataclass
-class StepOutput:
-    """What an objective returns for one batch: the loss to minimise, logits, and loss terms to log."""
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class Objective:
-    """Plain supervised training: label cross-entropy on the model's logits. Stages subclass it."""
-
-    def __init__(self, label_smoothing: float = 0.0) -> None:
-        self.label_smoothing = label_smoothing
-
-    def setup(self, model: nn.Module, device: torch.device) -> None:
-        """Called once before training with the model already on its device."""
-
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        """Parameter groups for the engine's SGD optimiser."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        """Forward one batch and return the loss."""
-        logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        return StepOutput(loss, logits, {"ce": loss.detach()})
-
-    def after_step(self, model: nn.Module, lr: float, step: int) -> None:
-        """Runs after each optimiser step (e.g. a proximal step on masks)."""
-
-    def scalars(self) -> dict[str, float]:
-        """Extra scalars to log at each logging step."""
-        return {}
-
-    def end_epoch(self, model: nn.Module, epoch: int, writer: Any) -> None:
-        """Runs after each epoch's evaluation (e.g. histograms)."""
-
-    def state_dict(self) -> dict:
-        """State to checkpoint beside the model (extra modules, optimisers, controllers)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned."""
-
-    def use_contiguous(self) -> None:
-        """The model runs in the contiguous format (its forward cannot run channels_last): so do extra models."""
 
 
 class Trainer:
@@ -121,6 +72,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / f"{stage}_state.pt"
         self.on_epoch_end = on_epoch_end
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)  # the training forwards' autocast dtype (None: float32)
+        self.loss_scale = LossScale(self.amp_dtype == torch.float16)
         self.objective.setup(self.model, self.device)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -165,6 +118,7 @@ class Trainer:
             "history": self.history,
             "rng": torch.get_rng_state(),
             "lr_scale": self.lr_scale,
+            **({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale.enabled else {}),
         }
 
     def save_state(self) -> None:
@@ -197,6 +151,7 @@ class Trainer:
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"])
         self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.loss_scale.load_state_dict(state.get("loss_scale", {}))
         self.guard.reset()
 
     def back_off(self, factor: float, why: str) -> None:
@@ -217,18 +172,15 @@ class Trainer:
             return
         rng = torch.get_rng_state()
         batches = first_batches(self.train_batches, n)
-        with _autocast(self.device, self.cfg.amp):
-            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
+        recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
         torch.set_rng_state(rng)
 
     def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
         first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
         if calibration:
-            with _autocast(self.device, self.cfg.amp):
-                recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
-        return evaluate(self.model, batches, self.num_classes, self.device, self.cfg.amp,
-                        contiguous=bool(self._contiguous))["acc"]
+            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
+        return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous))["acc"]
 
     @property
     def writer(self) -> Any:
@@ -273,7 +225,7 @@ class Trainer:
                     record.update({f"train_{k}": v for k, v in self._epoch_stats.items()})
                     if self.val_batches is not None:
                         self.recalibrate()
-                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device, self.cfg.amp,
+                        val = evaluate(self.model, self.val_batches, self.num_classes, self.device,
                                        contiguous=bool(self._contiguous))
                         record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
                         self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
@@ -300,14 +252,16 @@ class Trainer:
             self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
         if self._contiguous:
             x = x.contiguous()
-        with _autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.amp_dtype):
             out = self.objective.compute(self.train_model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        self.loss_scale.scaled(out.loss).backward()
         self._agree(out, stop, guard)
-        self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
+        scaled = self.loss_scale.enabled
+        if not scaled or self.loss_scale.unscale([*self.model.parameters(), *self.objective.scaled_parameters()]):
+            self.optimizer.step()  # (fp16: skipped on a gradient that overflowed, the loss scale halved)
+            self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
         self.scheduler.step()
         self.global_step += 1
         return out, lr

@@ -52,7 +52,7 @@ def _qat(ctx: RunContext) -> dict:
     model, obj = load_pruned(ctx.path("pruned.pt"), "cpu")
     shape = tuple(int(s) for s in obj["metadata"]["input_shape"])
     # an exported graph has no layers to tap: the discriminator reads logits; amp and channels_last stay off
-    train = dataclasses.replace(ctx.cfg.finetune.train, lr=cfg.qat_lr, amp=False, channels_last=False)
+    train = dataclasses.replace(ctx.cfg.finetune.train, lr=cfg.qat_lr, amp="off", channels_last=False)
     section = dataclasses.replace(ctx.cfg.finetune, d_input="logits", feature_kd=0.0, train=train)
     out = ctx.stage_dir("quantize")
     ctx.write(out.mkdir, parents=True, exist_ok=True)

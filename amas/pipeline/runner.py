@@ -193,6 +193,15 @@ def _scrub(d: Any) -> Any:
     return d
 
 
+def _amp_as_bool(d: dict) -> None:
+    """Every train section's amp auto/off hashed as the bool true/false it was, so earlier runs keep their hashes."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _amp_as_bool(v)
+        elif k == "amp":
+            d[k] = {"auto": True, "off": False}.get(v, v)
+
+
 def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = None) -> dict[str, str]:
     """A short hash per stage of the settings it depends on, chained through the stages before it."""
     d = _scrub(to_dict(cfg))
@@ -217,6 +226,7 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
             d["select"].pop(k, None)
     if not d["model"].get("kwargs"):
         d["model"].pop("kwargs", None)  # recorded only when set, so runs from before model.kwargs keep their hashes
+    _amp_as_bool(d)
     if teacher:
         p = Path(teacher)
         st = p.stat() if p.is_file() else None

@@ -83,8 +83,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     masks.load_values(values)
     result: dict[str, Any] = {}
     if data.val is not None:
-        result["val_acc"] = evaluate(trainer.model, data.val, info.num_classes, device, tcfg.amp)["acc"]
-        result["teacher_val_acc"] = evaluate(teacher, data.val, info.num_classes, device, tcfg.amp)["acc"]
+        result["val_acc"] = evaluate(trainer.model, data.val, info.num_classes, device)["acc"]
+        result["teacher_val_acc"] = evaluate(teacher, data.val, info.num_classes, device)["acc"]
     objective.close()
     eff = objective.effective_macs()
     kept = objective.kept()

@@ -9,7 +9,6 @@ engine; the search objective (amas.search.objective) adds masks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -22,6 +21,7 @@ from amas import distributed
 from amas.config import AlignmentConfig
 from amas.engine.fold import folded_copy
 from amas.engine.loop import Objective, StepOutput
+from amas.engine.precision import no_autocast
 from amas.errors import SearchError
 
 __all__ = ["AlignmentObjective", "Discriminator", "discriminator_loss", "fast_inference_copy",
@@ -152,13 +152,6 @@ def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     return fast.eval().requires_grad_(False)
 
 
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Discriminator maths in float32 under CUDA autocast."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", enabled=False)
-    return contextlib.nullcontext()
-
-
 class AlignmentObjective(Objective):
     """CE + mu·KD + adversarial against a frozen teacher, the discriminator and its optimiser inside.
 
@@ -241,7 +234,7 @@ class AlignmentObjective(Objective):
             t_out, s_out = standardized(t_out), standardized(s_out)
         assert self.d_opt is not None, "setup() must run before compute()"
         d = self.discriminator
-        with _no_autocast(self.device):
+        with no_autocast(self.device):  # the discriminator's maths in float32
             t_out_f, s_out_f = full_precision(t_out), full_precision(s_out)
             d_loss = d_t = d_s = None
             for _ in range(cfg.d_steps):

@@ -37,7 +37,7 @@ class MaskSearch:
     configs/REFERENCE.md); ``lr`` there is the base learning rate that ``step(lr)`` scales the mask step by.
 
     Autocast: call ``search.loss`` inside ``torch.autocast(...)`` as any forward (the discriminator computes in
-    float32 on CUDA). With a GradScaler, ``scaler.scale(loss).backward(); scaler.step(opt)``, then
+    float32 under CUDA and CPU autocast). With a GradScaler, ``scaler.scale(loss).backward(); scaler.step(opt)``, then
     ``search.step(lr, grad_scale=scaler.get_scale())`` before ``scaler.update()``: the masks are not in the optimizer,
     so their gradients are unscaled there (and the mask step skipped, as the scaler skips, when they overflowed).
     DDP: build MaskSearch on the plain student, then wrap it, and pass the wrapper: ``search.loss(x, y,

@@ -245,6 +245,10 @@ class SearchObjective(AlignmentObjective):
         out.terms["sparsity"] = pen
         return StepOutput(out.loss + self.lam * pen, out.logits, out.terms)
 
+    def scaled_parameters(self) -> list[torch.Tensor]:
+        """The masks (fp16's loss scaling unscales their gradients with the student's)."""
+        return list(self.masks.masks)
+
     def after_step(self, model: nn.Module, lr: float, step: int) -> None:
         """Proximal (FISTA) step on the masks (step size on the student's schedule), then a controller update."""
         distributed.average_gradients(list(self.masks.masks))  # masks live outside DDP: keep the ranks' masks equal
