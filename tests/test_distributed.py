@@ -113,7 +113,7 @@ def test_two_gloo_processes_search_like_one_process(tmp_path, float64):
     overrides = OVERRIDES + ["search.train.epochs=2", "search.train.batch_size=32", "search.train.device=cpu",
                              "search.train.progress=false", "search.train.channels_last=false",
                              "search.train.lr=0.002", "search.train.schedule=constant", "search.lam=1.0",
-                             "search.mask_lr=0.02", "search.fast_teacher=false"]
+                             "search.mask_lr=0.02", "search.fast_teacher=false", "search.standardize=false"]
     search(load_config(None, overrides), tmp_path / "one", str(path))
     mp.spawn(_search_worker, args=(2, _free_port(), overrides, str(path), str(tmp_path / "two")), nprocs=2, join=True)
     one = torch.load(tmp_path / "one" / "search.pt", weights_only=True)
