@@ -146,11 +146,12 @@ def prune(model: str, weights: Path, folder: Path, size: int, target: float, out
 
 
 def _search_val_acc(out: Path) -> list[float]:
-    """The student's validation accuracy after each search epoch (search_metrics.json; empty when absent)."""
-    f = out / "search_metrics.json"
+    """The student's validation accuracy after each search epoch, then the teacher's (search_metrics.json)."""
+    f = out / "search" / "search_metrics.json"
     if not f.is_file():
         return []
-    return [round(h["val_acc"], 2) for h in json.loads(f.read_text())["history"] if "val_acc" in h]
+    m = json.loads(f.read_text())
+    return [round(h["val_acc"], 2) for h in m["history"] if "val_acc" in h] + [round(m["result"]["teacher_val_acc"], 2)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/families", help="folders, teachers and runs go here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/families.json")
+    p.add_argument("--table", action="store_true", help="print the table of --out (search accuracies re-read from "
+                                                          "the run folders) and stop")
     a, extra = p.parse_known_args(argv)
+    if a.table:
+        results = json.loads(Path(a.out).read_text())
+        for key, r in results.items():
+            model, size = key.rsplit("@", 1)
+            run = Path(a.work) / "runs" / f"{model.replace(':', '_')}_{size}"
+            if "error" not in r["pruned"]:
+                r["pruned"]["search_val_acc"] = _search_val_acc(run)
+        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+        print(table(results))
+        return 0
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     results = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
@@ -186,19 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _by_epoch(accs: list[float]) -> str:
+    """'70.0, 72.0, 71.3 (74.0)': the search's epochs, the teacher's in brackets."""
+    return f"{', '.join(f'{v:.1f}' for v in accs[:-1])} ({accs[-1]:.1f})" if accs else "–"
+
+
 def table(results: dict) -> str:
     """Markdown table: teacher vs pruned test accuracy, MACs reduction, speed-ups, wall time."""
-    rows = ["| model @ px | teacher opt | teacher test % | pruned test % | Δ | MACs | speed-up b1 / b64 | wall s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model @ px | teacher opt | teacher test % | pruned test % | Δ | MACs | speed-up b1 / b64 "
+            "| search val % by epoch (teacher) | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         t, q = r["teacher"], r["pruned"]
         if "error" in q:
-            rows.append(f"| {key} | {t['optimizer']} | {t['test_acc']:.1f} | ❌ {q['error'][:80]} | | | | "
+            rows.append(f"| {key} | {t['optimizer']} | {t['test_acc']:.1f} | ❌ {q['error'][:80]} | | | | | "
                         f"{q['wall_s']:.0f} |")
             continue
         rows.append(f"| {key} | {t['optimizer']} | {q['teacher_test_acc']:.1f} | {q['test_acc']:.1f} | "
                     f"{q['test_acc'] - q['teacher_test_acc']:+.1f} | −{100 * q['macs_reduction']:.1f}% | "
-                    f"{q['speedup_b1']:.2f}× / {q['speedup_b64']:.2f}× | {q['wall_s']:.0f} |")
+                    f"{q['speedup_b1']:.2f}× / {q['speedup_b64']:.2f}× | "
+                    f"{_by_epoch(q.get('search_val_acc', []))} | "
+                    f"{q['wall_s']:.0f} |")
     return "\n".join(rows)
 
 
