@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
     p.add_argument("--models", nargs="+", default=MODELS, help="tv:<torchvision name> or timm:<timm name>")
     p.add_argument("--per-class", type=int, nargs=3, default=[150, 30, 30], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--teacher-epochs", type=int, default=6)
+    p.add_argument("--teacher-epochs", type=int, default=15)
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--work", default="runs/families", help="folders, teachers and runs go here")
     p.add_argument("--threads", type=int, default=1)

@@ -172,13 +172,21 @@ class Trainer:
             return
         rng = torch.get_rng_state()
         batches = first_batches(self.train_batches, n)
+        if batches:
+            self._settle_format(batches[0][0])
         recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
         torch.set_rng_state(rng)
+
+    def _settle_format(self, x: torch.Tensor) -> None:
+        """On the first batch: a forward that cannot run channels_last (a .view) goes back to contiguous."""
+        if self._contiguous is None:
+            self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
 
     def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
         first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
         if calibration:
+            self._settle_format(calibration[0][0])
             recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
         return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous))["acc"]
 
@@ -248,8 +256,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stop: StopRequest,
                    guard: SpikeGuard | None = None) -> tuple[StepOutput, float]:
         """One optimiser step on a batch (and the objective's step after it); the step's output and learning rate."""
-        if self._contiguous is None:  # a forward that cannot run channels_last (a .view): back to contiguous
-            self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
+        self._settle_format(x)
         if self._contiguous:
             x = x.contiguous()
         with autocast(self.device, self.amp_dtype):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -60,7 +61,10 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadat
     record = dict(_plain(recipe["model"], "recipe.model"))
     if "data" in meta:
         record["data"] = meta["data"]
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    state = OrderedDict((k, v.detach().cpu()) for k, v in full.items())
+    # the modules' state-dict versions go along: some layers refuse a state_dict without them (torchvision's MNASNet)
+    state._metadata = getattr(full, "_metadata", None)  # type: ignore[attr-defined]
     atomic_save(
         {
             "amas_format": "pruned",
