@@ -78,7 +78,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="searched student (search.pt) or, with --criterion l1, a dense model.pt"
     )
     p.add_argument(
-        "--target-flops", type=float, help="fraction of the MACs to remove, e.g. 0.5 (default: prune.target_reduction)"
+        "--target-reduction", "--target-flops", dest="target_reduction", type=float,
+        help="fraction of the MACs to remove, e.g. 0.5 (default: prune.target_reduction; old name: --target-flops)"
     )
     p.add_argument("--round-to", type=int, help="round kept channels up to a multiple of N (default: prune.round_to)")
     p.add_argument("--min-channels", type=int, help="channels every group keeps at least (default: prune.min_channels)")
@@ -193,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides) if args.config or args.overrides else None
     prune = cfg.prune if cfg is not None else PruneConfig()
     out = _out_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / "export")
-    run_export(args.checkpoint, out, prune.target_reduction if args.target_flops is None else args.target_flops,
+    run_export(args.checkpoint, out, prune.target_reduction if args.target_reduction is None else args.target_reduction,
                cfg=cfg, round_to=prune.round_to if args.round_to is None else args.round_to,
                min_channels=prune.min_channels if args.min_channels is None else args.min_channels,
                criterion=args.criterion, residual=prune.residual_channels, onnx=args.onnx, evaluate=not args.no_eval,

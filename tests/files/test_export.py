@@ -151,7 +151,7 @@ def test_export_cli_end_to_end(tmp_path, capsys) -> None:
     masks = {g.name: torch.rand(g.size) * (torch.rand(g.size) > 0.3) for g in groups}
     save_masked(tmp_path / "search.pt", model, _record(), masks, metrics={"val_acc": 40.0})
     out = tmp_path / "export"
-    argv = ["export", "--checkpoint", str(tmp_path / "search.pt"), "--target-flops", "0.5", "--round-to", "8",
+    argv = ["export", "--checkpoint", str(tmp_path / "search.pt"), "--target-reduction", "0.5", "--round-to", "8",
             "--out", str(out), "--latency-iters", "2", "--onnx"]
     assert main(argv) == 0
     assert "export: done" in capsys.readouterr().out
