@@ -168,15 +168,21 @@ def test_user_batches_that_would_train_nothing_stop_with_one_line(tmp_path, case
 # ---------------------------------------------------------------- 5: bad advice and raw errors
 
 
-@pytest.mark.parametrize("empty", ["train/light", "val/dark"])
-def test_an_empty_class_folder_is_named_before_any_stage_writes(tmp_path, weights, capsys, empty: str) -> None:
-    data = image_folder(tmp_path / "data", {"train": 2, "val": 2}, empty=empty)
+def _refused_before_any_stage(tmp_path, data, weights, capsys) -> str:
+    """The tool on data exits 1 with one line on stderr, no stage done and no run folder; that line."""
     run = tmp_path / "run"
     assert run_tool(tool_args(data, weights, run)) == 1
     out = capsys.readouterr()
     line = _one_line(out.err)
-    assert f"'{data / empty}'" in line and "holds no images" in line, line
     assert "done" not in out.out and not run.exists()
+    return line
+
+
+@pytest.mark.parametrize("empty", ["train/light", "val/dark"])
+def test_an_empty_class_folder_is_named_before_any_stage_writes(tmp_path, weights, capsys, empty: str) -> None:
+    data = image_folder(tmp_path / "data", {"train": 2, "val": 2}, empty=empty)
+    line = _refused_before_any_stage(tmp_path, data, weights, capsys)
+    assert f"'{data / empty}'" in line and "holds no images" in line, line
 
 
 @pytest.mark.parametrize("content", [b"", b"not an image at all"])
@@ -185,12 +191,8 @@ def test_a_corrupt_image_is_named_before_any_stage_writes(tmp_path, weights, cap
     data = image_folder(tmp_path / "data", {"train": 2, "val": 2})
     bad = data / "val" / "light" / "1.png"
     bad.write_bytes(content)
-    run = tmp_path / "run"
-    assert run_tool(tool_args(data, weights, run)) == 1
-    out = capsys.readouterr()
-    line = _one_line(out.err)
+    line = _refused_before_any_stage(tmp_path, data, weights, capsys)
     assert f"'{bad}'" in line and "remove or replace" in line, line
-    assert "done" not in out.out and not run.exists()
 
 
 def test_missing_data_names_the_flag_that_was_used(tmp_path, weights, capsys) -> None:

@@ -171,11 +171,14 @@ class Trainer:
         if n <= 0:
             return
         rng = torch.get_rng_state()
-        batches = first_batches(self.train_batches, n)
+        self._recalibrate_on(first_batches(self.train_batches, n))
+        torch.set_rng_state(rng)
+
+    def _recalibrate_on(self, batches: list) -> None:
+        """BatchNorm statistics re-estimated on the images of batches, in the format training runs them."""
         if batches:
             self._settle_format(batches[0][0])
-        recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
-        torch.set_rng_state(rng)
+            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
 
     def _settle_format(self, x: torch.Tensor) -> None:
         """On the first batch: a forward that cannot run channels_last (a .view) goes back to contiguous."""
@@ -185,9 +188,7 @@ class Trainer:
     def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
         first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
-        if calibration:
-            self._settle_format(calibration[0][0])
-            recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in calibration])
+        self._recalibrate_on(list(calibration))
         return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous))["acc"]
 
     @property
