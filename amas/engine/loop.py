@@ -17,6 +17,7 @@ from amas import distributed
 from amas.config import TrainConfig
 from amas.data import Batches
 from amas.distributed import resolve_device
+from amas.engine.compiling import StepCompiler
 from amas.engine.evaluation import evaluate
 from amas.engine.formats import keep_channels_last
 from amas.engine.objective import Objective, StepOutput
@@ -85,6 +86,9 @@ class Trainer:
         self.optimizer, self.base_lr = make_optimizer(self.objective.param_groups(self.model), cfg, self.optimizer_kind)
         self.steps_per_epoch = len(train)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
+        # train.compile: the forward each step calls (amas.engine.compiling); the teacher's copy compiles with it
+        self.compiler = StepCompiler(cfg.compile, cfg.epochs * self.steps_per_epoch, self.say,
+                                     self.objective.compile_forwards)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -248,6 +252,9 @@ class Trainer:
                     if self.on_epoch_end is not None:
                         self.on_epoch_end(self.epoch, record)
                     self.writer.flush()
+            if counts := self.compiler.counts():
+                self.say("compiled forwards: {compilations} compilation(s), {recompilations} recompilation(s)"
+                         .format(**counts))
         finally:
             if self._own_writer and self._writer is not None:
                 self._writer.close()
@@ -260,8 +267,9 @@ class Trainer:
         self._settle_format(x)
         if self._contiguous:
             x = x.contiguous()
+        model = self.compiler.model_for(self.train_model, self.global_step)
         with autocast(self.device, self.amp_dtype):
-            out = self.objective.compute(self.train_model, x, y)
+            out = self.objective.compute(model, x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_scale.scaled(out.loss).backward()
         self._agree(out, stop, guard)
@@ -271,6 +279,7 @@ class Trainer:
             self.optimizer.step()  # (fp16: skipped on a gradient that overflowed, the loss scale halved)
             self.objective.after_step(self.model, lr * self.cfg.lr / self.base_lr, self.global_step)
         self.scheduler.step()
+        self.compiler.step_done(self.global_step)
         self.global_step += 1
         return out, lr
 

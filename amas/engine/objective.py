@@ -63,5 +63,9 @@ class Objective:
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
 
+    def compile_forwards(self, compiler: Any) -> None:
+        """Compiling starts (train.compile): compile extra forwards (the teacher's) with compiler.wrap(module, what)
+        (amas.engine.compiling.StepCompiler)."""
+
     def use_contiguous(self) -> None:
         """The model runs in the contiguous format (its forward cannot run channels_last): so do extra models."""

@@ -43,7 +43,8 @@ __all__ = ["Candidate", "candidates_stage", "cut_candidates", "finetune_trainer"
 
 def finetune_trainer(model: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, epochs: int, data: Any, run_dir: Path,
                      stage: str, device: torch.device, on_epoch_end: Callable | None = None) -> Any:
-    """An engine Trainer that fine-tunes model against teacher for epochs epochs (state in run_dir/<stage>_state.pt)."""
+    """An engine Trainer that fine-tunes model against teacher (a module, or the run's shared FrozenTeacher) for
+    epochs epochs (state in run_dir/<stage>_state.pt)."""
     from amas.engine.loop import Trainer
 
     info = data.info
@@ -125,10 +126,11 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
                    planner: Callable[[float, nn.Module, list, Any], dict[str, torch.Tensor]],
                    masks: dict[str, torch.Tensor] | None,
                    data: Any, device: torch.device, method: str, on_epoch_end: Callable | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, frozen: Any = None) -> dict:
     """Cut candidates from source, fine-tune them by successive halving, write out_dir/candidates.json; return it.
 
     planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
+    frozen: the run's shared inference copy of the teacher the fine-tuning reads (else each candidate makes one).
     """
     from amas.channels.cost import CostModel, count
     from amas.channels.cut import make_recipe
@@ -196,6 +198,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     by_id = {r["id"]: r for r in rows}
 
     schedule = halving_schedule(len(trainable), sel.budget_epochs)
+    compiled: dict[str, int] = {}  # compilations and recompilations over every candidate (train.compile)
     horizon = sum(e for _, e in schedule)
 
     def train(cid: int, until: int) -> float:
@@ -203,7 +206,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         model, obj = load_pruned(out_dir / f"{row['name']}_cut.pt", device)
         trainer = finetune_trainer(
             model,
-            teacher,
+            teacher if frozen is None else frozen,
             fin,
             horizon,
             data,
@@ -216,6 +219,9 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
             history = trainer.fit(resume=True, until_epoch=until)
         finally:
             trainer.objective.close()
+        if counts := trainer.compiler.counts():
+            for k, v in counts.items():
+                compiled[k] = compiled.get(k, 0) + v
         acc = _val_acc_at(history, until)
         row.update(val_acc=acc, epochs=until)
         meta = dict(obj["metadata"], val_acc=acc, epochs=until)
@@ -243,6 +249,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
                     "channels": total_channels, **teacher_lat},
         "policy": sel.policy, "bound_macs": bound, "min_acc": min_acc,
         "rows": rows, "skipped": skipped, "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
+        **({"compiled": compiled} if compiled else {}),
     }
     on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
     return result
@@ -335,11 +342,14 @@ def candidates_stage(ctx: RunContext) -> Rows:
     source, masks, planner = _planner(ctx)
     r = run_candidates(ctx.cfg, ctx.stage_dir("candidates"), teacher=teacher, record=obj["model"], source=source,
                        planner=planner, masks=masks, data=ctx.data("finetune"), device=ctx.device, method=ctx.method,
-                       on_epoch_end=ctx.epoch_hook())
+                       on_epoch_end=ctx.epoch_hook(), frozen=ctx.frozen_teacher(ctx.cfg.finetune))
     rows = [(f"{c['name']} (level {c['level']:.2f})",
              f"-{100 * c['macs_reduction']:.1f}% MACs, {c['channels']}/{c['total_channels']} ch, "
              f"val {c['val_acc']:.2f}% after {c['epochs']} ep, {c['status']}") for c in r["rows"]]
     rows += [(f"skipped level {s['level']:.2f}", s["reason"]) for s in r["skipped"]]
     rows += [("teacher val acc %", r["teacher"]["val_acc"]),
              ("budget spent", f"{r['halving']['spent']} of {r['halving']['budget']} candidate-epochs")]
+    if "compiled" in r:  # train.compile: the forwards compiled over the candidates' architectures
+        rows.append(("compiled forwards", "{compilations} compilation(s), {recompilations} recompilation(s)"
+                     .format(**r["compiled"])))
     return rows

@@ -116,6 +116,7 @@ class RunContext:
         self.dist = distributed.context()
         self.device = distributed.device_for(self.dist, resolve_device(cfg.finetune.train.device))
         self._teacher: tuple[nn.Module, dict] | None = None
+        self._frozen: dict[bool, Any] = {}  # the teacher's inference copies by fast_teacher (one in a default run)
         self._data: dict[tuple[str, bool], Any] = {}
         self.in_memory = teacher_model is not None
         from amas.files.checkpoint import is_plain_state_dict
@@ -240,6 +241,18 @@ class RunContext:
                 check_teacher_matches(obj["model"], info, self.teacher_path, self.cfg.data.name)
             self._teacher = (model.eval().requires_grad_(False), obj)
         return self._teacher
+
+    def frozen_teacher(self, section: Any) -> Any:
+        """The teacher's one inference copy (amas.engine.frozen.FrozenTeacher) every stage of the run reads: conv+BN
+        folded when section.fast_teacher (search or finetune) and the fold keeps its outputs; built once per run."""
+        fold = bool(section.fast_teacher)
+        if fold not in self._frozen:
+            from amas.data import dataset_info
+            from amas.engine.frozen import FrozenTeacher
+
+            info = self.data("finetune").info if self.user_data else dataset_info(self.cfg.data)
+            self._frozen[fold] = FrozenTeacher(self.teacher[0], info.input_shape, fold=fold)
+        return self._frozen[fold]
 
     def final(self) -> tuple[nn.Module, dict]:
         """The model the export stage ships and its pruned.pt record: final/final.pt, or the cut given in memory."""

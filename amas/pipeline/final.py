@@ -17,7 +17,7 @@ def final_stage(ctx: RunContext) -> Rows:
     cdir = ctx.stage_dir("candidates")
     src = cdir / f"{name}.pt" if (cdir / f"{name}.pt").is_file() else cdir / f"{name}_cut.pt"
     model, obj = load_pruned(src, ctx.device)
-    teacher, _ = ctx.teacher
+    teacher = ctx.frozen_teacher(ctx.cfg.finetune)  # the run's one inference copy of the teacher
     epochs = ctx.cfg.finetune.train.epochs
     out = ctx.stage_dir("final")
     ctx.write(out.mkdir, parents=True, exist_ok=True)

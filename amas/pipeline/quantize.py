@@ -51,12 +51,12 @@ def _qat(ctx: RunContext) -> dict:
     cfg = ctx.cfg.quant
     model, obj = load_pruned(ctx.path("pruned.pt"), "cpu")
     shape = tuple(int(s) for s in obj["metadata"]["input_shape"])
-    # an exported graph has no layers to tap: the discriminator reads logits; amp and channels_last stay off
-    train = dataclasses.replace(ctx.cfg.finetune.train, lr=cfg.qat_lr, amp="off", channels_last=False)
+    # an exported graph has no layers to tap: the discriminator reads logits; amp, channels_last and compile stay off
+    train = dataclasses.replace(ctx.cfg.finetune.train, lr=cfg.qat_lr, amp="off", channels_last=False, compile="off")
     section = dataclasses.replace(ctx.cfg.finetune, d_input="logits", feature_kd=0.0, train=train)
     out = ctx.stage_dir("quantize")
     ctx.write(out.mkdir, parents=True, exist_ok=True)
-    teacher, _ = ctx.teacher
+    teacher = ctx.frozen_teacher(section)  # the run's one inference copy of the teacher
     trainer = finetune_trainer(prepare_qat(model, shape), teacher, section, cfg.qat_epochs, ctx.data("finetune"),
                                out, "quantize", ctx.device, on_epoch_end=ctx.epoch_hook("quantize"))
     try:

@@ -65,7 +65,7 @@ from amas.pipeline.teacher import teacher_stage
 __all__ = ["COMMANDS", "Stage", "STAGES", "STAGE_NAMES", "check_run_dir", "run_export", "run_pipeline", "run_search",
            "run_stages", "run_train", "stage_fingerprints", "stages_of"]
 
-_VOLATILE = {"device", "progress", "log_every", "root", "download", "num_workers"}
+_VOLATILE = {"device", "progress", "log_every", "root", "download", "num_workers", "compile"}
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,12 @@ __all__ = ["search", "search_stage"]
 
 
 def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: bool = False,
-           on_epoch_end: Any = None, teacher: tuple[Any, dict] | None = None, data: Any = None) -> dict[str, Any]:
+           on_epoch_end: Any = None, teacher: tuple[Any, dict] | None = None, data: Any = None,
+           frozen: Any = None) -> dict[str, Any]:
     """Search channel masks for a copy of the teacher; writes search.pt (student + masks) and search_state.pt.
 
     teacher, data: an in-memory (model, file record) and DataBundle used instead of teacher_path and cfg.data.
+    frozen: the run's shared inference copy of the teacher (amas.engine.frozen.FrozenTeacher); else a private one.
     """
     from amas.channels.cost import CostModel
     from amas.channels.groups import find_groups
@@ -65,7 +67,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         raise SearchError(f"model '{record['name']}' has no prunable channel groups; choose another model")
     cost = CostModel(student, groups, info.input_shape)
     masks = ChannelMasks(groups, init=1.0)
-    objective = SearchObjective(teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
+    objective = SearchObjective(frozen or teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
                                 total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
                                 min_channels=cfg.prune.min_channels, penalty_costs=_penalty_costs(cfg, student, groups,
                                                                                                   info.input_shape))
@@ -129,7 +131,8 @@ def search_stage(ctx: RunContext) -> Rows:
     """Search channel masks for a copy of the teacher (amas.pipeline.search.search) into search/."""
     out = ctx.stage_dir("search")
     r = search(ctx.cfg, out, ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
-               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None)
+               teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None,
+               frozen=ctx.frozen_teacher(ctx.cfg.search))
     return [
         ("teacher", str(ctx.teacher_path)), ("dataset", ctx.dataset_label),
         ("student val acc %", r.get("val_acc", float("nan"))),

@@ -1,6 +1,7 @@
 """Alignment with a frozen teacher, shared by the mask search and fine-tuning: CE + KD + adversarial.
 
-The teacher, run as a private frozen copy (eval mode, no gradients; the caller's module is never modified), guides a
+The teacher, run as a frozen inference copy (amas.engine.frozen.FrozenTeacher: BatchNorm folded, eval mode, no
+gradients; the caller's module is never modified; a pipeline run shares one copy across its stages), guides a
 student. A small MLP discriminator, trained inside the objective with its own optimiser, tells teacher outputs
 (logits, or the pooled features before the classifier) from student outputs; the student is pushed to fool it
 while matching the teacher's logits (KD) and the labels (CE). ``AlignmentObjective`` is that loss on the one
@@ -9,17 +10,15 @@ engine; the search objective (amas.search.objective) adds masks.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from amas import distributed
 from amas.config import AlignmentConfig
-from amas.engine.fold import folded_copy
+from amas.engine.frozen import FrozenTeacher, fast_inference_copy
 from amas.engine.loop import Objective, StepOutput
 from amas.engine.precision import no_autocast
 from amas.errors import SearchError
@@ -126,47 +125,22 @@ def _pooled(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1)
 
 
-def _inplace_relus(gm: torch.fx.GraphModule) -> None:
-    """Make ReLU modules in-place where, at every call site, their input feeds nothing else."""
-    ok: dict[str, bool] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6)):
-            src = node.args[0] if node.args else None
-            single = isinstance(src, torch.fx.Node) and len(src.users) == 1 and src.op != "placeholder"
-            ok[node.target] = ok.get(node.target, True) and single
-    for target, safe in ok.items():
-        if safe:
-            gm.get_submodule(target).inplace = True
-
-
-def fast_inference_copy(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
-    """A frozen eval-mode copy of model for no-grad forwards: conv+BN folded (torch.fx) and in-place ReLUs.
-
-    The copy is checked against model on a random batch; when tracing fails or the outputs differ, it is a plain
-    frozen copy. model itself (weights, buffers, flags, mode) is never touched.
-    """
-    fast = folded_copy(model, input_shape)
-    if fast is None:
-        return copy.deepcopy(model).eval().requires_grad_(False)
-    _inplace_relus(fast)
-    return fast.eval().requires_grad_(False)
-
-
 class AlignmentObjective(Objective):
     """CE + mu·KD + adversarial against a frozen teacher, the discriminator and its optimiser inside.
 
     cfg is the search or finetune section (an AlignmentConfig with its own train section); student, when given,
-    is checked to give pooled features as wide as the teacher's (d_input=features on a pruned model).
+    is checked to give pooled features as wide as the teacher's (d_input=features on a pruned model). teacher may be
+    a FrozenTeacher shared with other stages; a module gets a private one (conv+BN folded with cfg.fast_teacher).
     """
 
     def __init__(self, teacher: nn.Module, cfg: Any, input_shape: tuple[int, int, int], num_classes: int, *,
                  student: nn.Module | None = None, section: str = "search") -> None:
         super().__init__(cfg.train.label_smoothing)
         self.cfg: AlignmentConfig = cfg
-        self.teacher = teacher  # the caller's, never modified: its forwards run the private frozen copy teacher_fwd
-        # conv+BN folded (same outputs to float rounding) with search.fast_teacher, else a plain frozen copy
-        self.teacher_fwd = (fast_inference_copy(teacher, input_shape) if cfg.fast_teacher
-                            else copy.deepcopy(teacher).eval().requires_grad_(False))
+        # the caller's teacher is never modified: its forwards run the frozen copy (teacher_fwd is its module)
+        self.frozen = (teacher if isinstance(teacher, FrozenTeacher)
+                       else FrozenTeacher(teacher, input_shape, fold=cfg.fast_teacher))
+        self.teacher_fwd = self.frozen.module
         self._tapped = cfg.d_input == "features" or cfg.feature_kd > 0
         if self._tapped:
             what = f"{section}.d_input=features" if cfg.d_input == "features" else f"{section}.feature_kd"
@@ -186,20 +160,12 @@ class AlignmentObjective(Objective):
         self._taps: list[_FeatureTap] = []
         self.device = torch.device("cpu")
         self.input_shape = tuple(int(s) for s in input_shape)
-        self._teacher_contiguous = False  # its forward cannot run channels_last (a .view of a feature map)
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         """Move the teacher's frozen copy to the device, build the discriminator (the same on every rank) and its
         optimiser."""
         self.device = device
-        self.teacher_fwd.to(device)
-        if self.cfg.train.channels_last:
-            from amas.engine.formats import runs_channels_last
-
-            self.teacher_fwd.to(memory_format=torch.channels_last)
-            x = torch.randn(2, *self.input_shape, device=device)
-            if not runs_channels_last(self.teacher_fwd, x, type(self.teacher).__name__):
-                self.use_contiguous()
+        self.frozen.prepare(device, self.cfg.train.channels_last)
         self.discriminator.to(device)
         distributed.broadcast_module(self.discriminator)  # one discriminator across ranks (torchrun)
         if self.cfg.d_optimizer == "adam":
@@ -213,14 +179,16 @@ class AlignmentObjective(Objective):
 
     def use_contiguous(self) -> None:
         """Run the teacher's copy in the contiguous format, on contiguous images."""
-        self.teacher_fwd.to(memory_format=torch.contiguous_format)
-        self._teacher_contiguous = True
+        self.frozen.use_contiguous()
+
+    def compile_forwards(self, compiler: Any) -> None:
+        """Compile the teacher copy's forward with the student's (train.compile)."""
+        self.frozen.compile(compiler)
 
     def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         """Teacher forward (no grad), discriminator step(s), then the student's alignment loss."""
         cfg = self.cfg
-        with torch.no_grad():
-            t_logits = self.teacher_fwd(images.contiguous() if self._teacher_contiguous else images)
+        t_logits = self.frozen(images)
         s_logits = model(images)
         t_map = s_map = None
         if self._taps:
