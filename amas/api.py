@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from amas.config import Config, from_dict, read_yaml, to_dict
+from amas.config import Config, from_dict, to_dict
+from amas.config_yaml import read_yaml
 
 __all__ = ["PruneResult", "export", "list_methods", "prune", "quantize", "resolve_config", "save_pruned"]
 

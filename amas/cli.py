@@ -315,7 +315,7 @@ def _device_hint(args: argparse.Namespace) -> str:
             return item.split("=", 1)[1]
     config = getattr(args, "config", None)
     if config and Path(config).is_file():
-        from amas.config import read_yaml
+        from amas.config_yaml import read_yaml
 
         train = read_yaml(config).get("train") or {}
         if isinstance(train, dict):
