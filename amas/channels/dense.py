@@ -39,7 +39,7 @@ def is_detector(model: nn.Module) -> bool:
 
 
 def tensor_part(model: nn.Module) -> nn.Module:
-    """The tensor-returning part of model to trace, mask and cut: DetectorTensors for a torchvision detector, else model."""
+    """The part of model to trace, mask and cut: DetectorTensors for a torchvision detector, else model itself."""
     if isinstance(model, DetectorTensors) or not is_detector(model):
         return model
     return DetectorTensors(model)

@@ -12,7 +12,9 @@ depthwise) removes the same position from every conv group at once, as Torch-Pru
 when the group passes through grouped convs of different G). The planner rounds ``G·kept`` to ``round_to``.
 
 **Groups left out** (never masked, never pruned): groups holding the model's output units (the
-classifier's logits); groups whose index mapping Torch-Pruning gets wrong or that touch layers
+classifier's logits; any layer whose output is one of the model's outputs, in a dict, list or tuple too: a
+segmenter's class convs, a detector's class/box/objectness convs, a returned feature map); groups whose index
+mapping Torch-Pruning gets wrong or that touch layers
 whose removal is not equal to masking (channel zero-padding, a grouped conv in a group whose channels are
 not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
 RNNs); groups through a split, unbind or slice of the channels (the sizes and bounds in the model's forward stay
