@@ -141,7 +141,8 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
         for h in handles:
             h.remove()
         model.train(was_training)
-    dg.adopt(rec, outs)
+    dg.adopt(rec)
+    dg.mark_outputs(rec, outs)
     dg.amas_input = (tuple(int(s) for s in input_shape), tuple(kept))
     return dg
 
@@ -159,15 +160,18 @@ class _Graph(tp.DependencyGraph):
         self.amas_seconds = 0.0  # spent in group walks
         self.amas_input: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())  # the traced input shape, prune.ignore
 
-    def adopt(self, rec: OpOwners, outputs: set[Any]) -> None:
-        """Take the trace's records: op owners, the concat sizes, the nodes to keep whole, the model's output layers."""
-        self.amas_owner, self.amas_multi = rec.owner, rec.multi
-        params = [p for p, _ in self.unwrapped_parameters]
-        # the layers that ran the ops of the model's outputs (a reused layer by any of its calls)
-        out_layers = {rec.owner[fn] for fn in outputs if fn in rec.owner}
+    def mark_outputs(self, rec: OpOwners, outputs: set[Any]) -> None:
+        """Flag the nodes whose output is one of the model's (outputs: their grad_fns; a reused layer by any call)."""
+        out_layers = {rec.owner[fn] for fn in outputs if fn in rec.owner}  # the layers that ran those ops
         for node in self.module2node.values():
             if node.grad_fn in outputs or self._module2name.get(node.module) in out_layers:
                 setattr(node, _OUTPUT_FLAG, True)
+
+    def adopt(self, rec: OpOwners) -> None:
+        """Take the trace's records: op owners, the concat sizes, the nodes to keep whole."""
+        self.amas_owner, self.amas_multi = rec.owner, rec.multi
+        params = [p for p, _ in self.unwrapped_parameters]
+        for node in self.module2node.values():
             if node.grad_fn in rec.channel_reshapes or is_kept_whole(node):
                 setattr(node, _KEPT_FLAG, True)
             if isinstance(node.module, tp.ops._ConcatOp) and node.grad_fn in rec.cat_sizes:
