@@ -3,8 +3,9 @@
 For each model (random init, 64x64 inputs, 3 classes): the groups cover backbone, neck and heads; the layers whose
 width the task fixes (class logits, box, anchor, objectness and centerness outputs) are in no group without being
 listed; random masks with zeroed channels give the same outputs as the cut model (eval mode, float64), output
-shapes unchanged; the cut exports with torch.export. Detectors are traced through their tensor part
-(amas.channels.dense.DetectorTensors) and the cut detector still runs its own forward (boxes) on images.
+shapes unchanged; the planner's MACs are the cut model's; the cut exports with torch.export. Detectors are traced
+through their tensor part (amas.channels.dense.DetectorTensors) and the cut detector still runs its own forward
+(boxes) on images.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from conftest import random_masks, randomize_norms
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from amas.channels.cost import CostModel, count
 from amas.channels.cut import prune_model
 from amas.channels.dense import DetectorTensors, tensor_part
 from amas.channels.groups import find_groups
 from amas.channels.masks import ChannelMasks
+from amas.channels.plan import kept_counts
 
 SHAPE = (3, 64, 64)
 class ConvBNAct(nn.Module):
@@ -168,6 +171,7 @@ def test_dense_removal_equals_masking_and_exports(name: str) -> None:
         assert [n for n in touched if re.search(fixed, n)]  # ... though their inputs are cut
     for prefix in parts:
         assert any(n.startswith(prefix) for n in touched), prefix
+    cost = CostModel(net, groups, SHAPE)
     masks, keep = random_masks(groups, gen)
     net.double()
     hooks = ChannelMasks(groups).double()
@@ -188,6 +192,7 @@ def test_dense_removal_equals_masking_and_exports(name: str) -> None:
     assert max((a - b).abs().max().item() for a, b in zip(masked, out, strict=True)) <= 1e-8 * scale
     assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in net.parameters())
     pruned.float()
+    assert count(pruned, SHAPE)[0] == cost.macs(kept_counts(keep))  # planner = cut (R-CNN: the RoI head per box)
     xf = x.float()
     with torch.no_grad():
         eager = tree_leaves(pruned(xf))
