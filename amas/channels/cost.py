@@ -126,15 +126,16 @@ class CostModel:
 
         def hook(name: str):
             def fn(m: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+                # one image runs: every row a layer sees is that image's (a detector's RoI head sees one per box)
                 x = inputs[0]
                 if isinstance(m, nn.Linear):
-                    rows = out.numel() // out.shape[-1] // x.shape[0]
+                    rows = out.numel() // out.shape[-1]
                     wf, bf, cin, cout, grp = rows, rows if m.bias is not None else 0, m.in_features, m.out_features, 1
                 else:
-                    spatial = (x if m.transposed else out).shape[2:].numel()
+                    spatial = (x if m.transposed else out).shape[2:].numel() * out.shape[0]
                     k = int(torch.tensor(m.kernel_size).prod())
                     wf = spatial * k
-                    bf = out.shape[2:].numel() if m.bias is not None else 0
+                    bf = out.shape[2:].numel() * out.shape[0] if m.bias is not None else 0
                     cin, cout, grp = m.in_channels, m.out_channels, m.groups
                 if name in layers:
                     layers[name].weight_factor += wf

@@ -12,7 +12,9 @@ depthwise) removes the same position from every conv group at once, as Torch-Pru
 when the group passes through grouped convs of different G). The planner rounds ``G·kept`` to ``round_to``.
 
 **Groups left out** (never masked, never pruned): groups holding the model's output units (the
-classifier's logits); groups whose index mapping Torch-Pruning gets wrong or that touch layers
+classifier's logits; any layer whose output is one of the model's outputs, in a dict, list or tuple too: a
+segmenter's class convs, a detector's class/box/objectness convs, a returned feature map); groups whose index
+mapping Torch-Pruning gets wrong or that touch layers
 whose removal is not equal to masking (channel zero-padding, a grouped conv in a group whose channels are
 not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
 RNNs); groups through a split, unbind or slice of the channels (the sizes and bounds in the model's forward stay
@@ -47,7 +49,7 @@ from torch import nn
 
 from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
-from amas.channels.tracing import build_graph, is_kept_whole
+from amas.channels.tracing import build_graph, is_kept_whole, is_model_output
 from amas.errors import MaskError
 
 __all__ = ["ChannelGroup", "find_groups"]
@@ -75,6 +77,7 @@ class ChannelGroup:
 
 _ALLOWED_PARAM_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
 _GATES = ("sigmoid", "hardsigmoid")
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def _own_state(module: nn.Module) -> bool:
@@ -185,6 +188,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         node, module = dep.target, dep.target.module
         if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and dg.is_out_channel_pruning_fn(dep.handler)):
             return None  # the model's output units (the traced graph's sinks)
+        if is_model_output(node) and (dg.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, _LAYERS)):
+            return None  # a layer whose output is one of the model's outputs (a dict, list or tuple of them too)
         if node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter):
             return None
         if _is_channel_pad(node) or is_kept_whole(node) or getattr(node, "grad_fn", None) in hidden:

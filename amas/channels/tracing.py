@@ -48,7 +48,7 @@ from amas.channels.owners import OpOwners, collapse, untraceable
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.errors import MaskError
 
-__all__ = ["WALK_SECONDS", "WALK_STEPS", "build_graph", "is_kept_whole", "ignored_modules"]
+__all__ = ["WALK_SECONDS", "WALK_STEPS", "build_graph", "ignored_modules", "is_kept_whole", "is_model_output"]
 
 WALK_STEPS = 1_000_000  # channel indices one group's walk may carry from layer to layer
 WALK_SECONDS = 30.0  # seconds all group walks on one graph may take together
@@ -57,6 +57,7 @@ _ROOT_TYPES = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
 
 _KEPT_WHOLE = "keptwhole"  # in the name of the opaque op's backward node
 _KEPT_FLAG = "amas_kept_whole"  # set on the graph nodes amas keeps whole
+_OUTPUT_FLAG = "amas_model_output"  # set on the graph nodes of layers whose output is (part of) the model's output
 
 
 class _KeptWhole(torch.autograd.Function):
@@ -79,6 +80,19 @@ def is_kept_whole(node: Any) -> bool:
         return True
     fn = getattr(node, "grad_fn", None)
     return fn is not None and hasattr(fn, "name") and _KEPT_WHOLE in fn.name().lower()
+
+
+def is_model_output(node: Any) -> bool:
+    """True for a traced layer whose output tensor is one of the model's outputs (in a tensor, dict, list or tuple)."""
+    return bool(getattr(node, _OUTPUT_FLAG, False))
+
+
+def _output_fns(out: Any, into: set[Any]) -> Any:
+    """Collect the grad_fns of every tensor in out (nested dicts, lists, tuples) into into; out unchanged."""
+    for t in tp.utils.flatten_as_list(out) if not isinstance(out, torch.Tensor) else [out]:
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            into.add(t.grad_fn)
+    return out
 
 
 def ignored_modules(model: nn.Module, ignore: Iterable[str]) -> dict[str, nn.Module]:
@@ -114,10 +128,12 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
     handles = [m.register_forward_hook(_barrier_hook) for m in kept.values()]
     was_training = model.training
     rec = OpOwners(model)
+    outs: set[Any] = set()
     try:
         with rec, torch.enable_grad():
             dg = _Graph().build_dependency(model, example_inputs=x, verbose=False,
-                                           customized_pruners=dict(CUSTOM_PRUNERS), ignored_layers=inside or None)
+                                           customized_pruners=dict(CUSTOM_PRUNERS), ignored_layers=inside or None,
+                                           output_transform=lambda out: _output_fns(out, outs))
     except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say where, in one line
         raise untraceable(model, x, e) from None
     finally:
@@ -126,6 +142,7 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
             h.remove()
         model.train(was_training)
     dg.adopt(rec)
+    dg.mark_outputs(rec, outs)
     dg.amas_input = (tuple(int(s) for s in input_shape), tuple(kept))
     return dg
 
@@ -142,6 +159,13 @@ class _Graph(tp.DependencyGraph):
         self.amas_multi: set[str] = set()  # modules whose output is not one tensor
         self.amas_seconds = 0.0  # spent in group walks
         self.amas_input: tuple[tuple[int, ...], tuple[str, ...]] = ((), ())  # the traced input shape, prune.ignore
+
+    def mark_outputs(self, rec: OpOwners, outputs: set[Any]) -> None:
+        """Flag the nodes whose output is one of the model's (outputs: their grad_fns; a reused layer by any call)."""
+        out_layers = {rec.owner[fn] for fn in outputs if fn in rec.owner}  # the layers that ran those ops
+        for node in self.module2node.values():
+            if node.grad_fn in outputs or self._module2name.get(node.module) in out_layers:
+                setattr(node, _OUTPUT_FLAG, True)
 
     def adopt(self, rec: OpOwners) -> None:
         """Take the trace's records: op owners, the concat sizes, the nodes to keep whole."""
