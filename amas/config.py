@@ -145,6 +145,9 @@ class SearchConfig(AlignmentConfig):
     # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
     mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
     mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
+    # no mask moves more than this in one gradient step (0: no limit): a stem's masks in a MobileNetV3 get gradients
+    # ~25x a ResNet-20's, and one unlimited step at mask_lr would take them from 1 to 0
+    mask_max_step: float = field(default=0.05, metadata=_range(0))
     fista: bool = True
     fista_restart: bool = True
     mask_threshold: float = field(default=0.0, metadata=_range(0))

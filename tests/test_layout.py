@@ -15,7 +15,8 @@ MAX_LINES = 400
 # Higher layers may import lower ones (and their own layer), never a higher one. A module is placed by its longest
 # prefix here. amas.files.atomic is a 40-line stdlib helper under the config (config writes files atomically).
 LAYERS: dict[str, int] = {
-    "amas.config": 0, "amas.config_check": 0, "amas.console": 0, "amas.distributed": 0, "amas.errors": 0,
+    "amas.config": 0, "amas.config_yaml": 0, "amas.config_check": 0, "amas.console": 0, "amas.distributed": 0,
+    "amas.errors": 0,
     "amas.files.atomic": 0,
     "amas.channels": 1, "amas.engine": 1, "amas.files": 1, "amas.data": 1, "amas.datasets": 1, "amas.inputs": 1,
     "amas.models": 1,

@@ -3,9 +3,9 @@
 The search objective is the alignment objective (amas.search.alignment: CE + KD + adversarial against the frozen
 teacher) plus a non-negative, cost-weighted L1 penalty on one soft mask vector per channel group. The engine's SGD
 trains the student's weights; the masks are updated here, after each engine step, by a proximal gradient step on the
-penalty (soft-threshold by mask_lr·lam·cost, clamp at 0), optionally with FISTA extrapolation (Beck & Teboulle 2009) and
-gradient-based adaptive restart (O'Donoghue & Candès 2015). An optional budget controller adapts lam so the effective
-MACs reduction settles at a target.
+penalty (amas.search.proximal: soft-threshold by mask_lr·lam·cost, clamp at 0), optionally with FISTA extrapolation
+(Beck & Teboulle 2009) and gradient-based adaptive restart (O'Donoghue & Candès 2015). An optional budget controller
+adapts lam so the effective MACs reduction settles at a target.
 """
 
 from __future__ import annotations
@@ -21,85 +21,9 @@ from amas.config import SearchConfig
 from amas.engine.loop import StepOutput
 from amas.errors import SearchError, TrainingError
 from amas.search.alignment import AlignmentObjective
+from amas.search.proximal import ProximalMaskUpdate
 
 __all__ = ["BudgetController", "ProximalMaskUpdate", "SearchObjective"]
-
-
-def _prox(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
-    from amas.channels.masks import prox_nonneg_l1
-
-    return prox_nonneg_l1(x, threshold)
-
-
-class ProximalMaskUpdate:
-    """Proximal gradient step on mask vectors (x ← max(y − lr·∇ − lr·thr, 0)), optionally FISTA-accelerated.
-
-    Without FISTA the parameters hold the iterate x. With FISTA they hold the extrapolated point
-    y = x_k + (t_{k−1} − 1)/t_k · (x_k − x_{k−1}) (clamped at 0) where the next gradient is taken, and x is kept
-    here: read masks through `values()`. With restart, momentum resets whenever the step and the momentum
-    disagree ((y − x_new)·(x_new − x_old) > 0), which keeps FISTA stable under stochastic gradients.
-    """
-
-    def __init__(self, params: list[nn.Parameter], fista: bool = True, restart: bool = True) -> None:
-        self.params = list(params)
-        self.fista, self.restart = fista, restart
-        self.x = [p.detach().clone() for p in self.params]
-        self.t = 1.0
-        self.restarts = 0
-
-    def reset(self) -> None:
-        """Take x from the parameters and drop the momentum (after the parameters moved device or were loaded)."""
-        self.x = [p.detach().clone() for p in self.params]
-        self.t = 1.0
-
-    @torch.no_grad()
-    def drop_momentum(self, count: bool = True) -> None:
-        """Drop the momentum now: the parameters go back to the iterate x (count: as a restart in the statistics)."""
-        if self.fista and self.t > 1.0:
-            for p, x in zip(self.params, self.x, strict=True):
-                p.copy_(x)
-            self.t = 1.0
-            self.restarts += int(count)
-
-    @torch.no_grad()
-    def step(self, lr: float, thresholds: list[float | torch.Tensor]) -> None:
-        """One step with step size lr; thresholds[i] is the L1 weight of params[i] (the prox cuts lr·thresholds[i])."""
-        new = []
-        for p, thr in zip(self.params, thresholds, strict=True):
-            y = p.detach()
-            g = p.grad
-            z = y if g is None else y - lr * g.to(y.dtype)
-            new.append(_prox(z, lr * thr))
-            p.grad = None
-        beta = 0.0
-        if self.fista:
-            if self.restart:
-                agree = sum(
-                    float(((p.detach() - xn) * (xn - xo)).sum())
-                    for p, xn, xo in zip(self.params, new, self.x, strict=True)
-                )
-                if agree > 0:
-                    self.t = 1.0
-                    self.restarts += 1
-            t_next = (1.0 + math.sqrt(1.0 + 4.0 * self.t * self.t)) / 2.0
-            beta = (self.t - 1.0) / t_next
-            self.t = t_next
-        for p, xn, xo in zip(self.params, new, self.x, strict=True):
-            p.copy_((xn + beta * (xn - xo)).clamp_(min=0) if beta > 0 else xn)
-        self.x = new
-
-    def values(self) -> list[torch.Tensor]:
-        """The current mask iterates x (non-negative)."""
-        return self.x
-
-    def state_dict(self) -> dict:
-        """Iterates, momentum scalar and restart count."""
-        return {"x": [x.clone() for x in self.x], "t": self.t, "restarts": self.restarts}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict returned."""
-        self.x = [x.to(p.device, p.dtype).clone() for x, p in zip(state["x"], self.params, strict=True)]
-        self.t, self.restarts = float(state["t"]), int(state["restarts"])
 
 
 # ---------------------------------------------------------------- budget controller
@@ -201,7 +125,8 @@ class SearchObjective(AlignmentObjective):
             self.controller = BudgetController(cfg.lam, cfg.target_reduction, cfg.controller_ki, cfg.controller_kp,
                                                cfg.lam_min, cfg.lam_max, cfg.controller_overshoot)
             self.lam = self.controller.lam
-        self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart)
+        self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart,
+                                          max_step=cfg.mask_max_step)
         self._eval_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ------------------------------------------------------------ engine hooks
@@ -351,6 +276,8 @@ class SearchObjective(AlignmentObjective):
             out["macs_reduction_target"] = self.target_at(self.steps_done)
         if self.updater.fista:
             out["fista_restarts"] = float(self.updater.restarts)
+        if self.updater.max_step > 0:
+            out["mask_moves_clipped"] = float(self.updater.clipped)
         out.update({f"zero_frac/{n}": f for n, f in self.zero_fractions().items()})
         return out
 

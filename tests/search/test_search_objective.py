@@ -78,6 +78,18 @@ def test_prox_operator_exact_on_hand_made_vectors():
     assert p.grad is None and torch.equal(upd.values()[0], p.detach())
 
 
+def test_trust_region_limits_each_masks_gradient_move_but_not_the_penalty():
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0, 0.5, 0.04]))
+    upd = ProximalMaskUpdate([p], fista=False, max_step=0.05)
+    p.grad = torch.tensor([20.0, -0.02, 0.04, -10.0])  # a stem-sized gradient would zero the first mask at lr 1
+    upd.step(1.0, [0.1])
+    # moves clamped to ±0.05 (the 2nd and 3rd are inside it), then the prox cuts lr·thr = 0.1 as without a limit
+    assert torch.allclose(p.detach(), torch.tensor([0.85, 0.92, 0.36, 0.0]))
+    assert upd.clipped == 2
+    upd.load_state_dict(upd.state_dict())
+    assert upd.clipped == 2
+
+
 def test_fista_extrapolates_with_the_beck_teboulle_sequence():
     p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
     upd = ProximalMaskUpdate([p], fista=True, restart=False)
