@@ -1,97 +1,186 @@
-"""Training images/s with the amas on-device loader vs the same model fed pre-made tensors.
+"""Training images/s of amas' three kinds of step, as the stages run them: fp32 eager, bf16, compiled, bf16 + compiled.
 
-    python benchmarks/throughput.py [--models resnet20 resnet56] [--steps 30] [--batch 128]
+    python benchmarks/throughput.py [--models resnet20 resnet56 tv_resnet18] [--threads 1 2] [--rounds 3] [--steps 12]
 
-Prints a table and writes benchmarks/results/throughput.json. Both feeds run the same
-forward/backward/SGD step; blocks alternate so background load hits both alike.
+The steps are the engine's own (amas.engine.loop.Trainer.train_step with the stage's objective): the plain step of
+teacher training (CE, SGD), the search step (the student with its mask hooks, the frozen teacher's forward, KD, the
+discriminator's step and the proximal mask step) and the fine-tune step (KD + discriminator against the teacher, no
+masks). ResNet-20 on 1x28x28 (Fashion-MNIST's shape), ResNet-56 on 3x32x32, torchvision resnet18 on 3x64x64, random
+weights and pre-made random batches (the loader is loader_throughput.py's subject). Every trainer is built and warmed
+up first (a compiled one compiles there, and its compile time is reported), then rounds time --steps steps of each
+trainer in turn, so background load hits every configuration alike; the median round is reported. Prints a table and
+writes JSON (and the ratios to fp32 eager, the comparison that survives a busy machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import copy
+import dataclasses
 import json
 import platform
+import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from amas.config import DataConfig
-from amas.data import build_data
-from amas.models import create_model
+from amas.config import Config
+from amas.engine.loop import Trainer
+from amas.engine.stopping import StopRequest
 
-
-def _step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer):
-    def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+MODES = {"fp32": ("off", "off"), "bf16": ("bf16", "off"), "compiled": ("off", "on"), "bf16+compiled": ("bf16", "on")}
+STAGES = ("plain", "search", "finetune")
 
 
-def measure(name: str, steps: int, batch: int, blocks: int, device: torch.device, channels_last: bool) -> dict:
-    """Images/s of one model's training step under both feeds."""
-    data = build_data(
-        DataConfig(name="fashion_mnist", val_size=0), batch, batch, device=device, channels_last=channels_last
-    )
-    info = data.info
-    model = create_model(name, num_classes=info.num_classes, in_channels=info.in_channels).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = _step_fn(model, opt)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    premade = [(torch.randn(batch, *info.input_shape, device=device).contiguous(memory_format=fmt),
-                torch.randint(0, info.num_classes, (batch,), device=device)) for _ in range(4)]
-    loader_iter = itertools.chain.from_iterable(data.train for _ in itertools.count())
-    premade_iter = itertools.cycle(premade)
-    for _ in range(3):  # warm-up both paths
-        step(*next(loader_iter))
-        step(*next(premade_iter))
-    times = {"loader": 0.0, "premade": 0.0}
-    for _ in range(blocks):
-        for feed, it in (("loader", loader_iter), ("premade", premade_iter)):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step(*next(it))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[feed] += time.perf_counter() - t0
-    n = blocks * steps * batch
-    ips = {k: n / v for k, v in times.items()}
-    return {"model": name, "batch": batch, "loader_img_s": ips["loader"], "premade_img_s": ips["premade"],
-            "ratio": ips["loader"] / ips["premade"]}
+class _Fixed:
+    """Pre-made batches as the engine's Batches."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
 
 
-def main() -> None:
-    """Run the benchmark and print/write its table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed block")
-    ap.add_argument("--blocks", type=int, default=4, help="alternating blocks per feed")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no-channels-last", action="store_true")
-    ap.add_argument("--out", default="benchmarks/results/throughput.json")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    rows = [measure(m, args.steps, args.batch, args.blocks, device, not args.no_channels_last) for m in args.models]
-    print(f"{'model':<10} {'loader img/s':>13} {'pre-made img/s':>15} {'ratio':>7}")
+def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int], int]:
+    """The model, its input shape and batch size."""
+    if name == "tv_resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10), (3, 64, 64), 64
+    from amas.models import create_model
+
+    if name == "resnet20":
+        return create_model("resnet20", num_classes=10, in_channels=1), (1, 28, 28), 128
+    return create_model(name, num_classes=10, in_channels=3), (3, 32, 32), 128
+
+
+def make_trainer(stage: str, teacher: torch.nn.Module, shape: tuple, batches: _Fixed, amp: str, compile_: str,
+                 run_dir: Path) -> Trainer:
+    """An engine Trainer whose train_step is the stage's step."""
+    cfg = Config()
+    overrides = {"amp": amp, "compile": compile_, "epochs": 1, "progress": False, "probe_steps": 0,
+                 "bn_recalibration": 0, "log_every": 10**9}
+    model = copy.deepcopy(teacher).requires_grad_(True)
+    if stage == "plain":
+        return Trainer(model, batches, dataclasses.replace(cfg.train, **overrides), run_dir, num_classes=10,
+                       stage="plain", device=torch.device("cpu"))
+    if stage == "finetune":
+        from amas.search.alignment import AlignmentObjective
+
+        fcfg = dataclasses.replace(cfg.finetune, train=dataclasses.replace(cfg.finetune.train, **overrides))
+        obj = AlignmentObjective(teacher, fcfg, shape, 10, student=model, section="finetune")
+        return Trainer(model, batches, fcfg.train, run_dir, num_classes=10, objective=obj, stage="finetune",
+                       device=torch.device("cpu"))
+    from amas.channels.cost import CostModel
+    from amas.channels.groups import find_groups
+    from amas.channels.masks import ChannelMasks
+    from amas.search.objective import SearchObjective
+
+    scfg = dataclasses.replace(cfg.search, train=dataclasses.replace(cfg.search.train, **overrides))
+    groups = find_groups(model, shape)
+    obj = SearchObjective(teacher, groups, ChannelMasks(groups, init=1.0), CostModel(model, groups, shape), scfg,
+                          shape, 10, total_steps=10**6)
+    return Trainer(model, batches, scfg.train, run_dir, num_classes=10, objective=obj, stage="search",
+                   device=torch.device("cpu"))
+
+
+def time_steps(trainer: Trainer, batches: list, steps: int) -> float:
+    """Seconds for steps training steps."""
+    stop = StopRequest()
+    trainer.model.train()
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        trainer.train_step(x, y, stop)
+    return time.perf_counter() - start
+
+
+def run(models: list[str], threads: list[int], modes: list[str], rounds: int, steps: int, work: Path) -> list[dict]:
+    """One row per (model, threads, stage, mode): median images/s over rounds and the first step's seconds."""
+    rows = []
+    for name in models:
+        teacher, shape, batch = build_model(name)
+        teacher.eval()
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
+                   for _ in range(4)]
+        for t in threads:
+            torch.set_num_threads(t)
+            trainers = {}
+            for stage in STAGES:
+                for mode in modes:
+                    amp, comp = MODES[mode]
+                    tr = make_trainer(stage, teacher, shape, _Fixed(batches), amp, comp,
+                                      work / f"{name}_{stage}_{mode}")
+                    first = time_steps(tr, batches, 1)  # the compile (or the first eager step)
+                    time_steps(tr, batches, 2)
+                    trainers[(stage, mode)] = (tr, first)
+            times: dict = {k: [] for k in trainers}
+            for _ in range(rounds):
+                for k, (tr, _) in trainers.items():
+                    times[k].append(time_steps(tr, batches, steps))
+            for (stage, mode), (tr, first) in trainers.items():
+                ips = batch * steps / statistics.median(times[(stage, mode)])
+                rows.append({"model": name, "threads": t, "stage": stage, "mode": mode, "images_per_s": round(ips, 1),
+                             "first_step_s": round(first, 2), "compile": tr.compiler.counts()})
+                print(f"{name:12s} {t}T {stage:8s} {mode:14s} {ips:8.1f} img/s  first step {first:6.2f} s",
+                      file=sys.stderr, flush=True)
     for r in rows:
-        print(f"{r['model']:<10} {r['loader_img_s']:>13.1f} {r['premade_img_s']:>15.1f} {r['ratio']:>7.3f}")
-    meta = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "channels_last": not args.no_channels_last}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+        base = next(b for b in rows if (b["model"], b["threads"], b["stage"], b["mode"]) ==
+                    (r["model"], r["threads"], r["stage"], "fp32"))
+        plain = next(b for b in rows if (b["model"], b["threads"], b["stage"], b["mode"]) ==
+                     (r["model"], r["threads"], "plain", r["mode"]))
+        r["x_fp32"] = round(r["images_per_s"] / base["images_per_s"], 3)
+        r["plain_over_this"] = round(plain["images_per_s"] / r["images_per_s"], 3)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "tv_resnet18"])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--out", default="benchmarks/results/throughput.json")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        rows = run(a.models, a.threads, a.modes, a.rounds, a.steps, Path(work))
+    print(f"\n| model | threads | stage | {' | '.join(a.modes)} | {' | '.join(m + ' x' for m in a.modes[1:])} | "
+          "step / plain step |")
+    print("|---" * (3 + 2 * len(a.modes)) + "|")
+    for (m, t, s) in dict.fromkeys((r["model"], r["threads"], r["stage"]) for r in rows):
+        sel = {r["mode"]: r for r in rows if (r["model"], r["threads"], r["stage"]) == (m, t, s)}
+        ips = " | ".join(f"{sel[k]['images_per_s']:,.0f}" for k in a.modes)
+        xs = " | ".join(f"{sel[k]['x_fp32']:.2f}" for k in a.modes[1:])
+        ratio = " / ".join(f"{sel[k]['plain_over_this']:.2f}" for k in a.modes)
+        print(f"| {m} | {t} | {s} | {ips} | {xs} | {ratio} |")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "cpu_bf16": _cpu_flags(), "steps": a.steps, "rounds": a.rounds}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return []
+    return [f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")]
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
