@@ -65,8 +65,10 @@ def prune_model(
     keep: dict[str, torch.Tensor],
     masks: dict[str, torch.Tensor] | None = None,
     input_shape: tuple[int, int, int] | None = None,
+    verify: bool = True,
 ) -> nn.Module:
-    """A pruned deep copy of model: kept channels per group only, mask values folded in, no mask hooks left."""
+    """A pruned deep copy of model: kept channels per group only, mask values folded in, no mask hooks left (verify:
+    checked once against the masked model, amas.channels.verify)."""
     by_name = {g.name: g for g in groups}
     kept = _check_keep(by_name, keep)
     if input_shape is None:
@@ -86,6 +88,7 @@ def prune_model(
     net.eval()
     for name, m in masks.items():
         _fold(net, by_name[name], torch.as_tensor(m).detach().flatten())
+    folded = copy.deepcopy(net) if verify and any(len(kept[n]) < by_name[n].size for n in kept) else None
     dg = build_graph(net, tuple(input_shape), groups[0].ignore if groups else ())
     for g in groups:
         if g.name not in kept or len(kept[g.name]) == g.size:
@@ -99,6 +102,10 @@ def prune_model(
                 f"group {g.name!r} does not match the model (was it pruned already?); use groups found on this model"
             )
         dg.get_pruning_group(root, pruner.prune_out_channels, drop).prune()
+    if folded is not None:
+        from amas.channels.verify import check_cut
+
+        check_cut(folded, net, groups, kept, tuple(input_shape))
     net.train(was_training)
     return net
 

@@ -200,3 +200,45 @@ def test_grouped_convs_prune_the_same_positions_in_every_conv_group() -> None:
         cfg = CriteriaConfig(batches=1, taylor_on=on)
         scores = channel_scores(method, model, list(groups.values()), batches, cfg)
         assert {n: s.numel() for n, s in scores.items()} == {"stem.0": 16, "a.0": 8, "b.0": 8}
+
+
+class _CountBranch(nn.Module):
+    """A forward that reads a channel count (NASNet-style cells do): cutting conv1 changes what it computes."""
+
+    def __init__(self, crash: bool = False) -> None:
+        super().__init__()
+        self.crash = crash
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        if self.crash:
+            h = h.view(h.shape[0], 8, h.shape[2], h.shape[3])  # the width written into the forward
+        elif h.size(1) != 8:
+            h = h * 2.0
+        h = torch.relu(self.bn2(self.conv2(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_cut_that_changes_what_the_forward_computes_stops_in_one_line(crash):
+    from amas.channels.cut import prune_model
+    from amas.channels.groups import find_groups
+    from amas.errors import PruneError
+
+    torch.manual_seed(0)
+    model = _CountBranch(crash).eval()
+    groups = find_groups(model, (3, 8, 8))
+    keep = {"conv1": torch.arange(4)}
+    with pytest.raises(PruneError) as e:
+        prune_model(model, groups, keep, input_shape=(3, 8, 8))
+    msg = str(e.value)
+    assert "\n" not in msg and "prune.ignore=['conv1']" in msg
+    assert ("fails (RuntimeError" in msg) == crash and ("differs" in msg) != crash
+    # the fix it names works: conv1 kept whole, the other group still cuts and matches
+    groups = find_groups(model, (3, 8, 8), ignore=["conv1"])
+    assert "conv1" not in {g.name for g in groups}
+    small = prune_model(model, groups, {"conv2": torch.arange(4)}, input_shape=(3, 8, 8))
+    assert small.conv2.out_channels == 4
