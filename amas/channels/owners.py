@@ -120,7 +120,7 @@ def untraceable(model: nn.Module, x: torch.Tensor, exc: BaseException) -> MaskEr
         with rec, torch.enable_grad():
             tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
                                                   customized_pruners=dict(CUSTOM_PRUNERS))
-    except (ZeroDivisionError, IndexError, KeyError) as again:
+    except (ZeroDivisionError, IndexError, KeyError, TypeError) as again:
         node = _failed_node(again) or node
     finally:
         rec.close()
@@ -130,6 +130,8 @@ def untraceable(model: nn.Module, x: torch.Tensor, exc: BaseException) -> MaskEr
                          "channel shuffle or a reshape of channels); this model cannot be pruned by amas yet")
     layer = type(model.get_submodule(owner)).__name__
     suggest = collapse([n for n in rec.reshapes if n] or [owner], model, rec.multi)
-    return MaskError(f"Torch-Pruning cannot trace layer '{owner}' ({layer}) of {cls} for channel groups ({kind}: a "
-                     f"channel shuffle or a reshape of channels); keep such layers whole with prune.ignore: "
-                     f"[{', '.join(suggest)}]")
+    err = MaskError(f"Torch-Pruning cannot trace layer '{owner}' ({layer}) of {cls} for channel groups ({kind}: a "
+                    f"channel shuffle or a reshape of channels); keep such layers whole with prune.ignore: "
+                    f"[{', '.join(suggest)}]")
+    err.suggest = suggest  # type: ignore[attr-defined]  # build_graph completes the list
+    return err

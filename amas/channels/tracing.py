@@ -119,8 +119,10 @@ def _barrier_hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor
     return _KeptWhole.apply(output.detach(), *[x for x in inputs if isinstance(x, torch.Tensor)])
 
 
-def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[str] = ()) -> tp.DependencyGraph:
-    """Trace model with one example input (on its device) into a DependencyGraph; ignored layers stay opaque."""
+def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[str] = (),
+                complete: bool = True) -> tp.DependencyGraph:
+    """Trace model with one example input (on its device) into a DependencyGraph; ignored layers stay opaque
+    (complete: a model that cannot be traced names every layer to ignore, not only the first)."""
     device, dtype = device_dtype(model)
     x = torch.randn((1, *input_shape), device=device, dtype=dtype)
     kept = ignored_modules(model, ignore)
@@ -134,8 +136,9 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
             dg = _Graph().build_dependency(model, example_inputs=x, verbose=False,
                                            customized_pruners=dict(CUSTOM_PRUNERS), ignored_layers=inside or None,
                                            output_transform=lambda out: _output_fns(out, outs))
-    except (ZeroDivisionError, IndexError, KeyError) as e:  # inside Torch-Pruning's tracer: say where, in one line
-        raise untraceable(model, x, e) from None
+    except (ZeroDivisionError, IndexError, KeyError, TypeError) as e:  # inside Torch-Pruning's tracer: say where
+        err = untraceable(model, x, e)
+        raise (_complete(err, model, input_shape, list(ignore)) if complete else err) from None
     finally:
         rec.close()
         for h in handles:
@@ -145,6 +148,27 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
     dg.mark_outputs(rec, outs)
     dg.amas_input = (tuple(int(s) for s in input_shape), tuple(kept))
     return dg
+
+
+def _complete(err: MaskError, model: nn.Module, input_shape: Sequence[int], ignore: list[str],
+              tries: int = 8) -> MaskError:
+    """err with every layer to ignore at once: the model traced again with err's suggestion ignored until it traces
+    (at most tries times), so one run names the whole list (CSP nets fail at each stage's split-and-concat in turn)."""
+    found = list(getattr(err, "suggest", None) or [])
+    if not found:
+        return err
+    for _ in range(tries):
+        try:
+            build_graph(model, input_shape, [*ignore, *found], complete=False)
+        except MaskError as again:
+            more = [n for n in getattr(again, "suggest", None) or [] if n not in found]
+            if not more:
+                return err
+            found += more
+            continue
+        text = str(err).rsplit("prune.ignore: [", 1)[0]
+        return MaskError(f"{text}prune.ignore: [{', '.join(found)}]")
+    return err
 
 
 # ---------------------------------------------------------------- the bounded group walk

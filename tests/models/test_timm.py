@@ -17,7 +17,7 @@ from amas.channels.cost import CostModel, count
 from amas.channels.groups import find_groups
 from amas.channels.masks import mask_site
 from amas.channels.plan import kept_counts
-from amas.errors import AmasError
+from amas.errors import AmasError, MaskError
 from amas.files.export import export_pt2
 from amas.models import create_model
 
@@ -201,3 +201,19 @@ def test_timm_names_and_errors_are_one_line(monkeypatch) -> None:
     with pytest.raises(AmasError, match=r"need timm, which is not installed; pip install amas\[timm\]") as e:
         create_model("timm:resnet10t")
     assert "\n" not in str(e.value)
+
+
+def test_a_csp_net_names_every_stage_to_keep_whole_at_once() -> None:
+    """cs3darknet_s: Torch-Pruning fails at a split-and-concat stage (a TypeError inside it); the one line lists every
+    stage it fails at, and with those ignored the rest cuts as masked."""
+    model = create_model("timm:cs3darknet_s", num_classes=5, in_channels=3).eval()
+    with pytest.raises(MaskError) as e:
+        find_groups(model, (3, 32, 32))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("prune.ignore: [stages.3, stages.0]")
+    groups = find_groups(model, (3, 32, 32), ignore=["stages.3", "stages.0"])
+    gen = torch.Generator().manual_seed(0)
+    masks, keep = random_cut(groups, gen)
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    _, masked, out, _ = masked_and_cut(model, groups, masks, keep, x)
+    assert close(masked, out, 1e-4)
