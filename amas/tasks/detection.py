@@ -39,6 +39,7 @@ class FeatureHooks:
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            """Keep the output's tensors; end the forward when asked and every name has run."""
             self.seen[name] = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
             if self.stop and len(self.seen) == len(self.names):
                 raise _AllCaptured
@@ -105,6 +106,7 @@ def _images(images: Any) -> Any:
 
 
 def _plain(model: nn.Module) -> nn.Module:
+    """The model a DDP wrapper holds (a plain model as it is)."""
     return getattr(model, "module", model)  # a DDP wrapper's model
 
 
