@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "amas.files.atomic": 0,
     "amas.channels": 1, "amas.engine": 1, "amas.files": 1, "amas.data": 1, "amas.datasets": 1, "amas.inputs": 1,
     "amas.models": 1, "amas.dense": 1,
-    "amas.search": 2, "amas.criteria": 2, "amas.latency": 2, "amas.quant": 2,
+    "amas.search": 2, "amas.tasks": 2, "amas.criteria": 2, "amas.latency": 2, "amas.quant": 2,
     "amas.pipeline": 3,
     "amas.cli": 4, "amas.api": 4, "amas.lightning": 4, "amas.__main__": 4, "amas.__init__": 4,
 }

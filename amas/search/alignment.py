@@ -22,64 +22,14 @@ from amas.engine.frozen import FrozenTeacher, fast_inference_copy
 from amas.engine.loop import Objective, StepOutput
 from amas.engine.precision import no_autocast
 from amas.errors import SearchError
+from amas.tasks import Task, make_task
+from amas.tasks.base import full_precision, kd_loss, real_fake_bce, standardized
+from amas.tasks.classification import Discriminator
 
-__all__ = ["AlignmentObjective", "Discriminator", "discriminator_loss", "fast_inference_copy",
+__all__ = ["AlignmentObjective", "Discriminator", "discriminator_loss", "fast_inference_copy", "full_precision",
            "kd_loss", "last_global_pool", "real_fake_bce", "standardized"]
 
 GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d)
-
-
-
-def full_precision(t: torch.Tensor) -> torch.Tensor:
-    """t as float32, or as is when it is float64 (losses never run in bf16/fp16, nor lose a float64 run's precision)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-class Discriminator(nn.Module):
-    """MLP with LeakyReLU non-linearities; one raw logit per sample (use with BCE-with-logits, no sigmoid)."""
-
-    def __init__(self, in_features: int, hidden: int = 128, negative_slope: float = 0.2) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_features, hidden),
-            nn.LeakyReLU(negative_slope),
-            nn.Linear(hidden, hidden),
-            nn.LeakyReLU(negative_slope),
-            nn.Linear(hidden, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logit that x comes from the teacher, shape [N]."""
-        return self.net(full_precision(x).flatten(1)).squeeze(1)
-
-
-def standardized(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Each row z-scored over its last dimension (zero mean, unit standard deviation): the logits' shape, not scale."""
-    x = full_precision(logits)
-    mean = x.mean(dim=-1, keepdim=True)
-    return (x - mean) / (x.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", temperature: float = 4.0,
-            standardize: bool = False) -> torch.Tensor:
-    """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T.
-
-    standardize: for MSE, both sides z-scored per sample first (as Sun et al., CVPR 2024 do for KL), so the loss and
-    its gradient do not grow with the teacher's logit scale; KL's gradient is bounded by T per logit already."""
-    s, t = full_precision(student), full_precision(teacher)
-    if standardize and kind == "mse":
-        s, t = standardized(s), standardized(t)
-    if kind == "mse":
-        return F.mse_loss(s, t)
-    if kind == "kl":
-        return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), reduction="batchmean",
-                        log_target=True) * temperature**2
-    raise SearchError(f"unknown distillation loss '{kind}'; use search.kd=mse or search.kd=kl")
-
-
-def real_fake_bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    """BCE-with-logits of discriminator outputs against the label real (1) or fake (0)."""
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 def discriminator_loss(
@@ -131,17 +81,24 @@ class AlignmentObjective(Objective):
     cfg is the search or finetune section (an AlignmentConfig with its own train section); student, when given,
     is checked to give pooled features as wide as the teacher's (d_input=features on a pruned model). teacher may be
     a FrozenTeacher shared with other stages; a module gets a private one (conv+BN folded with cfg.fast_teacher).
+    task (amas.tasks; default classification) supplies the student's forward and task loss, what KD and the
+    discriminator read, and the discriminator: the "ce" term is its loss, weighted by cfg.ce_weight.
     """
 
-    def __init__(self, teacher: nn.Module, cfg: Any, input_shape: tuple[int, int, int], num_classes: int, *,
-                 student: nn.Module | None = None, section: str = "search") -> None:
+    def __init__(self, teacher: nn.Module, cfg: Any, input_shape: tuple[int, int, int], num_classes: int | None, *,
+                 student: nn.Module | None = None, section: str = "search", task: Task | str | None = None) -> None:
         super().__init__(cfg.train.label_smoothing)
         self.cfg: AlignmentConfig = cfg
+        self.task = make_task(task or "classification")
         # the caller's teacher is never modified: its forwards run the frozen copy (teacher_fwd is its module)
         self.frozen = (teacher if isinstance(teacher, FrozenTeacher)
-                       else FrozenTeacher(teacher, input_shape, fold=cfg.fast_teacher))
+                       else FrozenTeacher(teacher, input_shape, fold=cfg.fast_teacher and self.task.fold_teacher))
         self.teacher_fwd = self.frozen.module
         self._tapped = cfg.d_input == "features" or cfg.feature_kd > 0
+        if self._tapped and not self.task.features:
+            raise SearchError(f"{section}.d_input=features and {section}.feature_kd read a classifier's pooled "
+                              f"features; task={self.task.name} aligns its own tensors: use {section}.d_input=logits "
+                              f"and {section}.feature_kd=0")
         if self._tapped:
             what = f"{section}.d_input=features" if cfg.d_input == "features" else f"{section}.feature_kd"
             fix = f"use {section}.d_input=logits and {section}.feature_kd=0"
@@ -154,8 +111,10 @@ class AlignmentObjective(Objective):
             if s_width != width:
                 raise SearchError(f"{what} needs the pruned model's pooled features as wide as the teacher's "
                                   f"({s_width} vs {width}); {fix}")
-        d_in = width if cfg.d_input == "features" else num_classes
-        self.discriminator = Discriminator(d_in, cfg.d_hidden)
+        if cfg.d_input == "features":
+            self.discriminator = Discriminator(width, cfg.d_hidden)
+        else:
+            self.discriminator = self.task.discriminator(self.teacher_fwd, input_shape, num_classes, cfg.d_hidden)
         self.d_opt: torch.optim.Optimizer | None = None
         self._taps: list[_FeatureTap] = []
         self.device = torch.device("cpu")
@@ -165,7 +124,7 @@ class AlignmentObjective(Objective):
         """Move the teacher's frozen copy to the device, build the discriminator (the same on every rank) and its
         optimiser."""
         self.device = device
-        self.frozen.prepare(device, self.cfg.train.channels_last)
+        self.frozen.prepare(device, self.cfg.train.channels_last and self.task.channels_last)
         self.discriminator.to(device)
         distributed.broadcast_module(self.discriminator)  # one discriminator across ranks (torchrun)
         if self.cfg.d_optimizer == "adam":
@@ -176,6 +135,7 @@ class AlignmentObjective(Objective):
                                          weight_decay=self.cfg.d_weight_decay)
         if self._tapped:
             self._taps = [_FeatureTap(last_global_pool(self.teacher_fwd)), _FeatureTap(last_global_pool(model))]
+        self.task.bind(getattr(model, "module", model), self.teacher_fwd)
 
     def use_contiguous(self) -> None:
         """Run the teacher's copy in the contiguous format, on contiguous images."""
@@ -185,49 +145,48 @@ class AlignmentObjective(Objective):
         """Compile the teacher copy's forward with the student's (train.compile)."""
         self.frozen.compile(compiler)
 
-    def compute(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def compute(self, model: nn.Module, images: Any, labels: Any) -> StepOutput:
         """Teacher forward (no grad), discriminator step(s), then the student's alignment loss."""
-        cfg = self.cfg
-        t_logits = self.frozen(images)
-        s_logits = model(images)
+        cfg, task = self.cfg, self.task
+        t_raw = task.teacher(self.frozen, images)
+        s_raw = task.student(model, images, labels)
         t_map = s_map = None
         if self._taps:
             t_map, s_map = self._taps[0].take(), self._taps[1].take()
         if cfg.d_input == "features":
             assert t_map is not None and s_map is not None
-            t_out, s_out = _pooled(t_map), _pooled(s_map)
+            s_out, t_out = _pooled(s_map), _pooled(t_map)
+            pairs = [(standardized(s_out), standardized(t_out)) if cfg.standardize else (s_out, t_out)]
         else:
-            t_out, s_out = t_logits, s_logits
-        if cfg.standardize:
-            t_out, s_out = standardized(t_out), standardized(s_out)
+            pairs = task.aligned(s_raw, t_raw, cfg.standardize)
         assert self.d_opt is not None, "setup() must run before compute()"
         d = self.discriminator
         with no_autocast(self.device):  # the discriminator's maths in float32
-            t_out_f, s_out_f = full_precision(t_out), full_precision(s_out)
+            pairs = [(full_precision(s), full_precision(t)) for s, t in pairs]
             d_loss = d_t = d_s = None
             for _ in range(cfg.d_steps):
                 self.d_opt.zero_grad(set_to_none=True)
-                d_loss, d_t, d_s = discriminator_loss(d, t_out_f, s_out_f)
+                d_loss, d_t, d_s = _judged(d, pairs)
                 d_loss.backward()
                 distributed.average_gradients(list(d.parameters()))
                 self.d_opt.step()
             self.d_opt.zero_grad(set_to_none=True)
             d.requires_grad_(False)
             try:
-                d_fake = d(s_out_f)
+                fakes = [d(s) for s, _ in pairs]
                 if d_t is None:
-                    d_t = d(t_out_f.detach()).detach()
-                    d_loss = real_fake_bce(d_t, True) + real_fake_bce(d_fake.detach(), False)
-                    d_s = d_fake.detach()
+                    reals = [d(t.detach()).detach() for _, t in pairs]
+                    d_loss = _mean([real_fake_bce(r, True) + real_fake_bce(f.detach(), False)
+                                    for r, f in zip(reals, fakes, strict=True)])
+                    d_t, d_s = _joined(reals), _joined([f.detach() for f in fakes])
             finally:
                 d.requires_grad_(True)
-            adv = real_fake_bce(d_fake, True)
-        s32 = full_precision(s_logits)
-        ce = F.cross_entropy(s32, labels, label_smoothing=self.label_smoothing)
-        kd = kd_loss(s32, t_logits, cfg.kd, cfg.temperature, cfg.standardize)
-        loss = cfg.ce_weight * ce + cfg.mu * kd + cfg.adv_weight * adv
+            adv = _mean([real_fake_bce(f, True) for f in fakes])
+        task_loss = task.loss(s_raw, labels, self.label_smoothing)
+        kd = task.kd(s_raw, t_raw, cfg)
+        loss = cfg.ce_weight * task_loss + cfg.mu * kd + cfg.adv_weight * adv
         terms = {
-            "ce": ce.detach(), "kd": kd.detach(), "adv": adv.detach(),
+            task.loss_term: task_loss.detach(), "kd": kd.detach(), "adv": adv.detach(),
             "d_loss": d_loss.detach(), "d_teacher": torch.sigmoid(d_t).mean(), "d_student": torch.sigmoid(d_s).mean(),
         }
         if cfg.feature_kd > 0:
@@ -235,7 +194,7 @@ class AlignmentObjective(Objective):
             feat = F.mse_loss(full_precision(s_map), full_precision(t_map))
             loss = loss + cfg.feature_kd * feat
             terms["feature_kd"] = feat.detach()
-        return StepOutput(loss, s_logits, terms)
+        return StepOutput(loss, task.primary(s_raw, task_loss), terms)
 
     def state_dict(self) -> dict:
         """The discriminator and its optimiser."""
@@ -249,10 +208,30 @@ class AlignmentObjective(Objective):
             self.d_opt.load_state_dict(state["d_opt"])
 
     def close(self) -> None:
-        """Remove the feature hooks (the teacher's taps too)."""
+        """Remove the feature hooks (the teacher's taps too, and the task's)."""
         for t in self._taps:
             t.remove()
         self._taps = []
+        self.task.close()
+
+
+def _mean(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of losses (one loss as it is)."""
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+
+def _joined(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Discriminator outputs of several tensors as one flat tensor (one output as it is)."""
+    return outputs[0] if len(outputs) == 1 else torch.cat([o.flatten() for o in outputs])
+
+
+def _judged(d: nn.Module, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """discriminator_loss over (student, teacher) pairs: the mean loss, the raw outputs joined."""
+    if len(pairs) == 1:
+        return discriminator_loss(d, pairs[0][1], pairs[0][0])
+    got = [discriminator_loss(d, t, s) for s, t in pairs]
+    return _mean([g[0] for g in got]), _joined([g[1] for g in got]), _joined([g[2] for g in got])
 
 
 def _feature_width(model: nn.Module, pool: nn.Module, input_shape: tuple[int, int, int]) -> int:

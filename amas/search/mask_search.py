@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -36,6 +36,14 @@ class MaskSearch:
     ``search.*`` config key (mu, kd, adv_weight, d_input, lam, mask_lr, fista, controller_*; see
     configs/REFERENCE.md); ``lr`` there is the base learning rate that ``step(lr)`` scales the mask step by.
 
+    task: "classification" (CE, KD and an MLP discriminator on logits), "segmentation" (per-pixel CE ignoring 255,
+    + 0.5·aux; KD and a convolutional discriminator on per-pixel logits; targets (N, H, W) int64) or "detection"
+    (a torchvision detector's train-mode losses summed, or ``loss_fn(outputs, targets)``; KD and convolutional
+    discriminators on the outputs of the ``align`` modules, default ["backbone"]; targets a list of dicts with
+    boxes (x1, y1, x2, y2) and labels). A detector's groups, costs and masks are on its tensor part
+    (amas.channels.dense.DetectorTensors): input_shape is the shape of an image after the detector's own transform
+    (its min_size/max_size), and the student runs in train mode. amas.tasks has each task's metric.
+
     Autocast: call ``search.loss`` inside ``torch.autocast(...)`` as any forward (the discriminator computes in
     float32 under CUDA and CPU autocast). With a GradScaler, ``scaler.scale(loss).backward(); scaler.step(opt)``, then
     ``search.step(lr, grad_scale=scaler.get_scale())`` before ``scaler.update()``: the masks are not in the optimizer,
@@ -48,14 +56,16 @@ class MaskSearch:
     def __init__(self, student: nn.Module, teacher: nn.Module, input_shape: tuple[int, int, int],
                  target_reduction: float = 0.5, *, total_steps: int = 0, round_to: int = 8, min_channels: int = 1,
                  residual_channels: bool = False, ignore: Sequence[str] = (), lr: float | None = None,
-                 **options: Any) -> None:
+                 task: str | Any = "classification", loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                 align: Sequence[str] | None = None, **options: Any) -> None:
         from amas.channels.cost import CostModel
+        from amas.channels.dense import tensor_part
         from amas.channels.groups import find_groups
         from amas.channels.masks import ChannelMasks, remove_mask_hooks
         from amas.config_check import check_target
         from amas.errors import SearchError
-        from amas.inputs import classes_of
         from amas.search.objective import SearchObjective
+        from amas.tasks import make_task
 
         target_reduction = check_target(target_reduction)
         if student is teacher or not any(p.requires_grad for p in student.parameters()):
@@ -77,31 +87,33 @@ class MaskSearch:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.student, self.teacher = student, teacher  # the teacher is never modified (its forwards run a copy)
         self.round_to, self.min_channels = int(round_to), int(min_channels)
-        self.num_classes = classes_of(teacher, self.input_shape)
+        self.task = make_task(task, loss_fn=loss_fn, align=align)
+        self.num_classes = self.task.num_classes(teacher, self.input_shape)
+        self.task.check_model(student)
         # a student deep-copied from one under another search still runs that search's mask hooks (they point at its
         # masks): drop them, this search's masks are the only ones
         remove_mask_hooks(student)
-        self.groups = find_groups(student, self.input_shape, residual=residual_channels, ignore=ignore)
+        self.net = tensor_part(student)  # a torchvision detector's backbone and heads (on transformed images)
+        self.groups = find_groups(self.net, self.input_shape, residual=residual_channels, ignore=ignore)
         if not self.groups:
             raise SearchError(f"the student ({type(student).__name__}) has no prunable channel groups (no conv or "
                               "linear output that can lose channels); pass fewer ignore= names, or another model")
-        self.cost = CostModel(student, self.groups, self.input_shape)
+        self.cost = CostModel(self.net, self.groups, self.input_shape)
         self.masks = ChannelMasks(self.groups, init=1.0)
         self.objective = SearchObjective(teacher, self.groups, self.masks, self.cost, self.cfg, self.input_shape,
                                          self.num_classes, total_steps=total_steps, round_to=self.round_to,
-                                         min_channels=self.min_channels)
+                                         min_channels=self.min_channels, task=self.task)
         p = next(student.parameters())
         self.objective.setup(student, p.device)
         self.steps = 0
         self.last_terms: dict[str, torch.Tensor] = {}
         self._labels_checked = False
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """The student's forward on images and its loss: CE + mu·KD + adversarial + lam·mask penalty."""
-        if not self._labels_checked:  # the first batch: a label past the class count fails deep in the loss
-            from amas.inputs import check_labels
-
-            check_labels(labels, self.num_classes, "the first batch")
+    def loss(self, images: Any, labels: Any, model: nn.Module | None = None) -> torch.Tensor:
+        """The student's forward on images and its loss: task loss + mu·KD + adversarial + lam·mask penalty."""
+        if not self._labels_checked or self.task.every_batch:  # a bad target fails deep in the loss
+            self.task.check_targets(labels, self.num_classes, "the first batch" if not self._labels_checked else
+                                    f"batch {self.steps + 1}")
             self._labels_checked = True
         out = self.objective.compute(self.student if model is None else model, images, labels)
         self.last_terms = out.terms
@@ -142,8 +154,10 @@ class MaskSearch:
         return plan_keep(scores, self.cost, target, self.min_channels, self.round_to if round_to is None else round_to)
 
     def cut(self, target_reduction: float | None = None, round_to: int = 8) -> nn.Module:
-        """The physically pruned student at target_reduction (kept counts rounded), mask values folded, no hooks."""
+        """The physically pruned student at target_reduction (kept counts rounded), mask values folded, no hooks (a
+        torchvision detector: the cut detector, which runs its own forward)."""
         from amas.channels.cut import prune_model
+        from amas.channels.dense import DetectorTensors
         from amas.inputs import arch_name
         from amas.models.factory import arch_of, tag_arch
 
@@ -151,11 +165,14 @@ class MaskSearch:
         self.objective.updater.drop_momentum(count=False)  # the student now runs the masks the cut folds
         was_training = self.student.training
         try:
-            small = prune_model(self.student, self.groups, keep, masks=self.mask_values(),
+            small = prune_model(self.net, self.groups, keep, masks=self.mask_values(),
                                 input_shape=self.input_shape).eval()
         finally:
             self.student.train(was_training)
-        if arch_of(small) is None:  # so that amas.save_pruned(small, path) can name the architecture
+        if isinstance(small, DetectorTensors):
+            return small.model.eval()
+        # so that amas.save_pruned(small, path) can name the architecture
+        if self.task.name == "classification" and arch_of(small) is None:
             tag_arch(small, {"name": arch_name(self.teacher, self.input_shape, self.num_classes),
                              "num_classes": self.num_classes, "in_channels": self.input_shape[0]})
         return small

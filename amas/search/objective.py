@@ -97,9 +97,9 @@ class SearchObjective(AlignmentObjective):
     """The search stage's loss: the alignment loss + lam·Σ cost·|m|, with the proximal mask step and the controller."""
 
     def __init__(self, teacher: nn.Module, groups: list, masks: Any, cost: Any, cfg: SearchConfig,
-                 input_shape: tuple[int, int, int], num_classes: int, total_steps: int = 0, round_to: int = 1,
-                 min_channels: int = 1, penalty_costs: dict[str, float] | None = None) -> None:
-        super().__init__(teacher, cfg, input_shape, num_classes, section="search")
+                 input_shape: tuple[int, int, int], num_classes: int | None, total_steps: int = 0, round_to: int = 1,
+                 min_channels: int = 1, penalty_costs: dict[str, float] | None = None, task: Any = None) -> None:
+        super().__init__(teacher, cfg, input_shape, num_classes, section="search", task=task)
         self.cfg: SearchConfig = cfg
         # how the planner rounds kept counts (prune.round_to, prune.min_channels): with cfg.count_rounded the
         # controller steers the MACs of the rounded cut, not of the raw mask count
@@ -166,7 +166,7 @@ class SearchObjective(AlignmentObjective):
         """The alignment loss plus lam times the mask penalty (a constant here: the proximal step handles it)."""
         out = super().compute(model, images, labels)
         with torch.no_grad():
-            pen = self.penalty().to(out.logits.device)
+            pen = self.penalty().to(out.loss.device)
         out.terms["sparsity"] = pen
         return StepOutput(out.loss + self.lam * pen, out.logits, out.terms)
 
