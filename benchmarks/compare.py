@@ -233,8 +233,8 @@ def amas_cut(
 ) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
     """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there.
 
-    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.channels.fold)."""
-    from amas.channels.fold import folded_mask_scales
+    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.channels.step_scales)."""
+    from amas.channels.step_scales import folded_mask_scales
     from amas.files.checkpoint import load_masked
     from amas.pipeline.search import search
 

@@ -56,8 +56,8 @@ import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning ref
 
 from amas.channels.cost import CostModel, count  # noqa: E402
 from amas.channels.cut import prune_model  # noqa: E402
-from amas.channels.fold import scale_folded_grads  # noqa: E402
 from amas.channels.groups import find_groups  # noqa: E402
+from amas.channels.step_scales import scale_folded_grads  # noqa: E402
 from amas.config import load_config, to_dict  # noqa: E402
 from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
 from amas.data import build_data  # noqa: E402
@@ -350,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="AMAS: search and fine-tuning share one E-epoch schedule (the search stops at epoch S, "
                         "fine-tuning starts at the rate reached there) instead of two")
     p.add_argument("--amas-keep-mask-scale", action="store_true",
-                   help="fine-tune AMAS's cut with its folded BN gradients scaled by mask² (amas.channels.fold)")
+                   help="fine-tune AMAS's cut with its folded BN gradients scaled by mask² (amas.channels.step_scales)")
     p.add_argument("--finetune-lr", action="append", default=[], metavar="METHOD=LR",
                    help="fine-tuning learning rate for one method (repeatable); others use finetune.train.lr")
     p.add_argument("--train-subset", type=int, default=0, help="first N training images only (0 = all)")

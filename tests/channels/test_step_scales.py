@@ -3,8 +3,8 @@
 import torch
 
 from amas.channels.cut import prune_model
-from amas.channels.fold import folded_mask_scales, scale_folded_grads
 from amas.channels.groups import find_groups
+from amas.channels.step_scales import folded_mask_scales, scale_folded_grads
 from amas.models import create_model
 
 SHAPE = (1, 8, 8)
