@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from amas.channels.cut import prune_model
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.errors import PruneError
 from amas.models.removed_block import RemovedBlock
 

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from amas.errors import AmasError, MaskError
 
 if TYPE_CHECKING:
-    from amas.channels.groups import ChannelGroup
+    from amas.channels.group import ChannelGroup
 
 __all__ = ["CostModel", "batched_shape", "count", "device_dtype", "param_count"]
 

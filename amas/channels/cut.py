@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup, find_groups
+from amas.channels.group import ChannelGroup
+from amas.channels.groups import find_groups
 from amas.channels.masks import remove_mask_hooks
 from amas.channels.tracing import build_graph
 from amas.errors import PruneError

@@ -40,37 +40,19 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from amas.channels.group import ChannelGroup
 from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.channels.tracing import build_graph, is_kept_whole, is_model_output
 from amas.errors import MaskError
 
 __all__ = ["ChannelGroup", "find_groups"]
-
-
-@dataclass
-class ChannelGroup:
-    """A set of coupled channels removed together; channel j is channel j of the root module's output."""
-
-    name: str
-    size: int
-    producers: list[str]
-    # producer module -> (channel positions in its output, the group channel of each position)
-    index: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict, repr=False)
-    # conv/linear layers whose output (input) channels carry the group: name -> channels per group channel
-    out_layers: dict[str, int] = field(default_factory=dict, repr=False)
-    in_layers: dict[str, int] = field(default_factory=dict, repr=False)
-    input_shape: tuple[int, ...] = field(default=(), repr=False)
-    # channels per group channel: the conv groups of the grouped convs it passes through (1 without any)
-    conv_groups: int = 1
-    ignore: tuple[str, ...] = field(default=(), repr=False)  # the modules kept whole when the groups were found
 
 
 # ---------------------------------------------------------------- finding groups

@@ -37,7 +37,7 @@ from torch import nn
 from amas.errors import MaskError
 
 if TYPE_CHECKING:
-    from amas.channels.groups import ChannelGroup
+    from amas.channels.group import ChannelGroup
 
 __all__ = ["PLAIN_BN_FORWARDS", "BatchNormBase", "ChannelMasks", "channel_dim", "mask_site", "prox_nonneg_l1",
            "remove_mask_hooks", "unmaskable_modules"]

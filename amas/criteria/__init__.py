@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from amas.channels.cost import CostModel
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
 from amas.errors import CriteriaError

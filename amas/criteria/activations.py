@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.channels.masks import channel_dim
 from amas.config import CriteriaConfig
 from amas.criteria.common import aggregate, by_position, conv_members, model_device, take, to_group

@@ -43,7 +43,7 @@ from torch import nn
 
 from amas.channels.cost import CostModel
 from amas.channels.cut import prune_model
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.common import model_device, take

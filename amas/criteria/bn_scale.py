@@ -20,7 +20,7 @@ import tempfile
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.config import CriteriaConfig
 from amas.criteria.common import aggregate, is_bn, model_device, to_group
 from amas.criteria.norms import l1_scores

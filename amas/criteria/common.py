@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 
 __all__ = ["aggregate", "by_position", "conv_members", "producer_positions", "to_group", "take", "model_device",
            "is_bn"]

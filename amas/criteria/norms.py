@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.criteria.common import aggregate, by_position, conv_members
 
 __all__ = ["filters", "member_filters", "l1_scores", "l2_scores", "fpgm_scores", "random_scores"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from amas.channels.cost import CostModel
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import CriteriaError

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from amas.channels.cost import CostModel
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.channels.plan import rounded_count
 from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.norms import l1_scores, member_filters

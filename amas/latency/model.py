@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.errors import AmasError
 from amas.latency.whole import (
     CALIBRATION_FRACTIONS,

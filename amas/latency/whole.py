@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from amas.channels.groups import ChannelGroup
+from amas.channels.group import ChannelGroup
 from amas.latency.runtimes import make_runner
 from amas.latency.timing import time_call
 
