@@ -155,6 +155,43 @@ def _is_gate_conv(node: Any) -> bool:
     return False
 
 
+def _keeps_group_whole(dg: tp.DependencyGraph, dep: Any, unmaskable: set[nn.Module], hidden: set[Any]) -> bool:
+    """Whether a member of a Torch-Pruning group leaves the whole group out (the rules, one per line)."""
+    node, module = dep.target, dep.target.module
+    out_fn = dg.is_out_channel_pruning_fn(dep.handler)
+    return bool(
+        node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and out_fn)  # the traced graph's sinks
+        # a layer whose output is one of the model's outputs (a dict, list or tuple of them too)
+        or (is_model_output(node) and (out_fn or not isinstance(module, _LAYERS)))
+        or node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter)
+        # a channel zero-pad, a layer prune.ignore keeps whole (amas.channels.tracing), a frozen BN
+        or _is_channel_pad(node) or is_kept_whole(node) or getattr(node, "grad_fn", None) in hidden
+        or _is_channel_split(node)  # split sizes or slice bounds the forward would keep after the cut (MixNet)
+        or module in unmaskable  # removal is not masking there (amas.channels.masks.unmaskable_modules)
+    )
+
+
+def _producers(out_nodes: dict[str, Any], members: set[Any], names: dict[nn.Module, str]) -> list[str] | None:
+    """The group's producers: the layers a mask multiplies (a BN, or a conv/linear not followed by its own BN and
+    not a squeeze-excitation gate's conv); None when a BN cannot take a mask (no affine)."""
+    producers = []
+    for name, node in out_nodes.items():
+        module = node.module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if not module.affine:
+                return None  # a mask could not be folded into it
+            producers.append(name)
+            continue
+        outs = node.outputs
+        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, BatchNormBase) else _through_own_norm(node)
+        if bn is not None and bn in members and names.get(bn.module) in out_nodes:
+            continue  # masked after its BN
+        if _is_gate_conv(node):
+            continue
+        producers.append(name)
+    return producers
+
+
 def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str], size: int,
                   residual: bool, unmaskable: set[nn.Module], hidden: set[Any]) -> dict | None:
     """Check a Torch-Pruning group and extract producers, index maps and cost bookkeeping, or None to skip it."""
@@ -168,18 +205,8 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     for item in group.items:
         dep, idxs = item.dep, item.idxs
         node, module = dep.target, dep.target.module
-        if node.type == tp.ops.OPTYPE.OUTPUT or (not node.outputs and dg.is_out_channel_pruning_fn(dep.handler)):
-            return None  # the model's output units (the traced graph's sinks)
-        if is_model_output(node) and (dg.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, _LAYERS)):
-            return None  # a layer whose output is one of the model's outputs (a dict, list or tuple of them too)
-        if node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter):
+        if _keeps_group_whole(dg, dep, unmaskable, hidden):
             return None
-        if _is_channel_pad(node) or is_kept_whole(node) or getattr(node, "grad_fn", None) in hidden:
-            return None  # a channel zero-pad, a layer prune.ignore keeps whole (amas.channels.tracing), a frozen BN
-        if _is_channel_split(node):
-            return None  # split sizes or slice bounds the model's forward would keep after the cut (MixNet)
-        if module in unmaskable:
-            return None  # removal is not masking there (amas.channels.masks.unmaskable_modules)
         roots = list(item.root_idxs)
         counts = collections.Counter(roots)
         if set(counts) != set(range(size)) or len(set(counts.values())) != 1 or len(idxs) != len(roots):
@@ -218,21 +245,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
         if out_fn and not isinstance(module, nn.PReLU):
             out_nodes[name] = node
             index[name] = ([int(i) for i in idxs], [int(r) for r in roots])
-    producers = []
-    for name, node in out_nodes.items():
-        module = node.module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if not module.affine:
-                return None  # a mask could not be folded into it
-            producers.append(name)
-            continue
-        outs = node.outputs
-        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, BatchNormBase) else _through_own_norm(node)
-        if bn is not None and bn in members and names.get(bn.module) in out_nodes:
-            continue  # masked after its BN
-        if _is_gate_conv(node):
-            continue
-        producers.append(name)
+    producers = _producers(out_nodes, members, names)
     if not producers:
         return None
     rec = {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers,
