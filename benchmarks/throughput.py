@@ -1,6 +1,7 @@
 """Training images/s of amas' three kinds of step, as the stages run them: fp32 eager, bf16, compiled, bf16 + compiled.
 
     python benchmarks/throughput.py [--models resnet20 resnet56 tv_resnet18] [--threads 1 2] [--rounds 3] [--steps 12]
+    python benchmarks/throughput.py --device cuda        # one GPU (benchmarks/gpu_check.sh)
 
 The steps are the engine's own (amas.engine.loop.Trainer.train_step with the stage's objective): the plain step of
 teacher training (CE, SGD), the search step (the student with its mask hooks, the frozen teacher's forward, KD, the
@@ -65,22 +66,22 @@ def build_model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int], int]:
 
 
 def make_trainer(stage: str, teacher: torch.nn.Module, shape: tuple, batches: _Fixed, amp: str, compile_: str,
-                 run_dir: Path) -> Trainer:
+                 run_dir: Path, device: torch.device) -> Trainer:
     """An engine Trainer whose train_step is the stage's step."""
     cfg = Config()
     overrides = {"amp": amp, "compile": compile_, "epochs": 1, "progress": False, "probe_steps": 0,
-                 "bn_recalibration": 0, "log_every": 10**9}
+                 "bn_recalibration": 0, "log_every": 10**9, "device": device.type}
     model = copy.deepcopy(teacher).requires_grad_(True)
     if stage == "plain":
         return Trainer(model, batches, dataclasses.replace(cfg.train, **overrides), run_dir, num_classes=10,
-                       stage="plain", device=torch.device("cpu"))
+                       stage="plain", device=device)
     if stage == "finetune":
         from amas.search.alignment import AlignmentObjective
 
         fcfg = dataclasses.replace(cfg.finetune, train=dataclasses.replace(cfg.finetune.train, **overrides))
         obj = AlignmentObjective(teacher, fcfg, shape, 10, student=model, section="finetune")
         return Trainer(model, batches, fcfg.train, run_dir, num_classes=10, objective=obj, stage="finetune",
-                       device=torch.device("cpu"))
+                       device=device)
     from amas.channels.cost import CostModel
     from amas.channels.groups import find_groups
     from amas.channels.masks import ChannelMasks
@@ -91,37 +92,44 @@ def make_trainer(stage: str, teacher: torch.nn.Module, shape: tuple, batches: _F
     obj = SearchObjective(teacher, groups, ChannelMasks(groups, init=1.0), CostModel(model, groups, shape), scfg,
                           shape, 10, total_steps=10**6)
     return Trainer(model, batches, scfg.train, run_dir, num_classes=10, objective=obj, stage="search",
-                   device=torch.device("cpu"))
+                   device=device)
 
 
 def time_steps(trainer: Trainer, batches: list, steps: int) -> float:
     """Seconds for steps training steps."""
     stop = StopRequest()
     trainer.model.train()
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
         x, y = batches[i % len(batches)]
         trainer.train_step(x, y, stop)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def run(models: list[str], threads: list[int], modes: list[str], rounds: int, steps: int, work: Path) -> list[dict]:
+def run(models: list[str], threads: list[int], modes: list[str], rounds: int, steps: int, work: Path,
+        device: torch.device) -> list[dict]:
     """One row per (model, threads, stage, mode): median images/s over rounds and the first step's seconds."""
     rows = []
     for name in models:
         teacher, shape, batch = build_model(name)
-        teacher.eval()
+        teacher.eval().to(device)
         g = torch.Generator().manual_seed(0)
-        batches = [(torch.randn(batch, *shape, generator=g), torch.randint(0, 10, (batch,), generator=g))
-                   for _ in range(4)]
-        for t in threads:
-            torch.set_num_threads(t)
+        batches = [(torch.randn(batch, *shape, generator=g).to(device),
+                    torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(4)]
+        for t in threads if device.type == "cpu" else [0]:
+            if t:
+                torch.set_num_threads(t)
             trainers = {}
             for stage in STAGES:
                 for mode in modes:
                     amp, comp = MODES[mode]
                     tr = make_trainer(stage, teacher, shape, _Fixed(batches), amp, comp,
-                                      work / f"{name}_{stage}_{mode}")
+                                      work / f"{name}_{stage}_{mode}", device)
                     first = time_steps(tr, batches, 1)  # the compile (or the first eager step)
                     time_steps(tr, batches, 2)
                     trainers[(stage, mode)] = (tr, first)
@@ -152,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (threads then do not apply: 0 in the table)")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     a = p.parse_args(argv)
+    device = torch.device(a.device)
     with tempfile.TemporaryDirectory() as work:
-        rows = run(a.models, a.threads, a.modes, a.rounds, a.steps, Path(work))
+        rows = run(a.models, a.threads, a.modes, a.rounds, a.steps, Path(work), device)
     print(f"\n| model | threads | stage | {' | '.join(a.modes)} | {' | '.join(m + ' x' for m in a.modes[1:])} | "
           "step / plain step |")
     print("|---" * (3 + 2 * len(a.modes)) + "|")
@@ -167,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {m} | {t} | {s} | {ips} | {xs} | {ratio} |")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    meta = {"machine": gpu or platform.processor() or platform.machine(), "torch": torch.__version__,
             "cpu_bf16": _cpu_flags(), "steps": a.steps, "rounds": a.rounds}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\nwrote {out}")
