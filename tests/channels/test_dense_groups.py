@@ -3,9 +3,9 @@
 For each model (random init, 64x64 inputs, 3 classes): the groups cover backbone, neck and heads; the layers whose
 width the task fixes (class logits, box, anchor, objectness and centerness outputs) are in no group without being
 listed; random masks with zeroed channels give the same outputs as the cut model (eval mode, float64), output
-shapes unchanged; the planner's MACs are the cut model's; the cut exports with torch.export. Detectors are traced
-through their tensor part (amas.channels.dense.DetectorTensors) and the cut detector still runs its own forward
-(boxes) on images.
+shapes unchanged; the planner's MACs are the cut model's; the cut exports with torch.export (four of them).
+Detectors are traced through their tensor part (amas.channels.dense.DetectorTensors) and the cut detector still runs
+its own forward (boxes) on images.
 """
 
 from __future__ import annotations
@@ -141,6 +141,9 @@ CASES = {
 }
 GROUP_NORM_HEADS = ("retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn")
 DETECTORS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn", *GROUP_NORM_HEADS)
+# torch.export takes seconds a model (the ResNet-50 ones the most): one segmenter, two detectors and the YOLO net
+EXPORTED = ("yolo", "lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large",
+            "fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
 def _model(name: str) -> nn.Module:
@@ -194,10 +197,11 @@ def test_dense_removal_equals_masking_and_exports(name: str) -> None:
     pruned.float()
     assert count(pruned, SHAPE)[0] == cost.macs(kept_counts(keep))  # planner = cut (R-CNN: the RoI head per box)
     xf = x.float()
-    with torch.no_grad():
-        eager = tree_leaves(pruned(xf))
-        got = tree_leaves(torch.export.export(pruned, (xf,)).module()(xf))
-    assert max((a - b).abs().max().item() for a, b in zip(eager, got, strict=True)) <= 1e-4 * scale
+    if name in EXPORTED:
+        with torch.no_grad():
+            eager = tree_leaves(pruned(xf))
+            got = tree_leaves(torch.export.export(pruned, (xf,)).module()(xf))
+        assert max((a - b).abs().max().item() for a, b in zip(eager, got, strict=True)) <= 1e-4 * scale
     if isinstance(pruned, DetectorTensors):  # the cut detector's own forward: boxes from images
         with torch.no_grad():
             dets = pruned.model.eval()([xf[0].sigmoid()])
