@@ -15,7 +15,7 @@ that target, for every method alike, and the tables say so; a dead group, all sc
 unrounded) and
 ``tp_magnitude``: ``tp.pruner.MagnitudePruner`` with L2 magnitude importance and Torch-Pruning's own uniform
 per-layer ratio, restricted to amas' prunable groups (the option-A shortcut trap), with the same
-round_to where Torch-Pruning's rounding can reach the target (see ``tp_magnitude_prune``), its ratio the smallest
+round_to where Torch-Pruning's rounding can reach the target (see ``common.tp_magnitude_prune``), its ratio the smallest
 that meets the MACs target. ``amas``: the AMAS search (``adversarial.search`` with the search section of
 ``--amas-config``, the pipeline recipe by default; ``--amas-search-epochs`` shortens it) from the same teacher to the
 target, then the searched student is cut at the target by its masks (folded in) and fine-tuned like every other
@@ -42,7 +42,6 @@ import copy
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -50,109 +49,41 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    DEFAULT_AMAS_CONFIG,
+    DEFAULT_TEACHER,
+    ROOT,
+    SearchSetup,
+    amas_cut,
+    cpu_latency,
+    feasible_round_to,
+    fmt,
+    out_channels,
+    read_results,
+    relatency,
+    stats,
+    tp_magnitude_prune,
+)
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from amas.channels.cost import CostModel, count
+from amas.channels.cut import prune_model
+from amas.channels.groups import find_groups
+from amas.config import TrainConfig, load_config, to_dict
+from amas.criteria import METHODS, check_method, plan_for_method, prepare_model
+from amas.data import build_data
+from amas.distributed import resolve_device
+from amas.engine.loop import Trainer, evaluate
+from amas.errors import AmasError, CriteriaError
+from amas.files.atomic import atomic_write_text
+from amas.files.checkpoint import load_model
+from amas.pipeline.context import seed_everything
 
-from amas.channels.cost import CostModel, count  # noqa: E402
-from amas.channels.cut import prune_model  # noqa: E402
-from amas.channels.groups import find_groups  # noqa: E402
-from amas.channels.plan import plan_keep  # noqa: E402
-from amas.config import TrainConfig, load_config, to_dict  # noqa: E402
-from amas.criteria import METHODS, check_method, plan_for_method, prepare_model  # noqa: E402
-from amas.data import build_data  # noqa: E402
-from amas.distributed import resolve_device  # noqa: E402
-from amas.engine.loop import Trainer, evaluate  # noqa: E402
-from amas.errors import AmasError, CriteriaError, PruneError  # noqa: E402
-from amas.files.atomic import atomic_write_text  # noqa: E402
-from amas.files.checkpoint import load_model  # noqa: E402
-from amas.latency.timing import latency  # noqa: E402
-from amas.pipeline.context import seed_everything  # noqa: E402
-
-DEFAULT_TEACHER = ROOT / "benchmarks" / "teachers" / "fmnist_resnet20.pt"
 OUTSIDE = ("tp_magnitude",)
 ALL_METHODS = ("amas",) + METHODS + OUTSIDE
-DEFAULT_AMAS_CONFIG = ROOT / "configs" / "fmnist_resnet20_amas.yaml"
-
-
-# ---------------------------------------------------------------- Torch-Pruning reference
-
-
-_TP_CACHE: dict[tuple[float, int, bool], tuple[nn.Module, float, int, float]] = {}
-
-
-def tp_magnitude_prune(model: nn.Module, groups: list, target: float, shape: tuple[int, int, int], round_to: int,
-                       refine: int = 7, fallback: bool = True) -> tuple[nn.Module, float, int, float]:
-    """Torch-Pruning MagnitudePruner (L2, uniform per-layer ratio) on amas' groups: (model, ratio, round_to, search s).
-
-    The ratio is the smallest on a 0.05 grid (refined by bisection) whose cut meets the target; the search time is
-    returned with the cut (and again for a cached cut, so every seed's wall time counts it). Torch-Pruning
-    rounds a layer's remaining channels *down* to round_to and leaves a layer alone when that gives zero, so with
-    round_to 8 a 16-channel layer cannot go below 8 and a ResNet-20 tops out just under 50%; when the target is
-    out of reach at round_to, the pruner runs without rounding (round_to 1) and the row says so, or, with
-    fallback=False, a PruneError says the target is out of reach.
-    """
-    import torch_pruning as tp
-
-    key = (float(target), int(round_to), bool(fallback))
-    if key in _TP_CACHE:  # deterministic: the same cut for every seed
-        m, ratio, used, took = _TP_CACHE[key]
-        return copy.deepcopy(m), ratio, used, took
-    t0 = time.perf_counter()
-    roots = {g.name for g in groups}
-    device = next(model.parameters()).device
-    example = torch.randn(1, *shape, device=device)
-    dense = count(model, shape)[0]
-
-    def cut(ratio: float, rt: int) -> tuple[nn.Module, float]:
-        m = copy.deepcopy(model).eval()
-        ignored = [mod for name, mod in m.named_modules()
-                   if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and name not in roots]
-        pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                           pruning_ratio=ratio, ignored_layers=ignored, round_to=rt if rt > 1 else None)
-        pruner.step()
-        return m, 1.0 - count(m, shape)[0] / dense
-
-    most = 0.0
-    for rt in ([round_to, 1] if round_to > 1 and fallback else [round_to]):
-        prev = 0.0
-        for k in range(1, 20):
-            ratio = k / 20
-            m, red = cut(ratio, rt)
-            most = max(most, red)
-            if red >= target:
-                lo, hi, best = prev, ratio, (m, red)
-                for _ in range(refine):
-                    mid = (lo + hi) / 2
-                    m2, red2 = cut(mid, rt)
-                    if red2 >= target:
-                        hi, best = mid, (m2, red2)
-                    else:
-                        lo = mid
-                took = time.perf_counter() - t0
-                _TP_CACHE[key] = (best[0], hi, rt, took)
-                return copy.deepcopy(best[0]), hi, rt, took
-            prev = ratio
-    raise PruneError(f"Torch-Pruning's magnitude pruner reaches only {100 * most:.1f}% MACs reduction on the "
-                     f"prunable groups; lower the target")
 
 
 # ---------------------------------------------------------------- one run
-
-
-def feasible_round_to(cost: CostModel, target: float, round_to: int, min_channels: int) -> int:
-    """round_to, halved until the target is reachable (e.g. a net whose groups are all narrower than it)."""
-    uniform = {n: torch.ones(g.size) for n, g in cost.groups.items()}
-    while True:
-        try:
-            plan_keep(uniform, cost, target, min_channels, round_to)
-            return round_to
-        except PruneError:
-            if round_to <= 1:
-                raise
-            round_to = max(1, round_to // 2)
 
 
 def _finetune_cfg(args: argparse.Namespace) -> TrainConfig:
@@ -172,13 +103,15 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
     source = copy.deepcopy(teacher)
     extra: dict[str, Any] = {}
     if method == "amas":
-        pruned, keep, search_info = amas_cut(target, seed, groups, cost, args, prune_cfg, device)
+        setup = SearchSetup(config=args.amas_config, search_epochs=args.amas_search_epochs, val_size=args.val_size,
+                            train_subset=args.train_subset, device=args.device, teacher=args.teacher)
+        pruned, keep, search_info = amas_cut(target, seed, groups, cost, setup, prune_cfg, device)
         extra["kept"] = {n: int(v.numel()) for n, v in keep.items()}
         extra.update(search_info)
     elif method == "tp_magnitude":
         pruned, ratio, used, search_s = tp_magnitude_prune(source, groups, target, shape, round_to)
         extra["tp_pruning_ratio"] = round(ratio, 4)
-        extra["kept"] = {g.name: int(_out_channels(pruned.get_submodule(g.name))) for g in groups}
+        extra["kept"] = {g.name: int(out_channels(pruned.get_submodule(g.name))) for g in groups}
         extra["tp_round_to"] = used
         t0 = time.perf_counter() - search_s  # a cut reused from an earlier seed still counts its search time
     else:
@@ -201,7 +134,7 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
     after = evaluate(pruned, data.test, info.num_classes, device)["acc"]
     pruned = pruned.cpu().eval()
     macs, params = count(pruned, shape)
-    lat = _latency(pruned, shape, args.latency_iters)
+    lat = cpu_latency(pruned, shape, args.latency_iters)
     return {
         "method": method,
         "target": target,
@@ -218,89 +151,6 @@ def run_one(method: str, target: float, seed: int, teacher: nn.Module, groups: l
         "wall_s": round(plan_s + ft_s, 2),
         **extra,
     }
-
-
-def amas_cut(
-    target: float,
-    seed: int,
-    groups: list,
-    cost: CostModel,
-    args: argparse.Namespace,
-    prune_cfg: Any,
-    device: torch.device,
-    extra_overrides: list[str] | None = None,
-    mask_scales: bool = False,
-) -> tuple[nn.Module, dict[str, torch.Tensor], dict]:
-    """AMAS as a channel chooser: search masks for the target from the teacher, cut the searched student there.
-
-    mask_scales: also return the masks folded into each BN (info["_mask_scales"], amas.channels.step_scales)."""
-    from amas.channels.step_scales import folded_mask_scales
-    from amas.files.checkpoint import load_masked
-    from amas.pipeline.search import search
-
-    overrides = [
-        *(extra_overrides or []),
-        f"seed={seed}",
-        f"search.target_reduction={target}",
-        f"data.val_size={args.val_size}",
-        f"data.train_subset={args.train_subset}",
-        f"search.train.device={args.device}",
-        "search.train.progress=false",
-    ]
-    if args.amas_search_epochs:
-        overrides.append(f"search.train.epochs={args.amas_search_epochs}")
-    acfg = load_config(args.amas_config, overrides)
-    with tempfile.TemporaryDirectory(prefix="amas_compare_search_") as tmp:
-        rec = search(acfg, tmp, args.teacher)
-        student, masks, _ = load_masked(Path(tmp) / "search.pt", "cpu")
-    scores = {n: torch.as_tensor(m).abs() for n, m in masks.items()}
-    keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
-    pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
-    info = {
-        "search_epochs": int(acfg.search.train.epochs),
-        "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
-        "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),
-        "search_final_lr": rec.get("final_lr"),
-    }
-    if mask_scales:  # the same cut with the masks not folded gives each BN's folded mask
-        plain = prune_model(student, groups, keep, input_shape=cost.input_shape)
-        info["_mask_scales"] = folded_mask_scales(pruned, plain)
-    return pruned, keep, info
-
-
-def _out_channels(module: nn.Module) -> int:
-    return int(module.out_channels if hasattr(module, "out_channels") else module.out_features)
-
-
-def relatency(result: dict, iters: int) -> None:
-    """Re-time every run whose kept counts are recorded, and the teacher, now (on an otherwise idle machine).
-
-    Latency depends only on the architecture, so each run's model is rebuilt from its kept counts (random weights);
-    runs without kept counts keep the latency measured during the run and say so.
-    """
-    from amas.channels.cut import make_recipe, model_from_recipe
-
-    t = result["teacher"]
-    path = Path(t["path"]) if Path(t["path"]).is_absolute() else ROOT / t["path"]  # repo-relative in new results
-    teacher, obj = load_model(path, "cpu")
-    rec = obj["model"]
-    shape = (int(rec["data"]["in_channels"]), int(rec["data"]["image_size"]), int(rec["data"]["image_size"]))
-    teacher_rec = {"name": rec["name"], "num_classes": int(rec["num_classes"]), "in_channels": shape[0]}
-    t.update(_latency(teacher.eval(), shape, iters))
-    for run in result["runs"]:
-        if not run.get("kept"):
-            run["latency_source"] = "during the run"
-            continue
-        model = model_from_recipe(make_recipe(teacher_rec, shape, run["kept"]))
-        run.update(_latency(model, shape, iters))
-        run["latency_source"] = "re-timed idle"
-    result.setdefault("settings", {})["latency_retimed"] = {"threads": torch.get_num_threads(), "iters": iters}
-
-
-def _latency(model: nn.Module, shape: tuple[int, int, int], iters: int) -> dict:
-    b64 = latency(model, shape, batch_size=64, warmup=2, iters=max(3, iters // 4), device="cpu")
-    b1 = latency(model, shape, batch_size=1, warmup=3, iters=iters, device="cpu")
-    return {"latency_b64_ms": round(b64["median_ms"], 3), "latency_b1_ms": round(b1["median_ms"], 3)}
 
 
 def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data: Any, args: argparse.Namespace,
@@ -326,20 +176,12 @@ def amas_rows(run_dirs: list[str], targets: list[float], teacher_macs: int, data
             wall = round(sum(float(v) for v in stages.values()), 2) if stages else None
         rows.append({"method": "amas_pipeline", "target": min(targets, key=lambda t: abs(t - red)), "seed": None,
                      "acc_before": None, "acc_after": round(acc, 3), "macs": int(macs), "params": int(params),
-                     "macs_reduction": round(red, 4), **_latency(model, shape, args.latency_iters),
+                     "macs_reduction": round(red, 4), **cpu_latency(model, shape, args.latency_iters),
                      "plan_s": None, "finetune_s": None, "wall_s": wall, "run_dir": str(d)})
     return rows
 
 
 # ---------------------------------------------------------------- summary and files
-
-
-def _stats(values: list[float | None]) -> dict | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return {"mean": statistics.fmean(vals), "sd": sd, "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
 def summarise(runs: list[dict], methods: list[str], targets: list[float]) -> list[dict]:
@@ -360,17 +202,9 @@ def summarise(runs: list[dict], methods: list[str], targets: list[float]) -> lis
                 "latency_b1_ms",
                 "wall_s",
             ):
-                entry[k] = _stats([r.get(k) for r in rows])
+                entry[k] = stats([r.get(k) for r in rows])
             out.append(entry)
     return out
-
-
-def _fmt(s: dict | None, digits: int = 2, scale: float = 1.0) -> str:
-    if s is None:
-        return "–"
-    if s["n"] == 1:
-        return f"{s['mean'] * scale:.{digits}f}"
-    return f"{s['mean'] * scale:.{digits}f} ± {s['sd'] * scale:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -410,10 +244,10 @@ def markdown(result: dict) -> str:
             during = any(r.get("latency_source") == "during the run" for r in result["runs"]
                          if r["method"] == s["method"] and r["target"] == target)
             lines.append(
-                f"| {s['method']}{' †' if rt and during else ''} | {_fmt(s['macs_reduction'], 1, 100)} | "
-                f"{_fmt(s['params'], 4, 1e-6)} | "
-                f"{_fmt(s['acc_before'])} | {_fmt(s['acc_after'])} | {_fmt(delta)} | "
-                f"{_fmt(s['latency_b64_ms'])} | {_fmt(s['latency_b1_ms'], 3)} | {_fmt(s['wall_s'], 1)} |"
+                f"| {s['method']}{' †' if rt and during else ''} | {fmt(s['macs_reduction'], 1, 100)} | "
+                f"{fmt(s['params'], 4, 1e-6)} | "
+                f"{fmt(s['acc_before'])} | {fmt(s['acc_after'])} | {fmt(delta)} | "
+                f"{fmt(s['latency_b64_ms'])} | {fmt(s['latency_b1_ms'], 3)} | {fmt(s['wall_s'], 1)} |"
             )
         tp_rt = {
             r.get("tp_round_to") for r in result["runs"] if r["method"] == "tp_magnitude" and r["target"] == target
@@ -480,18 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def read_results(paths: list[str], kind: str) -> list[dict]:
-    """The JSON result files given to --merge, or a one-line error naming the unreadable one."""
-    parts = []
-    for p in paths:
-        try:
-            parts.append(json.loads(Path(p).read_text()))
-        except (OSError, ValueError) as e:
-            raise AmasError(f"--merge {p}: cannot read it as {kind} result ({e}); "
-                            "pass files this script wrote") from None
-    return parts
-
-
 def merge(paths: list[str], out_dir: Path, name: str | None, retime: bool = False, iters: int = 20) -> int:
     """Merge result files of the same teacher (e.g. one per target, run in parallel) into one; print the table."""
     parts = read_results(paths, "a compare")
@@ -555,7 +377,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         "command": command,
         "teacher": {"path": str(teacher_path), "model": rec["name"], "dataset": data_name, "test_acc": round(t_acc, 3),
                     "num_classes": int(data0.info.num_classes), "input_shape": list(shape),
-                    "macs": int(t_macs), "params": int(t_params), **_latency(teacher, shape, args.latency_iters)},
+                    "macs": int(t_macs), "params": int(t_params), **cpu_latency(teacher, shape, args.latency_iters)},
         "settings": {"targets": args.targets, "seeds": args.seeds, "methods": methods, "epochs": args.epochs,
                      "lr": args.lr, "batch_size": args.batch_size, "round_to": cfg.prune.round_to,
                      "min_channels": cfg.prune.min_channels, "train_images": data0.train.num_samples,

@@ -45,29 +45,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import (
+    DEFAULT_AMAS_CONFIG,
+    DEFAULT_TEACHER,
+    ROOT,
+    SearchSetup,
+    amas_cut,
+    cpu_latency,
+    feasible_round_to,
+    fmt,
+    out_channels,
+    read_results,
+    relatency,
+    stats,
+    tp_magnitude_prune,
+)
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-import compare  # noqa: E402  (the criteria-comparison script: Torch-Pruning reference, latency helpers)
-
-from amas.channels.cost import CostModel, count  # noqa: E402
-from amas.channels.cut import prune_model  # noqa: E402
-from amas.channels.groups import find_groups  # noqa: E402
-from amas.channels.step_scales import scale_folded_grads  # noqa: E402
-from amas.config import load_config, to_dict  # noqa: E402
-from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model  # noqa: E402
-from amas.data import build_data  # noqa: E402
-from amas.distributed import resolve_device  # noqa: E402
-from amas.engine.loop import evaluate  # noqa: E402
-from amas.errors import AmasError, PruneError  # noqa: E402
-from amas.files.atomic import atomic_path, atomic_write_text  # noqa: E402
-from amas.files.checkpoint import load_model  # noqa: E402
-from amas.pipeline.candidates import finetune_trainer  # noqa: E402
-from amas.pipeline.context import seed_everything  # noqa: E402
+from amas.channels.cost import CostModel, count
+from amas.channels.cut import prune_model
+from amas.channels.groups import find_groups
+from amas.channels.step_scales import scale_folded_grads
+from amas.config import load_config, to_dict
+from amas.criteria import METHODS, channel_scores, check_method, plan_for_method, prepare_model
+from amas.data import build_data
+from amas.distributed import resolve_device
+from amas.engine.loop import evaluate
+from amas.errors import AmasError, PruneError
+from amas.files.atomic import atomic_path, atomic_write_text
+from amas.files.checkpoint import load_model
+from amas.pipeline.candidates import finetune_trainer
+from amas.pipeline.context import seed_everything
 
 ALL_METHODS = ("amas",) + METHODS + ("tp_magnitude", "amas_arch")
 DEFAULT_METHODS = ("amas", "taylor", "fpgm", "l1", "random", "tp_magnitude")
@@ -100,11 +108,11 @@ def amas_search_cut(
     """AMAS search for `epochs` epochs from the teacher to the target, its student cut there by the masks."""
     # with --amas-continue-schedule the search runs the first S epochs of one E-epoch schedule
     cont = [f"search.schedule_epochs={budget}"] if args.amas_continue_schedule else []
-    ns = argparse.Namespace(amas_config=args.config, amas_search_epochs=epochs, val_size=args.val_size,
-                            train_subset=args.train_subset, device=args.device, teacher=args.teacher)
+    setup = SearchSetup(config=args.config, search_epochs=epochs, val_size=args.val_size,
+                        train_subset=args.train_subset, device=args.device, teacher=args.teacher)
     overrides = [*args.overrides, f"prune.round_to={cfg.prune.round_to}", *cont]
-    pruned, keep, info = compare.amas_cut(target, seed, groups, cost, ns, cfg.prune, device, extra_overrides=overrides,
-                                          mask_scales=args.amas_keep_mask_scale)
+    pruned, keep, info = amas_cut(target, seed, groups, cost, setup, cfg.prune, device, extra_overrides=overrides,
+                                  mask_scales=args.amas_keep_mask_scale)
     info["kept"] = {n: int(v.numel()) for n, v in keep.items()}
     return pruned, info
 
@@ -148,7 +156,7 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
         pruned, extra = amas_search_cut(target, seed, spent, budget, groups, cost, cfg, args, device)
     elif method == "tp_magnitude":
         try:
-            pruned, ratio, used, took = compare.tp_magnitude_prune(
+            pruned, ratio, used, took = tp_magnitude_prune(
                 copy.deepcopy(teacher).requires_grad_(True), groups, target, shape, cfg.prune.round_to, fallback=False
             )
         except PruneError as e:
@@ -156,7 +164,7 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
             return None
         t0 -= took  # a cut reused from an earlier run still counts its search time
         extra = {"tp_pruning_ratio": round(ratio, 4), "tp_round_to": used,
-                 "kept": {g.name: compare._out_channels(pruned.get_submodule(g.name)) for g in groups}}
+                 "kept": {g.name: out_channels(pruned.get_submodule(g.name)) for g in groups}}
     elif method == "amas_arch":
         pruned, extra = arch_cut(target, budget, seed, teacher, groups, cfg, args)
     else:
@@ -198,7 +206,7 @@ def run_one(method: str, target: float, budget: int, seed: int, teacher: nn.Modu
         "val_acc": None if val_acc is None else round(val_acc, 3),
         "macs_reduction": round(1.0 - macs / cost.total_macs, 4),
         "params": int(params),
-        **compare._latency(pruned, shape, args.latency_iters),
+        **cpu_latency(pruned, shape, args.latency_iters),
         "wall_s": round(wall, 1),
         "macs": int(macs),
         "search_epochs": spent if method == "amas" else 0,
@@ -228,7 +236,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry: dict[str, Any] = {"budget_epochs": budget, "target": target, "method": m, "seeds": len(cell)}
             for k in ("test_acc", "val_acc", "val_before_ft", "macs_reduction", "params", "latency_b64_ms",
                       "latency_b1_ms", "wall_s"):
-                entry[k] = compare._stats([r.get(k) for r in cell])
+                entry[k] = stats([r.get(k) for r in cell])
             out.append(entry)
     return out
 
@@ -275,7 +283,7 @@ def markdown(result: dict) -> str:
                 delta = (
                     None if x["test_acc"] is None else dict(x["test_acc"], mean=x["test_acc"]["mean"] - t["test_acc"])
                 )
-                f = compare._fmt
+                f = fmt
                 lines.append(
                     f"| {x['method']} | {x['seeds']} | {f(x['macs_reduction'], 1, 100)} | {f(x['params'], 4, 1e-6)} | "
                     f"{f(x['val_before_ft'])} | {f(x['val_acc'])} | {f(x['test_acc'])} | {f(delta)} | "
@@ -335,10 +343,8 @@ def write(result: dict, out_dir: Path, name: str, md: bool = True, png: bool = F
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--teacher", default=str(compare.DEFAULT_TEACHER), help="dense amas model file (amas train's model.pt)"
-    )
-    p.add_argument("--config", default=str(compare.DEFAULT_AMAS_CONFIG),
+    p.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="dense amas model file (amas train's model.pt)")
+    p.add_argument("--config", default=str(DEFAULT_AMAS_CONFIG),
                    help="recipe whose search, finetune, prune and criteria sections every run uses")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="MACs reduction targets")
     p.add_argument("--budgets", type=int, nargs="+", default=[5], help="total training epochs E per run")
@@ -397,7 +403,7 @@ def _teacher_key(t: dict) -> tuple:
 
 def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, png: bool) -> int:
     """Combine result files of one teacher (e.g. one per target or session) into NAME; optionally re-time latency."""
-    parts = compare.read_results(paths, "an equal-compute")
+    parts = read_results(paths, "an equal-compute")
     if len({_teacher_key(r["teacher"]) for r in parts}) > 1:
         raise AmasError("--merge: the files come from different teachers; merge one teacher's runs")
     result = copy.deepcopy(parts[0])
@@ -415,7 +421,7 @@ def merge(paths: list[str], out_dir: Path, name: str, retime: bool, iters: int, 
     result["command"] = " ; ".join(dict.fromkeys(r["command"] for r in parts))
     if retime:
         view = {"teacher": result["teacher"], "runs": result["rows"]}
-        compare.relatency(view, iters)
+        relatency(view, iters)
         result["settings"]["latency_retimed"] = view["settings"]["latency_retimed"]
     write(result, out_dir, name, png=png)
     print(markdown(result))
@@ -429,7 +435,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     methods = [check_method(m.strip(), ALL_METHODS) for m in args.methods.split(",") if m.strip()]
     args.arch_rows = {}
     if args.arch_from:
-        rows = compare.read_results([args.arch_from], "an equal-compute")[0]["rows"]
+        rows = read_results([args.arch_from], "an equal-compute")[0]["rows"]
         args.arch_rows = {(r["target"], r["budget_epochs"], r["seed"]): r for r in rows if r["method"] == "amas"}
     teacher_path = Path(args.teacher)
     if not teacher_path.is_file():
@@ -446,7 +452,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     # round_to halved where a target is out of reach at the recipe's (e.g. ResNet-20 inner channels past -70% at 8),
     # for every method alike
     args.round_tos = {
-        t: compare.feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets
+        t: feasible_round_to(cost, t, cfg.prune.round_to, cfg.prune.min_channels) for t in args.targets
     }
     bs, ebs = cfg.finetune.train.batch_size, cfg.finetune.train.eval_batch_size
     datas = {s: build_data(cfg.data, bs, ebs, device=device, seed=s, channels_last=True) for s in args.seeds}
@@ -469,7 +475,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
             "macs_reduction": 0.0,
             "macs": int(macs),
             "params": int(params),
-            **compare._latency(teacher, shape, args.latency_iters),
+            **cpu_latency(teacher, shape, args.latency_iters),
         },
         "settings": {
             "config": str(args.config),
