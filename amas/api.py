@@ -50,15 +50,18 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
           target_reduction: float = 0.5, config: str | os.PathLike | Config | None = None,
           overrides: Mapping[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
           test: Iterable | None = None, method: str = "amas", latency_iters: int = 20,
-          quantize: str = "none") -> PruneResult:
-    """Prune a trained classifier to target_reduction of its MACs with the amas pipeline on your batches.
+          quantize: str = "none", task: str | None = None) -> PruneResult:
+    """Prune a trained classifier (or segmenter) to target_reduction of its MACs with the amas pipeline on your
+    batches.
 
     Args:
         teacher: any trained classifier; its output on (batch, C, H, W) is (batch, classes) logits (the class count
-            is read from it). It is left unchanged (device, mode, requires_grad flags, memory format): the run
-            uses a frozen copy.
+            is read from it). With task="segmentation": a segmenter returning (batch, classes, H, W) logits or
+            torchvision's dict with "out" (and "aux"). It is left unchanged (device, mode, requires_grad flags,
+            memory format): the run uses a frozen copy.
         train, val: iterables of (images, labels) batches as the model takes them (e.g. DataLoaders, images already
-            normalised); val chooses among the candidates.
+            normalised); val chooses among the candidates. Segmentation: (images, targets) with targets (batch, H, W)
+            int64 label maps (255 = ignore); the candidates are chosen by mean IoU.
         input_shape: (C, H, W) of one image.
         target_reduction: the fraction of the MACs to remove (sets search.target_reduction and
             select.min_reduction unless the overrides set them).
@@ -71,11 +74,16 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         latency_iters: timed iterations per batch size for the report's latency.
         quantize: "none", "ptq" (int8 calibrated on train batches) or "qat" (int8 quantization-aware fine-tuning
             against the teacher, quant.qat_epochs); sets quant.mode unless the overrides do. Needs torchao.
+            Classification only so far.
+        task: "classification" or "segmentation" (the config's ``task:``; None: the config's, else classification):
+            the loss, distillation and discriminator of every training stage and the selection metric (amas.tasks).
 
     Returns:
         PruneResult: .model (the pruned nn.Module, eval mode), .report (macs, params, reductions, accuracies,
         latency, the teacher's; with quantize, ``int8``: its accuracies and size), .selection (the candidates, the
-        Pareto front and the chosen one), .int8 (with quantize: the int8 program, float in and logits out).
+        Pareto front and the chosen one), .int8 (with quantize: the int8 program, float in and logits out). A
+        segmentation report names its metric: ``metric: "miou"``, ``val_miou`` and ``test_miou`` (mean IoU, %)
+        instead of val_acc and test_acc (report.json keeps the accuracy fields and adds ``metric``).
 
     Example:
         >>> result = amas.prune(teacher, train_loader, val_loader, (3, 32, 32), 0.5)  # doctest: +SKIP
@@ -86,12 +94,14 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     from amas.config_check import check_target
     from amas.errors import DataError
     from amas.files.pruned import load_pruned
-    from amas.inputs import UserDataInfo, classes_of, user_bundle
-    from amas.pipeline.context import RunContext
+    from amas.inputs import UserDataInfo, user_bundle
+    from amas.pipeline.context import RunContext, check_task
     from amas.pipeline.runner import check_method, run_stages
+    from amas.tasks import make_task
 
     if not isinstance(teacher, nn.Module):
-        raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module classifier")
+        raise DataError(f"the teacher is a {type(teacher).__name__}; pass a trained nn.Module "
+                        f"{'segmenter' if task == 'segmentation' else 'classifier'}")
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3:
         raise DataError(f"input_shape {tuple(input_shape)} is not (C, H, W); pass the shape of one image")
@@ -99,14 +109,17 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise DataError(f"out_dir '{out_dir}' is a file, not a folder; pass a new or existing run directory")
     cfg = resolve_config(config, overrides, **{"search.target_reduction": target_reduction,
-                                               "select.min_reduction": target_reduction, "quant.mode": quantize})
+                                               "select.min_reduction": target_reduction, "quant.mode": quantize,
+                                               **({"task": task} if task is not None else {})})
     check_method(method)
-    info = UserDataInfo("user", classes_of(teacher, shape), shape[0], shape[1], (), (), height=shape[1],
+    the_task = make_task(cfg.task)
+    check_task(cfg, method, the_task)  # what a dense task cannot do yet, before its batches are read
+    info = UserDataInfo("user", _classes(the_task, teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
     with _run_dir(out_dir) as run_dir:
         device = _run_device(cfg)
         ctx = RunContext(cfg, run_dir, method=method, latency_iters=latency_iters, teacher_model=teacher,
-                         data=user_bundle(train, val, test, info, device))
+                         data=user_bundle(train, val, test, info, device, the_task), task=the_task)
         run_stages(ctx)
         model, _ = load_pruned(run_dir / "pruned.pt", ctx.device)
         report = json.loads((run_dir / "report.json").read_text())
@@ -117,6 +130,23 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
 
             int8 = load_int8(run_dir / "pruned_int8.pt2")
     return PruneResult(model.eval(), _short_report(report, test is not None), selection, int8)
+
+
+def _classes(task: Any, teacher: nn.Module, shape: tuple[int, int, int]) -> int:
+    """The teacher's class count as the task reads it (a classifier's logits, a segmenter's class maps)."""
+    from amas.errors import AmasError
+    from amas.inputs import classes_of
+
+    if task.name == "classification":
+        return classes_of(teacher, shape)
+    try:
+        return int(task.num_classes(teacher, shape))
+    except AmasError:
+        raise
+    except Exception as exc:
+        raise AmasError(f"the teacher fails on inputs of shape (2, {', '.join(map(str, shape))}) "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "fix input_shape") from None
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None,
@@ -269,6 +299,10 @@ def _short_report(report: dict, with_test: bool) -> dict:
         out["test_acc"] = p["test_acc"]
     else:
         out["teacher"].pop("test_acc", None)
+    if "metric" in report:  # a dense task's metric (mean IoU: val_miou, test_miou), named as what it is
+        name = report["metric"]
+        out = {"metric": name, **{k.replace("_acc", f"_{name}"): v for k, v in out.items()}}
+        out["teacher"] = {k.replace("_acc", f"_{name}"): v for k, v in out["teacher"].items()}
     return out
 
 

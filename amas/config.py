@@ -320,6 +320,9 @@ class Config:
     """A whole run: model, data and training settings plus the seed, and each later stage's section."""
 
     seed: int = 0
+    # what the model does (amas.tasks): classification (CE, top-1), segmentation (per-pixel CE, 255 ignored; mean
+    # IoU selects), detection (the detector's losses; box mAP selects)
+    task: Literal["classification", "segmentation", "detection"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

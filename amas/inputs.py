@@ -14,7 +14,8 @@ from amas.data import DataBundle
 from amas.datasets import DatasetInfo
 from amas.errors import AmasError, DataError
 
-__all__ = ["UserBatches", "UserDataInfo", "check_labels", "arch_name", "classes_of", "importable_name", "user_bundle"]
+__all__ = ["UserBatches", "UserDataInfo", "check_labels", "arch_name", "classes_of", "importable_name",
+           "torchvision_record", "user_bundle"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class UserBatches:
     rank under torchrun (so each rank sees its own shard), checked to be (images, labels) of the stated shape."""
 
     def __init__(self, batches: Iterable, input_shape: tuple[int, int, int], device: torch.device | str,
-                 name: str, num_classes: int = 0) -> None:
+                 name: str, num_classes: int = 0, task: Any = None) -> None:
         if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
             raise DataError(f"{name} is a {type(batches).__name__}; pass an iterable of (images, labels) batches, "
                             "e.g. a torch DataLoader")
@@ -44,6 +45,8 @@ class UserBatches:
                             "per epoch, e.g. a DataLoader or a list of (images, labels) batches")
         self.batches, self.input_shape, self.device, self.name = batches, tuple(input_shape), torch.device(device), name
         self.num_classes = int(num_classes)
+        # a dense task (amas.tasks) checks its own targets: (N, H, W) label maps, lists of box dicts
+        self.task = None if task is None or task.name == "classification" else task
         ctx = distributed.context()
         self.rank, self.world = ctx.rank, ctx.world_size
         first = self._check(next(iter(batches), None), 0)
@@ -61,6 +64,8 @@ class UserBatches:
             raise DataError(f"{self.name} batch {i} is a {type(batch).__name__}, not (images, labels) tensors; make "
                             "the iterable yield (images, labels) pairs")
         x, y = batch
+        if self.task is not None:
+            return self._check_dense(x, y, i)
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise DataError(f"{self.name} batch {i} has images of shape {tuple(x.shape)}, not (batch, "
                             f"{', '.join(map(str, self.input_shape))}); fix input_shape or the data")
@@ -69,6 +74,27 @@ class UserBatches:
                             "images; labels must be one integer class index per image")
         if self.num_classes and (i == 0 or y.device.type == "cpu"):  # CUDA labels: the first batch (no sync per batch)
             check_labels(y, self.num_classes, f"{self.name} batch {i}")
+        return x, y
+
+    def _check_images(self, x: Any, i: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"{self.name} batch {i} has images of shape {got}, not (batch, "
+                            f"{', '.join(map(str, self.input_shape))}); fix input_shape or the data")
+
+    def _check_dense(self, x: Any, y: Any, i: int) -> tuple[Any, Any]:
+        """A dense task's batch: images as given, targets checked by the task (classes within the model's)."""
+        task, where = self.task, f"{self.name} batch {i}"
+        self._check_images(x, i)
+        if isinstance(y, torch.Tensor) and y.dim() == 3 and not y.is_floating_point() and y.dtype != torch.long:
+            y = y.long()  # uint8 label maps read from PNGs
+        if i == 0 or task.every_batch and _on_cpu(y):  # CUDA targets: the first batch (no sync per batch)
+            task.check_targets(y, self.num_classes or None, where)
+        if isinstance(y, torch.Tensor) and (len(y) != len(x) or (y.dim() == 3 and y.shape[1:] != x.shape[2:])):
+            raise DataError(f"{where} has label maps of shape {tuple(y.shape)} for images of shape {tuple(x.shape)}; "
+                            "give one (H, W) label map per image, of the image's size")
+        if isinstance(y, (list, tuple)) and len(y) != len(x):
+            raise DataError(f"{where} has {len(y)} targets for {len(x)} images; give one target per image")
         return x, y
 
     def _total(self) -> int:
@@ -94,7 +120,24 @@ class UserBatches:
             if i % self.world != self.rank:
                 continue
             x, y = self._check(batch, i)
+            if self.task is not None:
+                yield x.to(self.device, torch.float32, non_blocking=True), _to_device(y, self.device)
+                continue
             yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, torch.long, non_blocking=True)
+
+
+def _on_cpu(targets: Any) -> bool:
+    """Whether the target tensors of a batch are on the CPU (checking them costs no device sync)."""
+    from torch.utils._pytree import tree_leaves
+
+    return all(t.device.type == "cpu" for t in tree_leaves(targets) if isinstance(t, torch.Tensor))
+
+
+def _to_device(targets: Any, device: torch.device) -> Any:
+    """Targets (a tensor, or lists of dicts of tensors) on the device."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, targets)
 
 
 def _dropped(batches: Any) -> str:
@@ -144,12 +187,14 @@ def classes_of(teacher: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
 
 def user_bundle(train: Iterable, val: Iterable, test: Iterable | None, info: UserDataInfo,
-                device: torch.device | str) -> DataBundle:
-    """The user's train/val/test batches as the DataBundle the stages read (test may be None)."""
+                device: torch.device | str, task: Any = None) -> DataBundle:
+    """The user's train/val/test batches as the DataBundle the stages read (test may be None); task: an amas.tasks
+    Task whose targets they hold (None: class labels)."""
     shape, k = info.input_shape, info.num_classes
-    test_batches = None if test is None else UserBatches(test, shape, device, "test", k)
-    return DataBundle(train=UserBatches(train, shape, device, "train", k),
-                      val=UserBatches(val, shape, device, "val", k), test=test_batches, info=info)  # type: ignore[arg-type]
+    test_batches = None if test is None else UserBatches(test, shape, device, "test", k, task)
+    return DataBundle(train=UserBatches(train, shape, device, "train", k, task),
+                      val=UserBatches(val, shape, device, "val", k, task), test=test_batches,
+                      info=info)  # type: ignore[arg-type]
 
 
 def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
@@ -185,6 +230,31 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
     return name if same else None
 
 
+def torchvision_record(model: nn.Module, input_shape: tuple[int, int, int],
+                       num_classes: int) -> tuple[str, dict] | None:
+    """('tv:<name>', kwargs) of the torchvision segmentation builder that builds model again (its class, state_dict
+    shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for other models."""
+    if not type(model).__module__.startswith("torchvision.models.segmentation"):
+        return None
+    from amas.models.factory import create_model
+    from amas.models.registry import TV_PREFIX
+    from amas.models.torchvision_models import segmenter_builds
+
+    state = model.state_dict()
+    for name, kwargs in segmenter_builds(model):
+        try:
+            fresh = create_model(TV_PREFIX + name, num_classes, input_shape[0], **kwargs)
+            mine = fresh.state_dict()
+            if list(mine) != list(state) or any(mine[k].shape != v.shape for k, v in state.items()):
+                continue
+            fresh.load_state_dict(state)
+            if _same_outputs(fresh, model, input_shape):
+                return TV_PREFIX + name, {"weights_backbone": None, **kwargs}
+        except Exception:  # a builder that does not take these options: not this one
+            continue
+    return None
+
+
 def arch_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int,
               kwargs: dict | None = None) -> str:
     """The name create_model rebuilds model's architecture by: 'package.module:Class' where that class, built with
@@ -196,6 +266,8 @@ def arch_name(model: nn.Module, input_shape: tuple[int, int, int], num_classes: 
 
 def _same_outputs(fresh: nn.Module, model: nn.Module, input_shape: tuple[int, int, int]) -> bool:
     """Whether two models give the same outputs (eval mode) on two random images; model's mode is restored."""
+    from torch.utils._pytree import tree_leaves
+
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     fresh.to(device).eval()
@@ -204,6 +276,9 @@ def _same_outputs(fresh: nn.Module, model: nn.Module, input_shape: tuple[int, in
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         with torch.no_grad():
-            return bool(torch.allclose(fresh(x), model(x), rtol=1e-4, atol=1e-5))
+            a, b = tree_leaves(fresh(x)), tree_leaves(model(x))  # a tensor, or a dict of them (segmenters)
+            return len(a) == len(b) and all(isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor)
+                                            and u.shape == v.shape and torch.allclose(u, v, rtol=1e-4, atol=1e-5)
+                                            for u, v in zip(a, b, strict=True))
     finally:
         model.train(was_training)

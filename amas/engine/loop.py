@@ -39,7 +39,11 @@ from amas.files.checkpoint import FORMAT_VERSION, atomic_save, load_file
 
 
 class Trainer:
-    """Trains model on batches with an objective; checkpoints every epoch and resumes exactly."""
+    """Trains model on batches with an objective; checkpoints every epoch and resumes exactly.
+
+    task: an amas.tasks.Task (None: classification): val_acc is its metric (``task.metric_name``: mean IoU, box mAP),
+    train_acc its ``correct`` count (segmentation: pixel accuracy; absent where it has none).
+    """
 
     def __init__(
         self,
@@ -56,8 +60,10 @@ class Trainer:
         writer: Any = None,
         on_epoch_end: Callable[[int, dict], None] | None = None,
         batch_key: str | None = None,
+        task: Any = None,
     ) -> None:
         self.cfg = cfg
+        self.task = None if task is None or task.name == "classification" else task
         self.dist = distributed.context()
         if cfg.epochs > 0 and len(train) == 0:
             raise TrainingError(no_steps_reason(stage, train, self.dist.world_size, batch_key))
@@ -193,7 +199,8 @@ class Trainer:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
         first re-estimated on the calibration batches when there are any (this changes the model's buffers)."""
         self._recalibrate_on(list(calibration))
-        return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous))["acc"]
+        return evaluate(self.model, batches, self.num_classes, self.device, contiguous=bool(self._contiguous),
+                        task=self.task)["acc"]
 
     @property
     def writer(self) -> Any:
@@ -239,7 +246,7 @@ class Trainer:
                     if self.val_batches is not None:
                         self.recalibrate()
                         val = evaluate(self.model, self.val_batches, self.num_classes, self.device,
-                                       contiguous=bool(self._contiguous))
+                                       contiguous=bool(self._contiguous), task=self.task)
                         record.update({"val_acc": val["acc"], "val_loss": val["loss"]})
                         self.writer.add_scalar(f"{self.stage}/val_acc", val["acc"], self.global_step)
                         self.writer.add_scalar(f"{self.stage}/val_loss", val["loss"], self.global_step)
@@ -323,6 +330,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen, n_steps = 0, 0
+        seen_t = torch.zeros((), device=self.device, dtype=torch.long)  # a task's count (self.task)
         t0, seen_since = time.perf_counter(), 0
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -339,9 +347,15 @@ class Trainer:
             self.step_in_epoch = i + 1
             n_steps += 1
             loss_sum += out.loss.detach().float()
-            correct += (out.logits.detach().argmax(1) == y).sum()
-            seen += y.numel()
-            seen_since += y.numel()
+            if self.task is None:
+                correct += (out.logits.detach().argmax(1) == y).sum()
+                seen += y.numel()
+            else:  # a task's own count (segmentation: labelled pixels), kept on the device: no sync per step
+                hits = self.task.correct(out.logits, y)
+                if hits is not None:
+                    correct += hits[0]
+                    seen_t += hits[1]
+            seen_since += len(x)
             bar.update(1)
             if self.global_step % cfg.log_every == 0:
                 if self.device.type == "cuda":
@@ -369,14 +383,13 @@ class Trainer:
                 [
                     loss_sum.double(),
                     correct.double(),
-                    torch.tensor(float(seen), device=self.device, dtype=torch.float64),
+                    torch.tensor(float(seen), device=self.device, dtype=torch.float64) + seen_t.double(),
                 ]
             )
         )
-        self._epoch_stats = {
-            "loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size,
-            "acc": 100.0 * float(totals[1]) / max(float(totals[2]), 1.0),
-        }
+        self._epoch_stats = {"loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size}
+        if self.task is None or float(totals[2]) > 0:  # a task without a count (detection) logs no train_acc
+            self._epoch_stats["acc"] = 100.0 * float(totals[1]) / max(float(totals[2]), 1.0)
 
 
 class _NullWriter:

@@ -59,8 +59,13 @@ def check_input(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | os.PathLike,
-               dynamic_batch: bool = True) -> dict:
-    """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}."""
+               dynamic_batch: bool = True, check: bool = False, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """torch.export the eval-mode model (dynamic batch when possible) and save it; returns {'dynamic_batch': bool}.
+
+    The outputs may be a tensor or a dict/tuple of tensors (a segmenter's {"out": ...}); check: the program's outputs
+    are compared with the eager model's on a fresh batch (their largest difference returned as max_abs_diff), an
+    ExportError where they differ.
+    """
     was_training = model.training
     model.eval()
     x = _example(model, tuple(input_shape))
@@ -83,10 +88,41 @@ def export_pt2(model: nn.Module, input_shape: tuple[int, int, int], path: str | 
                                   "ship pruned.pt (amas.load_pruned) instead") from None
     finally:
         model.train(was_training)
+    info: dict[str, Any] = {"path": str(path), "dynamic_batch": dynamic}
+    if check:
+        info["max_abs_diff"] = _check_outputs(model, ep.module(), _example(model, tuple(input_shape), 3 if dynamic
+                                                                           else 2), atol, rtol, "pruned.pt2")
     p = Path(path)
     with atomic_path(p) as tmp:
         torch.export.save(ep, tmp)
-    return {"path": str(p), "dynamic_batch": dynamic}
+    return info
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or a dict/tuple/list of them), in pytree order."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _check_outputs(model: nn.Module, program: Any, x: torch.Tensor, atol: float, rtol: float, what: str) -> float:
+    """The largest difference between an exported program's outputs and the eager model's on x; ExportError when
+    they differ (in structure, shape, or beyond atol + rtol·|eager|)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want, got = _leaves(model(x)), _leaves(program(x))
+    finally:
+        model.train(was_training)
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got, strict=True)):
+        raise ExportError(f"{what}'s outputs are {[tuple(t.shape) for t in got]}, the model's "
+                          f"{[tuple(t.shape) for t in want]}; ship pruned.pt instead")
+    diff = max((float((a - b).abs().max()) for a, b in zip(want, got, strict=True) if a.numel()), default=0.0)
+    if not all(bool(((a - b).abs() <= atol + rtol * a.abs()).all()) for a, b in zip(want, got, strict=True)):
+        raise ExportError(f"{what}'s outputs differ from the eager model's by up to {diff:.2e}; ship pruned.pt "
+                          "instead")
+    return diff
 
 
 def onnx_available() -> bool:
@@ -133,7 +169,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
         sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         xs = _example(model, tuple(input_shape), batch=3) if dynamic else x
         with torch.no_grad():
-            ref = model(xs).numpy()
+            ref = _leaves(model(xs))[0].numpy()  # a segmenter's dict: its first output ("out")
         got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
         diff = float(abs(got - ref).max())
         info["max_abs_diff"] = diff

@@ -1,4 +1,4 @@
-"""Any torchvision classifier by name, with the first conv adapted to the input channels."""
+"""Any torchvision classifier or semantic segmenter by name, with the first conv adapted to the input channels."""
 
 from __future__ import annotations
 
@@ -17,6 +17,31 @@ _AUX_FAMILIES = ("googlenet", "inception_v3")
 def torchvision_classifiers() -> list[str]:
     """Return the names of torchvision's classification models."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@lru_cache(maxsize=1)
+def torchvision_segmenters() -> list[str]:
+    """Return the names of torchvision's semantic segmentation models (LRASPP, DeepLabV3, FCN)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def segmenter_builds(model: nn.Module) -> list[tuple[str, dict]]:
+    """(name, kwargs) of each torchvision segmentation builder whose model has model's class and heads (aux or
+    not), to try in turn: torchvision's builders name their classes in their return annotations."""
+    import inspect
+
+    out = []
+    for name in torchvision_segmenters():
+        fn = torchvision.models.get_model_builder(name)
+        sig = inspect.signature(fn)
+        if sig.return_annotation is not type(model) and getattr(sig.return_annotation, "__name__", None) != \
+                type(model).__name__:
+            continue
+        kwargs: dict = {}
+        if "aux_loss" in sig.parameters:
+            kwargs["aux_loss"] = getattr(model, "aux_classifier", None) is not None
+        out.append((name, kwargs))
+    return out
 
 
 def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
@@ -54,6 +79,8 @@ def create_torchvision_model(name: str, num_classes: int = 10, in_channels: int 
         kwargs.setdefault("init_weights", True)
         if in_channels != 3:
             kwargs.setdefault("transform_input", False)
+    if name in torchvision_segmenters():
+        kwargs.setdefault("weights_backbone", None)  # random init, as weights=None: never a download
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:

@@ -42,16 +42,17 @@ __all__ = ["Candidate", "candidates_stage", "cut_candidates", "finetune_trainer"
 
 
 def finetune_trainer(model: nn.Module, teacher: nn.Module, cfg: FinetuneConfig, epochs: int, data: Any, run_dir: Path,
-                     stage: str, device: torch.device, on_epoch_end: Callable | None = None) -> Any:
+                     stage: str, device: torch.device, on_epoch_end: Callable | None = None, task: Any = None) -> Any:
     """An engine Trainer that fine-tunes model against teacher (a module, or the run's shared FrozenTeacher) for
-    epochs epochs (state in run_dir/<stage>_state.pt)."""
+    epochs epochs (state in run_dir/<stage>_state.pt); task: the amas.tasks Task (None: classification)."""
     from amas.engine.loop import Trainer
 
     info = data.info
     tcfg = dataclasses.replace(cfg.train, epochs=int(epochs))
-    objective = AlignmentObjective(teacher, cfg, info.input_shape, info.num_classes, student=model, section="finetune")
+    objective = AlignmentObjective(teacher, cfg, info.input_shape, info.num_classes, student=model, section="finetune",
+                                   task=task)
     return Trainer(model, data.train, tcfg, run_dir, num_classes=info.num_classes, val=data.val, objective=objective,
-                   stage=stage, device=device, on_epoch_end=on_epoch_end)
+                   stage=stage, device=device, on_epoch_end=on_epoch_end, task=task)
 
 
 @dataclass
@@ -126,11 +127,12 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
                    planner: Callable[[float, nn.Module, list, Any], dict[str, torch.Tensor]],
                    masks: dict[str, torch.Tensor] | None,
                    data: Any, device: torch.device, method: str, on_epoch_end: Callable | None = None,
-                   log: Callable[[str], None] = print, frozen: Any = None) -> dict:
+                   log: Callable[[str], None] = print, frozen: Any = None, task: Any = None) -> dict:
     """Cut candidates from source, fine-tune them by successive halving, write out_dir/candidates.json; return it.
 
     planner(level, source, groups, cost_model) returns the kept channel indices per group at a MACs reduction.
     frozen: the run's shared inference copy of the teacher the fine-tuning reads (else each candidate makes one).
+    task: the amas.tasks Task they fine-tune on and are selected by (val_acc holds its metric; None: top-1).
     """
     from amas.channels.cost import CostModel, count
     from amas.channels.cut import make_recipe
@@ -151,7 +153,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         raise SelectionError("selection needs a held-out validation split; set data.val_size > 0")
     teacher = teacher.to(device).eval()
     teacher_macs, teacher_params = count(teacher, shape)
-    teacher_val = evaluate(teacher, data.val, info.num_classes, device)["acc"]
+    teacher_val = evaluate(teacher, data.val, info.num_classes, device, task=task)["acc"]
 
     cut_path = out_dir / "cut.json"
     cut_before = cut_path.is_file()
@@ -170,7 +172,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         )
         rows = []
         for c in cands:
-            c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device)["acc"]
+            c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device, task=task)["acc"]
             meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
             recipe = make_recipe(record, shape, c.keep, cfg.prune.ignore)
             on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, recipe, meta)
@@ -214,6 +216,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
             row["name"],
             device,
             on_epoch_end=(lambda e, rec, s=row["name"]: on_epoch_end(s, e, rec)) if on_epoch_end else None,
+            task=task,
         )
         try:
             history = trainer.fit(resume=True, until_epoch=until)
@@ -342,12 +345,12 @@ def candidates_stage(ctx: RunContext) -> Rows:
     source, masks, planner = _planner(ctx)
     r = run_candidates(ctx.cfg, ctx.stage_dir("candidates"), teacher=teacher, record=obj["model"], source=source,
                        planner=planner, masks=masks, data=ctx.data("finetune"), device=ctx.device, method=ctx.method,
-                       on_epoch_end=ctx.epoch_hook(), frozen=ctx.frozen_teacher(ctx.cfg.finetune))
+                       on_epoch_end=ctx.epoch_hook(), frozen=ctx.frozen_teacher(ctx.cfg.finetune), task=ctx.task)
     rows = [(f"{c['name']} (level {c['level']:.2f})",
              f"-{100 * c['macs_reduction']:.1f}% MACs, {c['channels']}/{c['total_channels']} ch, "
              f"val {c['val_acc']:.2f}% after {c['epochs']} ep, {c['status']}") for c in r["rows"]]
     rows += [(f"skipped level {s['level']:.2f}", s["reason"]) for s in r["skipped"]]
-    rows += [("teacher val acc %", r["teacher"]["val_acc"]),
+    rows += [(f"teacher {ctx.label('val')}", r["teacher"]["val_acc"]),
              ("budget spent", f"{r['halving']['spent']} of {r['halving']['budget']} candidate-epochs")]
     if "compiled" in r:  # train.compile: the forwards compiled over the candidates' architectures
         rows.append(("compiled forwards", "{compilations} compilation(s), {recompilations} recompilation(s)"

@@ -105,10 +105,13 @@ class RunContext:
                  latency_iters: int = 20, hooks: dict[str, Callable] | None = None,
                  teacher_model: nn.Module | None = None, data: Any = None, command: str = "prune",
                  given: dict[str, tuple[nn.Module, dict]] | None = None,
-                 export: ExportOptions | None = None) -> None:
+                 export: ExportOptions | None = None, task: Any = None) -> None:
         from amas.distributed import resolve_device
+        from amas.tasks import make_task
 
         self.cfg, self.dir, self.method = cfg, Path(run_dir), method
+        # what the stages train, align and select by (config.task; amas.prune may hand a Task with its loss_fn)
+        self.task = make_task(task if task is not None else cfg.task)
         self.command, self.flat = command, command != "prune"
         self.given, self.export = dict(given or {}), export or ExportOptions()
         self.teacher_arg = None if teacher is None else str(teacher)
@@ -189,6 +192,11 @@ class RunContext:
     def check_data(self) -> None:
         """Stop on configured data that cannot work (an ImageFolder class folder without images, a file that is not
         an image) before any stage runs or writes; the user's in-memory batches were checked when given."""
+        check_task(self.cfg, self.method, self.task)
+        if self.task.name != "classification" and not self.user_data:
+            raise PipelineError(f"task={self.task.name} trains on your own batches so far: run it with "
+                                f"amas.prune(teacher, train, val, input_shape, task={self.task.name!r}) (data.name "
+                                "datasets hold class labels)")
         if self.user_data or (self.command == "export" and not self.export.test):
             return
         from amas.data import check_images, dataset_info
@@ -196,6 +204,10 @@ class RunContext:
         dataset_info(self.cfg.data)
         if self.cfg.data.name == "imagefolder":
             check_images(self.cfg.data)  # a corrupt file would stop a stage mid-run with a PIL traceback
+
+    def label(self, split: str) -> str:
+        """How a summary row names the task's metric on a split: 'val acc %', 'val mIoU %', 'test box mAP %'."""
+        return f"{split} {self.task.metric_label}"
 
     @property
     def dataset_label(self) -> str:
@@ -245,7 +257,7 @@ class RunContext:
     def frozen_teacher(self, section: Any) -> Any:
         """The teacher's one inference copy (amas.engine.frozen.FrozenTeacher) every stage of the run reads: conv+BN
         folded when section.fast_teacher (search or finetune) and the fold keeps its outputs; built once per run."""
-        fold = bool(section.fast_teacher)
+        fold = bool(section.fast_teacher) and self.task.fold_teacher
         if fold not in self._frozen:
             from amas.data import dataset_info
             from amas.engine.frozen import FrozenTeacher
@@ -283,14 +295,41 @@ def _memory_record(model: nn.Module, info: Any, kwargs: dict | None = None) -> d
     """The file record of an in-memory teacher: 'package.module:Class' (+ kwargs) when its class rebuilds it, so
     pruned.pt loads wherever the class imports; else a name that rebuilds it as a copy in this process only."""
     from amas.files.checkpoint import model_record
-    from amas.inputs import arch_name
-    from amas.models.registry import MEMORY_PREFIX
+    from amas.inputs import importable_name, torchvision_record
+    from amas.models.registry import MEMORY_PREFIX, register_memory_model
 
     cls = type(model)
-    name = arch_name(model, info.input_shape, info.num_classes, kwargs)
-    record = model_record(name, info.num_classes, info.in_channels, info,
+    shape, k = info.input_shape, info.num_classes
+    name = importable_name(model, shape, k, kwargs)  # as arch_name, with torchvision's segmenters in between
+    tv = None if name else torchvision_record(model, shape, k)
+    name = name or (tv[0] if tv else register_memory_model(model))
+    record = model_record(name, k, info.in_channels, info, tv[1] if tv else
                           None if name.startswith(MEMORY_PREFIX) else kwargs)
     return {"model": dict(record, source_class=f"{cls.__module__}:{cls.__qualname__}"), "metrics": {}}
+
+
+# baselines that read class labels (a classifier's CE or top-1): not for dense tasks
+_LABEL_METHODS = {"taylor": "its scores are gradients of a classifier's cross-entropy",
+                  "blend": "its search scores candidates by top-1 on validation batches"}
+
+
+def check_task(cfg: Config, method: str, task: Any) -> None:
+    """One line, before any stage runs, for what a dense task cannot do yet: a baseline that reads class labels,
+    int8 quantization (its calibration and accuracy read logits), data only the user's batches give."""
+    if task.name == "classification":
+        return
+    if task.name == "detection":
+        raise PipelineError("task=detection runs in amas.MaskSearch (your own loop) so far; the pipeline (amas.prune, "
+                            "amas prune) takes task=classification or task=segmentation")
+    why = _LABEL_METHODS.get(method)
+    if method == "bn_scale" and cfg.criteria.bn_sparsity:
+        why = "its sparsity training (criteria.bn_sparsity) trains a classifier's cross-entropy"
+    if why:
+        raise PipelineError(f"method {method} cannot prune a {task.name} model: {why}; use l1, l2, fpgm, random, srr, "
+                            "hrank, apoz or amas")
+    if cfg.quant.mode != "none":
+        raise PipelineError(f"quant.mode={cfg.quant.mode} is for classifiers so far (its calibration and accuracy read "
+                            f"logits); task={task.name} runs with quant.mode=none")
 
 
 def seed_everything(seed: int) -> None:

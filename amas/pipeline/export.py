@@ -32,9 +32,9 @@ def export_stage(ctx: RunContext) -> Rows:
     classes = int(obj["metadata"]["num_classes"])
     acc = {"pruned": None, "teacher": None}
     if test is not None:
-        acc["pruned"] = evaluate(model, test, classes, ctx.device)["acc"]
+        acc["pruned"] = evaluate(model, test, classes, ctx.device, task=ctx.task)["acc"]
         if ctx.export.teacher_test:
-            acc["teacher"] = evaluate(teacher, test, classes, ctx.device)["acc"]
+            acc["teacher"] = evaluate(teacher, test, classes, ctx.device, task=ctx.task)["acc"]
     report = ctx.write(_write_export, ctx, model, obj, teacher, acc)
     if report is None:  # not rank 0: nothing to report
         return []
@@ -59,7 +59,8 @@ def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Modu
     files = {"pruned.pt": str(ctx.path("pruned.pt")), "pruned.pt2": str(ctx.path("pruned.pt2"))}
     save_pruned(files["pruned.pt"], model, obj["recipe"], meta)
     model, teacher = model.cpu(), teacher.cpu()
-    pt2 = export_pt2(model, shape, files["pruned.pt2"])
+    dense = ctx.task.name != "classification"  # dict outputs: the program's outputs are checked against eager's
+    pt2 = export_pt2(model, shape, files["pruned.pt2"], check=dense)
     notes = [] if pt2["dynamic_batch"] else ["pruned.pt2 has a fixed batch size (the model did not export with a "
                                              "dynamic batch)"]
     if ctx.export.onnx:
@@ -80,7 +81,7 @@ def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Modu
         files={**files, **({"selection": str(ctx.path("selection.json")), "pareto": str(ctx.path("pareto.png"))}
                            if sel else {})},
         stage_wall_s={k: v["wall_s"] for k, v in ctx.log.data["stages"].items() if v.get("wall_s") is not None},
-        notes=notes)
+        notes=notes, metric=ctx.task.metric_name if dense else None)
     if ctx.cfg.prune.report_runtimes:
         from amas.latency.table import runtime_comparison
 

@@ -24,7 +24,7 @@ def final_stage(ctx: RunContext) -> Rows:
     val_acc = sel["winner_row"]["val_acc"]
     if epochs > 0:
         trainer = finetune_trainer(model, teacher, ctx.cfg.finetune, epochs, ctx.data("finetune"), out, "final",
-                                   ctx.device, on_epoch_end=ctx.epoch_hook("final"))
+                                   ctx.device, on_epoch_end=ctx.epoch_hook("final"), task=ctx.task)
         try:
             history = trainer.fit(resume=True)
         finally:
@@ -33,5 +33,7 @@ def final_stage(ctx: RunContext) -> Rows:
         val_acc = float(history[-1]["val_acc"])
     meta = dict(obj["metadata"], val_acc=val_acc, selected=name, finetune_epochs=epochs)
     ctx.write(save_pruned, out / "final.pt", model, obj["recipe"], meta)
-    return [("selected", name), ("fine-tune epochs", epochs), ("val acc before %", sel["winner_row"]["val_acc"]),
-            ("val acc after %", val_acc), ("checkpoint", str(out / "final.pt"))]
+    val = ctx.label("val")  # 'val acc %', 'val mIoU %', ...
+    return [("selected", name), ("fine-tune epochs", epochs), (val.replace(" %", " before %"),
+                                                               sel["winner_row"]["val_acc"]),
+            (val.replace(" %", " after %"), val_acc), ("checkpoint", str(out / "final.pt"))]

@@ -6,7 +6,8 @@ teacher block describes); the changes (test_acc_change, macs_reduction, params_r
 and latency_device; cut (target_reduction, round_to, min_channels, source); selection (None for `amas export`);
 files; stage_wall_s; notes (e.g. a skipped ONNX file); runtimes when timed. test_acc, macs, params, latency_b1_ms
 and latency_b64_ms at the top level are the pruned model's, as the `amas export` report had them. A value not
-measured is None.
+measured is None. A dense task's report adds ``metric`` (``miou``: mean IoU; ``map``: box mAP@[.5:.95]), which
+its test_acc and val_acc fields then hold (in %); a classifier's report has no ``metric`` (top-1).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
 
 def export_report(*, command: str, model: str | None, dataset: str | None, method: str, input_shape: Any,
                   pruned: dict, teacher: dict, reference: str, cut: dict, files: dict, selection: dict | None = None,
-                  stage_wall_s: dict | None = None, notes: list[str] | None = None) -> dict:
-    """The report dict of an export: teacher vs pruned (from measure), the cut, the selection and the files."""
+                  stage_wall_s: dict | None = None, notes: list[str] | None = None, metric: str | None = None) -> dict:
+    """The report dict of an export: teacher vs pruned (from measure), the cut, the selection and the files;
+    metric: the dense task's metric the accuracy fields hold (None: top-1, no ``metric`` key)."""
     p, t = dict(pruned), dict(teacher)
     device = p.pop("latency_device", None)
     t.pop("latency_device", None)
@@ -73,15 +75,26 @@ def export_report(*, command: str, model: str | None, dataset: str | None, metho
         "notes": list(notes or []),
     }
     report.update({k: p[k] for k in MIRRORED})
+    if metric is not None:
+        report["metric"] = metric
     return report
+
+
+_METRIC_NAMES = {"miou": "mean IoU", "map": "box mAP"}
+
+
+def _metric_name(report: dict) -> str:
+    """What the report's accuracy fields hold, as report.md names it."""
+    return _METRIC_NAMES.get(report.get("metric", ""), "accuracy")
 
 
 def report_rows(report: dict) -> list[tuple[str, Any]]:
     """The export stage's summary rows (both commands print them)."""
     t, p = report["teacher"], report["pruned"]
+    what = "acc" if "metric" not in report else _metric_name(report)
     rows: list[tuple[str, Any]] = [("model", report["model"]), ("dataset", report["dataset"]),
-                                   (f"{report['reference']} test acc %", _cell(t["test_acc"])),
-                                   ("pruned test acc %", _cell(p["test_acc"])),
+                                   (f"{report['reference']} test {what} %", _cell(t["test_acc"])),
+                                   (f"pruned test {what} %", _cell(p["test_acc"])),
                                    ("MACs", f"{p['macs'] / 1e6:.3f}M of {t['macs'] / 1e6:.3f}M "
                                             f"(-{100 * report['macs_reduction']:.1f}%)"),
                                    ("params", f"{p['params'] / 1e6:.4f}M of {t['params'] / 1e6:.4f}M"),
@@ -171,8 +184,8 @@ def write_report(report: dict, out: str | Path) -> None:
     lines = [
         f"# amas {report['command']}: {report['model']} on {report['dataset']} ({report['method']})", "",
         f"| | {ref} | pruned | change |", "|---|---|---|---|",
-        row("test accuracy %", _cell(t["test_acc"]), _cell(p["test_acc"]), acc_change),
-        row("validation accuracy %", _cell(t["val_acc"]), _cell(p["val_acc"]), val_change),
+        row(f"test {_metric_name(report)} %", _cell(t["test_acc"]), _cell(p["test_acc"]), acc_change),
+        row(f"validation {_metric_name(report)} %", _cell(t["val_acc"]), _cell(p["val_acc"]), val_change),
         row("MACs", f"{t['macs'] / 1e6:.3f}M", f"{p['macs'] / 1e6:.3f}M", f"-{100 * report['macs_reduction']:.1f}%"),
         row("params", f"{t['params'] / 1e6:.4f}M", f"{p['params'] / 1e6:.4f}M",
             f"-{100 * report['params_reduction']:.1f}%"),
@@ -180,7 +193,7 @@ def write_report(report: dict, out: str | Path) -> None:
             f"{report['speedup_b1']:.2f}x faster"),
         row("latency batch 64 (ms)", f"{t['latency_b64_ms']:.3f}", f"{p['latency_b64_ms']:.3f}",
             f"{report['speedup_b64']:.2f}x faster"),
-        "", f"Latency measured on {report['latency_device']}. Test accuracy is evaluated once, at export"
+        "", f"Latency measured on {report['latency_device']}. Test {_metric_name(report)} is evaluated once, at export"
         + ("; the selection used the held-out validation split only." if report["selection"] else "."), "",
         *_runtime_lines(report), *_selection_lines(report),
         "## Files", "",

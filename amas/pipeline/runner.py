@@ -99,7 +99,13 @@ def _candidate_settings(s: Settings) -> dict:
     if sel.get("indicator") == "latency" or sel.get("max_latency", 0) > 0:  # candidates are timed: how counts
         select.update({k: sel[k] for k in ("indicator", *_LATENCY_SELECT_KEYS)})
     criteria = None if s.searched else s.d.get("criteria")
-    return {"method": s.method, "prune": s.d["prune"], "select": select, "finetune": finetune, "criteria": criteria}
+    return {"method": s.method, "prune": s.d["prune"], "select": select, "finetune": finetune, "criteria": criteria,
+            **_task(s)}
+
+
+def _task(s: Settings) -> dict:
+    """The task where it is not classification (so runs from before config.task keep their hashes)."""
+    return {} if s.d.get("task", "classification") == "classification" else {"task": s.d["task"]}
 
 
 # latency settings, recorded only when in use, so runs fingerprinted before they existed keep their hashes
@@ -112,7 +118,7 @@ def _search_settings(s: Settings) -> dict:
         return {"method": s.method}
     ignore = s.d["prune"].get("ignore")
     return {"search": s.d["search"], **({"residual_channels": True} if s.residual else {}),
-            **({"ignore": ignore} if ignore else {})}
+            **({"ignore": ignore} if ignore else {}), **_task(s)}
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ __all__ = ["search", "search_stage"]
 
 def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: bool = False,
            on_epoch_end: Any = None, teacher: tuple[Any, dict] | None = None, data: Any = None,
-           frozen: Any = None) -> dict[str, Any]:
+           frozen: Any = None, task: Any = None) -> dict[str, Any]:
     """Search channel masks for a copy of the teacher; writes search.pt (student + masks) and search_state.pt.
 
     teacher, data: an in-memory (model, file record) and DataBundle used instead of teacher_path and cfg.data.
     frozen: the run's shared inference copy of the teacher (amas.engine.frozen.FrozenTeacher); else a private one.
+    task: the amas.tasks Task the student learns and is validated on (None: classification).
     """
     from amas.channels.cost import CostModel
     from amas.channels.groups import find_groups
@@ -70,11 +71,12 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     objective = SearchObjective(frozen or teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
                                 total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
                                 min_channels=cfg.prune.min_channels, penalty_costs=_penalty_costs(cfg, student, groups,
-                                                                                                  info.input_shape))
+                                                                                                  info.input_shape),
+                                task=task)
     # a schedule longer than the search stops it part-way, where the fine-tuning that follows can continue it
     schedule = dataclasses.replace(tcfg, epochs=max(tcfg.epochs, cfg.search.schedule_epochs))
     trainer = Trainer(student, data.train, schedule, run_dir, num_classes=info.num_classes, val=data.val,
-                      objective=objective, stage="search", device=device, on_epoch_end=on_epoch_end)
+                      objective=objective, stage="search", device=device, on_epoch_end=on_epoch_end, task=task)
     try:
         history = trainer.fit(resume=resume, until_epoch=tcfg.epochs)
     except BaseException:
@@ -85,8 +87,8 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     masks.load_values(values)
     result: dict[str, Any] = {}
     if data.val is not None:
-        result["val_acc"] = evaluate(trainer.model, data.val, info.num_classes, device)["acc"]
-        result["teacher_val_acc"] = evaluate(teacher, data.val, info.num_classes, device)["acc"]
+        result["val_acc"] = evaluate(trainer.model, data.val, info.num_classes, device, task=task)["acc"]
+        result["teacher_val_acc"] = evaluate(teacher, data.val, info.num_classes, device, task=task)["acc"]
     objective.close()
     eff = objective.effective_macs()
     kept = objective.kept()
@@ -132,12 +134,12 @@ def search_stage(ctx: RunContext) -> Rows:
     out = ctx.stage_dir("search")
     r = search(ctx.cfg, out, ctx.teacher_path, resume=True, on_epoch_end=ctx.epoch_hook("search"),
                teacher=ctx.memory_teacher(), data=ctx.data("search") if ctx.memory_teacher() else None,
-               frozen=ctx.frozen_teacher(ctx.cfg.search))
+               frozen=ctx.frozen_teacher(ctx.cfg.search), task=ctx.task)
+    val = ctx.label("val")  # 'val acc %', 'val mIoU %', ...
     return [
         ("teacher", str(ctx.teacher_path)), ("dataset", ctx.dataset_label),
-        ("student val acc %", r.get("val_acc", float("nan"))),
-        ("teacher val acc %", r.get("teacher_val_acc", float("nan"))),
-        ("student val acc by epoch %", ", ".join(f"{a:.2f}" for a in r.get("val_acc_by_epoch", [])) or "–"),
+        (f"student {val}", r.get("val_acc", float("nan"))), (f"teacher {val}", r.get("teacher_val_acc", float("nan"))),
+        (f"student {val[:-2]} by epoch %", ", ".join(f"{a:.2f}" for a in r.get("val_acc_by_epoch", [])) or "–"),
         ("optimiser", f"{r.get('optimizer', 'sgd')} at x{r.get('lr_scale', 1.0):.3g} of its rate"),
         ("effective MACs", f"{r['effective_macs'] / 1e6:.2f}M of {r['total_macs'] / 1e6:.2f}M"),
         ("MACs reduction %", 100.0 * r["macs_reduction"]), ("target reduction %", 100.0 * r["target_reduction"]),

@@ -112,7 +112,7 @@ def teacher_stage(ctx: RunContext) -> Rows:
                  "elsewhere with amas.load_pruned(path, base=YourModel(...)); pruned.pt2 loads anywhere"
                  ) if name.startswith(MEMORY_PREFIX) else f"pruned.pt rebuilds it as {name}"
         return [("teacher", f"in memory ({obj['model']['source_class']}), recorded in {ctx.teacher_path}"),
-                ("dataset", ctx.dataset_label), ("val acc %", _teacher_val_acc(ctx)), ("rebuild", where)]
+                ("dataset", ctx.dataset_label), (ctx.label("val"), _teacher_val_acc(ctx)), ("rebuild", where)]
     name = ctx.cfg.model.name
     if ctx.teacher_arg:
         _, obj = ctx.teacher
@@ -140,4 +140,4 @@ def _teacher_val_acc(ctx: RunContext) -> float | str:
     data = ctx.data("finetune")
     if data.val is None:
         return _no_val(ctx)
-    return evaluate(ctx.teacher[0], data.val, data.info.num_classes, ctx.device)["acc"]
+    return evaluate(ctx.teacher[0], data.val, data.info.num_classes, ctx.device, task=ctx.task)["acc"]

@@ -101,6 +101,8 @@ class Task:
     features = False
     loss_term = "task_loss"
     every_batch = True  # check targets on every batch (classification: on the first only, as before)
+    metric_name = "metric"  # the selection metric's short name in reports (val_<name>, test_<name>)
+    metric_label = "metric %"  # and as a summary row or report.md says it
 
     def num_classes(self, model: nn.Module, input_shape: tuple[int, int, int]) -> int | None:
         """The model's class count, read from it (None where it cannot be read); an AmasError when the task cannot
@@ -152,3 +154,13 @@ class Task:
     def metric(self, num_classes: int | None) -> Metric:
         """A fresh accumulator of the task's selection metric."""
         raise NotImplementedError
+
+    def eval_loss(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(summed task loss, how many terms it sums) of a batch of eval-mode outputs (evaluation reports their mean),
+        or None where eval-mode outputs hold no loss (detections)."""
+        return None
+
+    def correct(self, primary: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(correct predictions, predictions) of one training batch for the train accuracy the engine logs, from the
+        StepOutput's primary tensor; None where the task has no such count."""
+        return None

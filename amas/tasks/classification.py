@@ -56,6 +56,8 @@ class ClassificationTask(Task):
     features = True
     loss_term = "ce"
     every_batch = False
+    metric_name = "acc"
+    metric_label = "acc %"
 
     def num_classes(self, model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         """The class count of a classifier: its output on two zero images must be (2, classes)."""
@@ -99,3 +101,11 @@ class ClassificationTask(Task):
     def metric(self, num_classes: int | None) -> Metric:
         """Top-1 accuracy."""
         return TopOneAccuracy()
+
+    def eval_loss(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the images."""
+        return F.cross_entropy(full_precision(outputs), targets, reduction="sum"), torch.tensor(targets.numel())
+
+    def correct(self, primary: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 hits."""
+        return (primary.detach().argmax(1) == targets).sum(), torch.tensor(targets.numel())

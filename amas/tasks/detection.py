@@ -154,6 +154,8 @@ class DetectionTask(Task):
     name = "detection"
     channels_last = False
     loss_term = "det_loss"
+    metric_name = "map"
+    metric_label = "box mAP %"
 
     def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                  align: Sequence[str] | None = None) -> None:

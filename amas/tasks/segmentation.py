@@ -55,6 +55,8 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     loss_term = "ce"
+    metric_name = "miou"
+    metric_label = "mIoU %"
 
     def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> None:
         self.loss_fn = loss_fn
@@ -137,3 +139,14 @@ class SegmentationTask(Task):
     def metric(self, num_classes: int | None) -> Metric:
         """Mean IoU."""
         return MeanIoU(int(num_classes or 0))
+
+    def eval_loss(self, outputs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel CE of the "out" logits summed over the labelled pixels (255 ignored), and their count."""
+        logits = full_precision(pixel_logits(outputs))
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce, (targets != IGNORE_INDEX).sum()
+
+    def correct(self, primary: torch.Tensor, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labelled pixels whose arg-max class is right (pixel accuracy; 255 not counted), and their count."""
+        valid = targets != IGNORE_INDEX
+        return ((primary.detach().argmax(1) == targets) & valid).sum(), valid.sum()
