@@ -11,7 +11,6 @@ from typing import Any
 
 from amas import distributed
 from amas.config import Config
-from amas.errors import SearchError
 from amas.files.atomic import atomic_write_text
 from amas.pipeline.context import (
     Rows,
@@ -21,7 +20,7 @@ from amas.pipeline.context import (
     seed_everything,
     stage_data,
 )
-from amas.search.objective import SearchObjective
+from amas.search.setup import build_search
 
 __all__ = ["search", "search_stage"]
 
@@ -35,9 +34,6 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     frozen: the run's shared inference copy of the teacher (amas.engine.frozen.FrozenTeacher); else a private one.
     task: the amas.tasks Task the student learns and is validated on (None: classification).
     """
-    from amas.channels.cost import CostModel
-    from amas.channels.groups import find_groups
-    from amas.channels.masks import ChannelMasks
     from amas.data import dataset_info
     from amas.distributed import resolve_device
     from amas.engine.loop import Trainer, evaluate
@@ -63,16 +59,12 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
-    groups = find_groups(student, info.input_shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
-    if not groups:
-        raise SearchError(f"model '{record['name']}' has no prunable channel groups; choose another model")
-    cost = CostModel(student, groups, info.input_shape)
-    masks = ChannelMasks(groups, init=1.0)
-    objective = SearchObjective(frozen or teacher, groups, masks, cost, cfg.search, info.input_shape, info.num_classes,
-                                total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
-                                min_channels=cfg.prune.min_channels, penalty_costs=_penalty_costs(cfg, student, groups,
-                                                                                                  info.input_shape),
-                                task=task)
+    parts = build_search(student, frozen or teacher, cfg.search, info.input_shape, info.num_classes,
+                         total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
+                         min_channels=cfg.prune.min_channels, residual=cfg.prune.residual_channels,
+                         ignore=cfg.prune.ignore, task=task, what=f"model '{record['name']}'",
+                         penalty_costs=lambda groups: _penalty_costs(cfg, student, groups, info.input_shape))
+    groups, cost, masks, objective = parts.groups, parts.cost, parts.masks, parts.objective
     # a schedule longer than the search stops it part-way, where the fine-tuning that follows can continue it
     schedule = dataclasses.replace(tcfg, epochs=max(tcfg.epochs, cfg.search.schedule_epochs))
     trainer = Trainer(student, data.train, schedule, run_dir, num_classes=info.num_classes, val=data.val,

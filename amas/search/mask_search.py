@@ -58,13 +58,11 @@ class MaskSearch:
                  residual_channels: bool = False, ignore: Sequence[str] = (), lr: float | None = None,
                  task: str | Any = "classification", loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                  align: Sequence[str] | None = None, **options: Any) -> None:
-        from amas.channels.cost import CostModel
         from amas.channels.dense import tensor_part
-        from amas.channels.groups import find_groups
-        from amas.channels.masks import ChannelMasks, remove_mask_hooks
+        from amas.channels.masks import remove_mask_hooks
         from amas.config_check import check_target
         from amas.errors import SearchError
-        from amas.search.objective import SearchObjective
+        from amas.search.setup import build_search
         from amas.tasks import make_task
 
         target_reduction = check_target(target_reduction)
@@ -94,15 +92,10 @@ class MaskSearch:
         # masks): drop them, this search's masks are the only ones
         remove_mask_hooks(student)
         self.net = tensor_part(student)  # a torchvision detector's backbone and heads (on transformed images)
-        self.groups = find_groups(self.net, self.input_shape, residual=residual_channels, ignore=ignore)
-        if not self.groups:
-            raise SearchError(f"the student ({type(student).__name__}) has no prunable channel groups (no conv or "
-                              "linear output that can lose channels); pass fewer ignore= names, or another model")
-        self.cost = CostModel(self.net, self.groups, self.input_shape)
-        self.masks = ChannelMasks(self.groups, init=1.0)
-        self.objective = SearchObjective(teacher, self.groups, self.masks, self.cost, self.cfg, self.input_shape,
-                                         self.num_classes, total_steps=total_steps, round_to=self.round_to,
-                                         min_channels=self.min_channels, task=self.task)
+        parts = build_search(self.net, teacher, self.cfg, self.input_shape, self.num_classes, total_steps=total_steps,
+                             round_to=self.round_to, min_channels=self.min_channels, residual=residual_channels,
+                             ignore=ignore, task=self.task, what=f"the student ({type(student).__name__})")
+        self.groups, self.cost, self.masks, self.objective = parts.groups, parts.cost, parts.masks, parts.objective
         p = next(student.parameters())
         self.objective.setup(student, p.device)
         self.steps = 0
