@@ -29,10 +29,19 @@ from torch import nn
 from amas.channels.cost import CostModel
 from amas.channels.group import ChannelGroup
 from amas.config import CriteriaConfig, PruneConfig
-from amas.criteria.registry import REGISTRY, Criterion, check_name, criteria_cfg, get, need_batches, register
+from amas.criteria.registry import (
+    REGISTRY,
+    Criterion,
+    check_name,
+    criteria_cfg,
+    get,
+    need_batches,
+    plan_with,
+    register,
+)
 from amas.errors import CriteriaError
 
-__all__ = ["METHODS", "Criterion", "REGISTRY", "blend_pool_scores", "channel_scores", "plan_for_method",
+__all__ = ["METHODS", "Criterion", "REGISTRY", "blend_pool_scores", "channel_scores", "plan_for_method", "plan_with",
            "check_method", "prepare_model", "register"]
 
 Scores = dict[str, torch.Tensor]
@@ -206,5 +215,5 @@ def plan_for_method(method: str, model: nn.Module, groups: list[ChannelGroup], c
                     target_reduction: float, *, train: Any, val: Any, cfg: CriteriaConfig,
                     prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> Scores:
     """Kept channel indices per group at the MACs target, chosen by the given method."""
-    return get(method, METHODS).plan(model, groups, cost_model, target_reduction, train=train, val=val,
-                                     cfg=criteria_cfg(cfg), prune_cfg=prune_cfg, num_classes=num_classes, seed=seed)
+    return plan_with(get(method, METHODS), model, groups, cost_model, target_reduction, train=train, val=val,
+                     cfg=criteria_cfg(cfg), prune_cfg=prune_cfg, num_classes=num_classes, seed=seed)

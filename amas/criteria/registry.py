@@ -1,8 +1,9 @@
 """The registry of channel criteria: one scorer object per method, planned the same way (in the manner of
 Torch-Pruning's ``Importance`` classes plugging into its pruner).
 
-A criterion scores each group's channels (higher = keep) and plans kept channels at a MACs target through
-``prune.plan_keep``, or plans them itself (blend, srr). ``source`` says what a pipeline cuts from: the teacher,
+A criterion scores each group's channels (higher = keep); the cut planner (amas.latency.plan.plan_scores: MACs through
+``amas.channels.plan.plan_keep``, or latency) turns scores into kept channels (``plan_with``). Blend and srr plan their
+channels themselves. ``source`` says what a pipeline cuts from: the teacher,
 or the searched student whose masks are the scores (``amas``, the mask search).
 """
 
@@ -16,11 +17,10 @@ from torch import nn
 
 from amas.channels.cost import CostModel
 from amas.channels.group import ChannelGroup
-from amas.channels.plan import plan_keep
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import CriteriaError
 
-__all__ = ["Criterion", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches"]
+__all__ = ["Criterion", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches", "plan_with"]
 
 Scores = dict[str, torch.Tensor]
 
@@ -67,13 +67,22 @@ class Criterion:
     def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
              val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
              masks: Scores | None = None) -> Scores:
-        """Kept channel indices per group at the MACs target."""
-        scores = self.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
-        if getattr(prune_cfg, "cost", "macs") == "latency":  # target: the fraction of the latency to remove
-            from amas.latency.plan import plan_by_latency
+        """Kept channel indices per group at the target, for a criterion that plans itself (scores_channels False)."""
+        raise CriteriaError(f"method '{self.name}' scores channels; plan them with amas.criteria.registry.plan_with")
 
-            return plan_by_latency(scores, model, groups, cost.input_shape, prune_cfg, 1.0 - float(target))
-        return plan_keep(scores, cost, target, prune_cfg.min_channels, prune_cfg.round_to)
+
+def plan_with(criterion: Criterion, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *,
+              train: Any, val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
+              masks: Scores | None = None) -> Scores:
+    """Kept channel indices per group at the target: a scoring criterion's scores planned by the cut planner (MACs
+    or latency, amas.latency.plan.plan_scores), or the plan of a criterion that plans itself."""
+    if not criterion.scores_channels:
+        return criterion.plan(model, groups, cost, target, train=train, val=val, cfg=cfg, prune_cfg=prune_cfg,
+                              num_classes=num_classes, seed=seed, masks=masks)
+    from amas.latency.plan import plan_scores
+
+    scores = criterion.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
+    return plan_scores(scores, model, groups, cost, target, prune_cfg)
 
 
 REGISTRY: dict[str, Criterion] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,3 +140,14 @@ def plan_by_latency(scores: dict, model: nn.Module, groups: list, input_shape: S
     table = shared_table(copy.deepcopy(model).cpu().eval(), groups, input_shape, prune_cfg)
     blocks = removable_groups(model, groups) if prune_cfg.block_removal else None
     return plan_keep_latency(scores, table, target_latency, prune_cfg.min_channels, prune_cfg.round_to, blocks)
+
+
+def plan_scores(scores: dict[str, torch.Tensor], model: nn.Module, groups: list, cost: Any, target: float,
+                prune_cfg: Any) -> dict[str, torch.Tensor]:
+    """Kept channels per group from per-channel scores at target: the fraction of the MACs to remove, or with
+    prune.cost latency the fraction of the latency."""
+    if getattr(prune_cfg, "cost", "macs") == "latency":
+        return plan_by_latency(scores, model, groups, cost.input_shape, prune_cfg, 1.0 - float(target))
+    from amas.channels.plan import plan_keep
+
+    return plan_keep(scores, cost, target, prune_cfg.min_channels, prune_cfg.round_to)

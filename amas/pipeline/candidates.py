@@ -320,7 +320,7 @@ _SOURCES = {"teacher": _teacher_copy, "search": _searched_student}
 
 def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
     """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices) of ctx.method."""
-    from amas.criteria import get
+    from amas.criteria import get, plan_with
 
     criterion = get(ctx.method)
     source, masks = _SOURCES[criterion.source](ctx)
@@ -332,8 +332,9 @@ def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
     def plan(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
         # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
         criterion.prepare(model, groups, train, ctx.cfg.criteria, num_classes=num_classes)
-        return criterion.plan(copy.deepcopy(model), groups, cost, level, train=train, val=val, cfg=ctx.cfg.criteria,
-                              prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed, masks=masks)
+        return plan_with(criterion, copy.deepcopy(model), groups, cost, level, train=train, val=val,
+                         cfg=ctx.cfg.criteria, prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed,
+                         masks=masks)
 
     return source, masks, plan
 
