@@ -116,6 +116,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     check_task(cfg, method, the_task)  # what a dense task cannot do yet, before its batches are read
     info = UserDataInfo("user", _classes(the_task, teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
+    the_task.check_model(teacher)  # a name to align the model lacks: one line before any stage
     with _run_dir(out_dir) as run_dir:
         device = _run_device(cfg)
         ctx = RunContext(cfg, run_dir, method=method, latency_iters=latency_iters, teacher_model=teacher,
