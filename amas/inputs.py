@@ -246,16 +246,18 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
 
 def torchvision_record(model: nn.Module, input_shape: tuple[int, int, int],
                        num_classes: int) -> tuple[str, dict] | None:
-    """('tv:<name>', kwargs) of the torchvision segmentation builder that builds model again (its class, state_dict
+    """('tv:<name>', kwargs) of the torchvision segmentation or detection builder that builds model again (its class, state_dict
     shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for other models."""
-    if not type(model).__module__.startswith("torchvision.models.segmentation"):
+    module = type(model).__module__
+    if not module.startswith(("torchvision.models.segmentation", "torchvision.models.detection")):
         return None
     from amas.models.factory import create_model
     from amas.models.registry import TV_PREFIX
-    from amas.models.torchvision_models import segmenter_builds
+    from amas.models.torchvision_models import detector_builds, segmenter_builds
 
     state = model.state_dict()
-    for name, kwargs in segmenter_builds(model):
+    builds = detector_builds(model) if module.startswith("torchvision.models.detection") else segmenter_builds(model)
+    for name, kwargs in builds:
         try:
             fresh = create_model(TV_PREFIX + name, num_classes, input_shape[0], **kwargs)
             mine = fresh.state_dict()

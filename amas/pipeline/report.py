@@ -37,9 +37,8 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], latency_iters: int =
             val_acc: float | None = None, checkpoint: str | None = None) -> dict:
     """One model's block of the report: accuracies given, MACs and params counted, CPU latency at batch 1 and 64."""
     from amas.channels.cost import count
-    from amas.latency.timing import latency
-
     from amas.channels.dense import tensor_part
+    from amas.latency.timing import latency
 
     macs, params = count(model, input_shape)
     model = tensor_part(model)  # a detector: its backbone and heads are timed (not its transform nor NMS)

@@ -118,9 +118,8 @@ def _penalty_costs(cfg: Config, model: Any, groups: list, input_shape: tuple) ->
     """With search.penalty_cost latency: ms saved per channel over the dense ms, from the prune.latency_* table."""
     if cfg.search.penalty_cost != "latency":
         return None
-    from amas.latency.table import shared_table
-
     from amas.channels.dense import tensor_part
+    from amas.latency.table import shared_table
 
     table = shared_table(tensor_part(copy.deepcopy(model).cpu()), groups, input_shape, cfg.prune)
     dense = table.predict({})
