@@ -246,8 +246,9 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
 
 def torchvision_record(model: nn.Module, input_shape: tuple[int, int, int],
                        num_classes: int) -> tuple[str, dict] | None:
-    """('tv:<name>', kwargs) of the torchvision segmentation or detection builder that builds model again (its class, state_dict
-    shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for other models."""
+    """('tv:<name>', kwargs) of the torchvision segmentation or detection builder building model again (its class,
+    state_dict shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for
+    other models."""
     module = type(model).__module__
     if not module.startswith(("torchvision.models.segmentation", "torchvision.models.detection")):
         return None

@@ -96,7 +96,7 @@ def create_imported(name: str, num_classes: int, in_channels: int, kwargs: dict)
 
 
 def _torchvision_names() -> list[str]:
-    """Return torchvision classification, segmentation and detection model names, or [] when torchvision is unavailable."""
+    """Return torchvision classification, segmentation and detection model names ([] without torchvision)."""
     try:
         from amas.models.torchvision_models import (
             torchvision_classifiers,

@@ -1,4 +1,4 @@
-"""Any torchvision classifier, semantic segmenter or detector by name, with the first conv adapted to the input channels."""
+"""Any torchvision classifier, semantic segmenter or detector by name, the first conv adapted to the input channels."""
 
 from __future__ import annotations
 

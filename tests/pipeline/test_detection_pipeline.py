@@ -48,7 +48,9 @@ def test_prune_a_detector_end_to_end(tmp_path) -> None:
     teacher = detector()
     before = copy.deepcopy(teacher.state_dict())
     run = tmp_path / "run"
-    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(), out_dir=run, latency_iters=1,
+    # the search without its step-size probe (the fine-tunes' probe covers a detector's BatchNorm recalibration)
+    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(**{"search.train.probe_steps": 0}),
+                        out_dir=run, latency_iters=1,
                         task="detection")
     rep = result.report
     assert rep["metric"] == "map" and 0 <= rep["val_map"] <= 100 and 0 <= rep["teacher"]["val_map"] <= 100
@@ -77,7 +79,6 @@ def test_prune_a_detector_end_to_end(tmp_path) -> None:
         want, have = tensor_part(model)(images), pt2(images)
     pairs = list(zip(tree_leaves(want), tree_leaves(have), strict=True))
     assert pairs and all((a - b).abs().max() <= 1e-4 for a, b in pairs)
-    print(json.dumps(full["stage_wall_s"]))
 
 
 @pytest.mark.parametrize("bad, why", [
