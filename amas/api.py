@@ -51,18 +51,25 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
           overrides: Mapping[str, Any] | None = None, out_dir: str | os.PathLike | None = None,
           test: Iterable | None = None, method: str = "amas", latency_iters: int = 20,
           quantize: str = "none", task: str | None = None) -> PruneResult:
-    """Prune a trained classifier (or segmenter) to target_reduction of its MACs with the amas pipeline on your
-    batches.
+    """Prune a trained classifier (or segmenter, or torchvision detector) to target_reduction of its MACs with the
+    amas pipeline on your batches.
 
     Args:
         teacher: any trained classifier; its output on (batch, C, H, W) is (batch, classes) logits (the class count
             is read from it). With task="segmentation": a segmenter returning (batch, classes, H, W) logits or
-            torchvision's dict with "out" (and "aux"). It is left unchanged (device, mode, requires_grad flags,
-            memory format): the run uses a frozen copy.
+            torchvision's dict with "out" (and "aux"). With task="detection": a torchvision detector (R-CNN,
+            RetinaNet, FCOS, SSD; e.g. fasterrcnn_mobilenet_v3_large_320_fpn). It is left unchanged (device, mode,
+            requires_grad flags, memory format): the run uses a frozen copy.
         train, val: iterables of (images, labels) batches as the model takes them (e.g. DataLoaders, images already
             normalised); val chooses among the candidates. Segmentation: (images, targets) with targets (batch, H, W)
-            int64 label maps (255 = ignore); the candidates are chosen by mean IoU.
-        input_shape: (C, H, W) of one image.
+            int64 label maps (255 = ignore); the candidates are chosen by mean IoU. Detection: (images, targets)
+            with images (N, 3, H, W) (or a list of one-size (3, H, W) images) and targets a list of dicts with
+            "boxes" (K, 4) float (x1, y1, x2, y2) and "labels" (K,) int64 in 1..classes-1; every stage trains on the
+            detector's train-mode losses with KD and discriminators on its backbone maps, the candidates are chosen
+            by box mAP@[.5:.95] of its eval-mode detections.
+        input_shape: (C, H, W) of one image. Detection: the size of an image after the detector's own transform
+            (its min_size/max_size; SSDlite320: (3, 320, 320)): the channel groups, MACs, latency and pruned.pt2
+            are of its tensor part (amas.channels.dense.DetectorTensors: backbone and heads on transformed images).
         target_reduction: the fraction of the MACs to remove (sets search.target_reduction and
             select.min_reduction unless the overrides set them).
         config: a YAML recipe path or an amas.Config; overrides: dotted keys of configs/REFERENCE.md, e.g.
@@ -75,15 +82,18 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
         quantize: "none", "ptq" (int8 calibrated on train batches) or "qat" (int8 quantization-aware fine-tuning
             against the teacher, quant.qat_epochs); sets quant.mode unless the overrides do. Needs torchao.
             Classification only so far.
-        task: "classification" or "segmentation" (the config's ``task:``; None: the config's, else classification):
-            the loss, distillation and discriminator of every training stage and the selection metric (amas.tasks).
+        task: "classification", "segmentation" or "detection" (the config's ``task:``; None: the config's, else
+            classification): the loss, distillation and discriminator of every training stage and the selection
+            metric (amas.tasks).
 
     Returns:
         PruneResult: .model (the pruned nn.Module, eval mode), .report (macs, params, reductions, accuracies,
         latency, the teacher's; with quantize, ``int8``: its accuracies and size), .selection (the candidates, the
         Pareto front and the chosen one), .int8 (with quantize: the int8 program, float in and logits out). A
         segmentation report names its metric: ``metric: "miou"``, ``val_miou`` and ``test_miou`` (mean IoU, %)
-        instead of val_acc and test_acc (report.json keeps the accuracy fields and adds ``metric``).
+        instead of val_acc and test_acc (report.json keeps the accuracy fields and adds ``metric``); a detection
+        report says ``metric: "map"`` (val_map, test_map: box mAP@[.5:.95], %), its pruned.pt2 holds the tensor
+        part (the transform, anchor decoding and NMS left out, said in the report's notes).
 
     Example:
         >>> result = amas.prune(teacher, train_loader, val_loader, (3, 32, 32), 0.5)  # doctest: +SKIP
@@ -116,6 +126,7 @@ def prune(teacher: nn.Module, train: Iterable, val: Iterable, input_shape: tuple
     check_task(cfg, method, the_task)  # what a dense task cannot do yet, before its batches are read
     info = UserDataInfo("user", _classes(the_task, teacher, shape), shape[0], shape[1], (), (), height=shape[1],
                         width=shape[2])
+    the_task.check_model(teacher)  # a name to align the model lacks: one line before any stage
     with _run_dir(out_dir) as run_dir:
         device = _run_device(cfg)
         ctx = RunContext(cfg, run_dir, method=method, latency_iters=latency_iters, teacher_model=teacher,

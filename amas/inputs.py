@@ -59,13 +59,13 @@ class UserBatches:
     def _check(self, batch: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if batch is None:
             raise DataError(f"{self.name} yields no batches{_dropped(self.batches)}")
+        if self.task is not None and isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return self._check_dense(_stacked(batch[0], self.name, i), batch[1], i)  # targets: the task checks them
         if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not all(isinstance(t, torch.Tensor)
                                                                              for t in batch):
             raise DataError(f"{self.name} batch {i} is a {type(batch).__name__}, not (images, labels) tensors; make "
                             "the iterable yield (images, labels) pairs")
         x, y = batch
-        if self.task is not None:
-            return self._check_dense(x, y, i)
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise DataError(f"{self.name} batch {i} has images of shape {tuple(x.shape)}, not (batch, "
                             f"{', '.join(map(str, self.input_shape))}); fix input_shape or the data")
@@ -77,7 +77,10 @@ class UserBatches:
         return x, y
 
     def _check_images(self, x: Any, i: int) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+        # a detector resizes images itself (input_shape: the size after its transform): their channels are checked
+        shape = tuple(x.shape[1:2] if self.task.name == "detection" else x.shape[1:]) \
+            if isinstance(x, torch.Tensor) else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or shape != self.input_shape[:len(shape)]:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise DataError(f"{self.name} batch {i} has images of shape {got}, not (batch, "
                             f"{', '.join(map(str, self.input_shape))}); fix input_shape or the data")
@@ -124,6 +127,17 @@ class UserBatches:
                 yield x.to(self.device, torch.float32, non_blocking=True), _to_device(y, self.device)
                 continue
             yield x.to(self.device, torch.float32, non_blocking=True), y.to(self.device, torch.long, non_blocking=True)
+
+
+def _stacked(images: Any, name: str, i: int) -> Any:
+    """A batch's images as one (N, C, H, W) tensor: a list of (C, H, W) images of one size stacked."""
+    if isinstance(images, (list, tuple)) and images and all(isinstance(t, torch.Tensor) and t.dim() == 3
+                                                            for t in images):
+        if len({tuple(t.shape) for t in images}) > 1:
+            raise DataError(f"{name} batch {i} has images of sizes {sorted({tuple(t.shape) for t in images})}; give "
+                            "the images of a batch one size (resize them, as the detector's transform would)")
+        return torch.stack(list(images))
+    return images
 
 
 def _on_cpu(targets: Any) -> bool:
@@ -232,16 +246,19 @@ def importable_name(model: nn.Module, input_shape: tuple[int, int, int], num_cla
 
 def torchvision_record(model: nn.Module, input_shape: tuple[int, int, int],
                        num_classes: int) -> tuple[str, dict] | None:
-    """('tv:<name>', kwargs) of the torchvision segmentation builder that builds model again (its class, state_dict
-    shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for other models."""
-    if not type(model).__module__.startswith("torchvision.models.segmentation"):
+    """('tv:<name>', kwargs) of the torchvision segmentation or detection builder building model again (its class,
+    state_dict shapes and outputs, as importable_name checks), so pruned.pt rebuilds it in any process; None for
+    other models."""
+    module = type(model).__module__
+    if not module.startswith(("torchvision.models.segmentation", "torchvision.models.detection")):
         return None
     from amas.models.factory import create_model
     from amas.models.registry import TV_PREFIX
-    from amas.models.torchvision_models import segmenter_builds
+    from amas.models.torchvision_models import detector_builds, segmenter_builds
 
     state = model.state_dict()
-    for name, kwargs in segmenter_builds(model):
+    builds = detector_builds(model) if module.startswith("torchvision.models.detection") else segmenter_builds(model)
+    for name, kwargs in builds:
         try:
             fresh = create_model(TV_PREFIX + name, num_classes, input_shape[0], **kwargs)
             mine = fresh.state_dict()

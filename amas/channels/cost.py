@@ -66,7 +66,11 @@ def param_count(model: nn.Module) -> int:
 
 
 def count(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]:
-    """Return (MACs per image, params) for an eval-mode forward pass on an input of `input_shape`."""
+    """Return (MACs per image, params) for an eval-mode forward pass on an input of `input_shape` (a torchvision
+    detector: of its tensor part, amas.channels.dense.DetectorTensors, on images after its transform)."""
+    from amas.channels.dense import tensor_part
+
+    model = tensor_part(model)
     shape = batched_shape(input_shape)
     device, dtype = device_dtype(model)
     x = torch.zeros(shape, device=device, dtype=dtype)

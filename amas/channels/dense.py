@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DetectorTensors", "is_detector", "tensor_part"]
+__all__ = ["DetectorTensors", "is_detector", "tensor_part", "whole"]
 
 _RCNN_PARTS = ("backbone", "rpn", "roi_heads")
 _ONE_STAGE_PARTS = ("backbone", "head")
@@ -43,6 +43,11 @@ def tensor_part(model: nn.Module) -> nn.Module:
     if isinstance(model, DetectorTensors) or not is_detector(model):
         return model
     return DetectorTensors(model)
+
+
+def whole(model: nn.Module) -> nn.Module:
+    """The model a tensor part belongs to (the cut detector of a cut DetectorTensors); any other model as it is."""
+    return model.model if isinstance(model, DetectorTensors) else model
 
 
 class DetectorTensors(nn.Module):

@@ -61,13 +61,26 @@ def recalibrate_batchnorm(model: nn.Module, images: list[torch.Tensor]) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
+    forward = _tensor_forward(model)
     try:
         for x in images:
-            model(x)
+            forward(x)
     finally:
         for m, mom in zip(norms, momenta, strict=True):
             m.momentum = mom
         model.train(was_training)
+
+
+def _tensor_forward(model: nn.Module) -> Any:
+    """model's forward on a batch of images; a torchvision detector (which takes targets in train mode): its
+    transform, then its backbone and heads (amas.channels.dense.DetectorTensors), whose BatchNorms these are."""
+    from amas.channels.dense import is_detector, tensor_part
+
+    plain = getattr(model, "module", model)  # a DDP wrapper's model
+    if not is_detector(plain):
+        return model
+    net = tensor_part(plain)
+    return lambda x: net(plain.transform(list(x))[0].tensors)
 
 
 def first_batches(batches: Any, n: int) -> list:

@@ -96,12 +96,16 @@ def create_imported(name: str, num_classes: int, in_channels: int, kwargs: dict)
 
 
 def _torchvision_names() -> list[str]:
-    """Return torchvision classification and segmentation model names, or [] when torchvision is unavailable."""
+    """Return torchvision classification, segmentation and detection model names ([] without torchvision)."""
     try:
-        from amas.models.torchvision_models import torchvision_classifiers, torchvision_segmenters
+        from amas.models.torchvision_models import (
+            torchvision_classifiers,
+            torchvision_detectors,
+            torchvision_segmenters,
+        )
     except ImportError:
         return []
-    return torchvision_classifiers() + torchvision_segmenters()
+    return torchvision_classifiers() + torchvision_segmenters() + torchvision_detectors()
 
 
 def _unknown(name: str) -> AmasError:

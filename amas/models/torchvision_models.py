@@ -1,4 +1,4 @@
-"""Any torchvision classifier or semantic segmenter by name, with the first conv adapted to the input channels."""
+"""Any torchvision classifier, semantic segmenter or detector by name, the first conv adapted to the input channels."""
 
 from __future__ import annotations
 
@@ -23,6 +23,30 @@ def torchvision_classifiers() -> list[str]:
 def torchvision_segmenters() -> list[str]:
     """Return the names of torchvision's semantic segmentation models (LRASPP, DeepLabV3, FCN)."""
     return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+@lru_cache(maxsize=1)
+def torchvision_detectors() -> list[str]:
+    """Return the names of torchvision's detectors (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def detector_builds(model: nn.Module) -> list[tuple[str, dict]]:
+    """(name, kwargs) of each torchvision detection builder returning model's class, with the transform's sizes
+    read from model (min_size/max_size; SSD builders fix their size), to try in turn."""
+    import inspect
+
+    kwargs: dict = {}
+    transform = getattr(model, "transform", None)
+    if transform is not None and type(model).__name__ != "SSD":
+        kwargs = {"min_size": int(transform.min_size[0]) if len(transform.min_size) == 1 else
+                  [int(v) for v in transform.min_size], "max_size": int(transform.max_size)}
+    out = []
+    for name in torchvision_detectors():
+        ret = inspect.signature(torchvision.models.get_model_builder(name)).return_annotation
+        if ret is type(model) or getattr(ret, "__name__", None) == type(model).__name__:
+            out.append((name, dict(kwargs)))
+    return out
 
 
 def segmenter_builds(model: nn.Module) -> list[tuple[str, dict]]:
@@ -79,7 +103,7 @@ def create_torchvision_model(name: str, num_classes: int = 10, in_channels: int 
         kwargs.setdefault("init_weights", True)
         if in_channels != 3:
             kwargs.setdefault("transform_input", False)
-    if name in torchvision_segmenters():
+    if name in torchvision_segmenters() or name in torchvision_detectors():
         kwargs.setdefault("weights_backbone", None)  # random init, as weights=None: never a download
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

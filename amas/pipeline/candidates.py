@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.dense import whole
 from amas.config import FinetuneConfig
 from amas.errors import PruneError, SelectionError
 from amas.files.atomic import atomic_write_text
@@ -108,7 +109,7 @@ def cut_candidates(
             "channels": int(sum(counts.get(g.name, g.size) for g in groups)), "total_channels": int(total_channels),
             "macs_reduction": round(1.0 - macs / float(cost.total_macs), 6), "kept": counts,
         }
-        out.append(Candidate(row, pruned, keep))
+        out.append(Candidate(row, whole(pruned), keep))  # a detector's tensor part: the cut detector
     if not out:
         raise SelectionError(
             f"no level of select.levels={levels} could be cut ({skipped[0]['reason']}); choose other levels"
@@ -136,6 +137,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     """
     from amas.channels.cost import CostModel, count
     from amas.channels.cut import make_recipe
+    from amas.channels.dense import tensor_part
     from amas.channels.groups import find_groups
     from amas.distributed import barrier, context, on_main
     from amas.engine.loop import evaluate
@@ -162,7 +164,7 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
         cut = json.loads(cut_path.read_text())
         rows, skipped = cut["rows"], cut["skipped"]
     else:
-        source = source.to(device).eval()
+        source = tensor_part(source.to(device).eval())  # a detector: its backbone and heads (amas.channels.dense)
         groups = find_groups(source, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
         if not groups:
             raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")

@@ -318,9 +318,6 @@ def check_task(cfg: Config, method: str, task: Any) -> None:
     int8 quantization (its calibration and accuracy read logits), data only the user's batches give."""
     if task.name == "classification":
         return
-    if task.name == "detection":
-        raise PipelineError("task=detection runs in amas.MaskSearch (your own loop) so far; the pipeline (amas.prune, "
-                            "amas prune) takes task=classification or task=segmentation")
     why = _LABEL_METHODS.get(method)
     if method == "bn_scale" and cfg.criteria.bn_sparsity:
         why = "its sparsity training (criteria.bn_sparsity) trains a classifier's cross-entropy"

@@ -43,8 +43,15 @@ def export_stage(ctx: RunContext) -> Rows:
     return [*report_rows(report), ("report", str(ctx.path("report.md")))]
 
 
+DETECTOR_NOTE = ("pruned.pt2 (and pruned.onnx) hold the detector's tensor part: backbone and heads on images already "
+                 "normalised and resized by its transform, returning the heads' raw outputs; the transform, anchor "
+                 "decoding, proposal selection and NMS are left out (pruned.pt runs the whole detector); MACs and "
+                 "latency are the tensor part's")
+
+
 def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Module, acc: dict) -> dict:
     """Rank 0's part of the export stage: the shipped files, latency and the report; returns the report."""
+    from amas.channels.dense import tensor_part
     from amas.files.export import export_onnx, export_pt2
     from amas.pipeline.report import export_report, measure, write_report
 
@@ -60,14 +67,17 @@ def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Modu
     save_pruned(files["pruned.pt"], model, obj["recipe"], meta)
     model, teacher = model.cpu(), teacher.cpu()
     dense = ctx.task.name != "classification"  # dict outputs: the program's outputs are checked against eager's
-    pt2 = export_pt2(model, shape, files["pruned.pt2"], check=dense)
+    net = tensor_part(model)  # a torchvision detector: its backbone and heads (amas.channels.dense.DetectorTensors)
+    pt2 = export_pt2(net, shape, files["pruned.pt2"], check=dense)
     notes = [] if pt2["dynamic_batch"] else ["pruned.pt2 has a fixed batch size (the model did not export with a "
                                              "dynamic batch)"]
+    if net is not model:
+        notes.append(DETECTOR_NOTE)
     if ctx.export.onnx:
         from amas.files.export import onnx_available
 
         if onnx_available():
-            files["pruned.onnx"] = export_onnx(model, shape, ctx.path("pruned.onnx"))["path"]
+            files["pruned.onnx"] = export_onnx(net, shape, ctx.path("pruned.onnx"))["path"]
         else:
             notes.append("pruned.onnx skipped: install the onnx extra (pip install 'amas[onnx]')")
     teacher_val = cand["teacher"]["val_acc"] if cand else teacher_obj.get("metrics", {}).get("val_acc")

@@ -37,9 +37,11 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], latency_iters: int =
             val_acc: float | None = None, checkpoint: str | None = None) -> dict:
     """One model's block of the report: accuracies given, MACs and params counted, CPU latency at batch 1 and 64."""
     from amas.channels.cost import count
+    from amas.channels.dense import tensor_part
     from amas.latency.timing import latency
 
     macs, params = count(model, input_shape)
+    model = tensor_part(model)  # a detector: its backbone and heads are timed (not its transform nor NMS)
     warmup = min(5, latency_iters)
     lat1 = latency(model, input_shape, batch_size=1, device="cpu", warmup=warmup, iters=latency_iters)
     lat64 = latency(model, input_shape, batch_size=64, device="cpu", warmup=min(warmup, 3),

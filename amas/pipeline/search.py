@@ -34,6 +34,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     frozen: the run's shared inference copy of the teacher (amas.engine.frozen.FrozenTeacher); else a private one.
     task: the amas.tasks Task the student learns and is validated on (None: classification).
     """
+    from amas.channels.dense import tensor_part
     from amas.data import dataset_info
     from amas.distributed import resolve_device
     from amas.engine.loop import Trainer, evaluate
@@ -59,7 +60,10 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
     student.requires_grad_(True)
-    parts = build_search(student, frozen or teacher, cfg.search, info.input_shape, info.num_classes,
+    if task is not None:
+        task.check_model(student)  # its align names (a detector's default: its backbone)
+    # a torchvision detector's groups, costs and masks are on its tensor part (its backbone and heads)
+    parts = build_search(tensor_part(student), frozen or teacher, cfg.search, info.input_shape, info.num_classes,
                          total_steps=tcfg.epochs * len(data.train), round_to=cfg.prune.round_to,
                          min_channels=cfg.prune.min_channels, residual=cfg.prune.residual_channels,
                          ignore=cfg.prune.ignore, task=task, what=f"model '{record['name']}'",
@@ -114,9 +118,10 @@ def _penalty_costs(cfg: Config, model: Any, groups: list, input_shape: tuple) ->
     """With search.penalty_cost latency: ms saved per channel over the dense ms, from the prune.latency_* table."""
     if cfg.search.penalty_cost != "latency":
         return None
+    from amas.channels.dense import tensor_part
     from amas.latency.table import shared_table
 
-    table = shared_table(copy.deepcopy(model).cpu(), groups, input_shape, cfg.prune)
+    table = shared_table(tensor_part(copy.deepcopy(model).cpu()), groups, input_shape, cfg.prune)
     dense = table.predict({})
     return {n: c / dense for n, c in table.channel_costs().items()}
 

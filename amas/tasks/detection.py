@@ -100,6 +100,13 @@ def _per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x - mean.view(shape)) / (var.view(shape) + eps).sqrt()
 
 
+def _attention(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) as its (N, 1, H, W) spatial attention map, the mean of squares over channels (Zagoruyko &
+    Komodakis 2017): what a pruned student's map, narrower than the teacher's, is distilled and judged by (its kept
+    channels need not line up with the teacher's)."""
+    return full_precision(x).pow(2).mean(1, keepdim=True)
+
+
 def _images(images: Any) -> Any:
     """A batch tensor as torchvision's list of images; a list as it is."""
     return list(images) if isinstance(images, torch.Tensor) else images
@@ -249,9 +256,12 @@ class DetectionTask(Task):
         return sum(out.values()) if self.loss_fn is None else self.loss_fn(out, targets)
 
     def aligned(self, student_out: Any, teacher_out: Any, standardize: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(student map, teacher map) per aligned tensor, each z-scored per sample over (C, H, W) with standardize."""
+        """(student map, teacher map) per aligned tensor, each z-scored per sample over (C, H, W) with standardize;
+        where the student's map is narrower (a cut student), both maps' spatial attention maps."""
         pairs = []
         for s, t in zip(student_out.maps, teacher_out, strict=True):
+            if s.shape[1] != t.shape[1] and s.shape[2:] == t.shape[2:]:
+                s, t = _attention(s), _attention(t)  # a cut student's narrower map: where each is active
             if s.shape != t.shape:
                 raise SearchError(f"an aligned map is {tuple(s.shape)} in the student but {tuple(t.shape)} in the "
                                   "teacher; both must resize images alike (the same transform min_size/max_size)")
@@ -284,7 +294,8 @@ class DetectionTask(Task):
         if flat:
             raise SearchError(f"an aligned module returns a {tuple(flat[0].shape)} tensor; align modules whose "
                               "outputs are (N, C, H, W) feature maps")
-        return WidthDiscriminators([m.shape[1] for m in maps], hidden)
+        # width 1: the attention maps of a cut student's narrower maps (fine-tuning; see aligned)
+        return WidthDiscriminators([1] + [m.shape[1] for m in maps], hidden)
 
     def primary(self, student_out: Any, loss: torch.Tensor) -> torch.Tensor:
         """The task loss (a detector's outputs are losses or boxes, not logits)."""

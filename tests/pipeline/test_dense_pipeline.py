@@ -112,6 +112,6 @@ def test_label_maps_with_classes_the_model_lacks_stop_before_any_stage(scenes, t
     with pytest.raises(amas.AmasError, match="method taylor cannot prune a segmentation model"):
         amas.prune(lraspp(), [(x, y.clamp(max=K - 1))], [(x, y.clamp(max=K - 1))], SHAPE, 0.5, overrides=tiny(),
                    out_dir=run, task="segmentation", method="taylor")
-    with pytest.raises(amas.AmasError, match="task=detection runs in amas.MaskSearch"):  # not in the pipeline yet
+    with pytest.raises(amas.AmasError, match="task=detection needs a torchvision detector"):  # a segmenter
         amas.prune(lraspp(), [(x, y)], [(x, y)], SHAPE, 0.5, out_dir=run, task="detection")
     assert not run.exists()
