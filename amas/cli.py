@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None, flags: dict[str, str] | None = None) -> 
 
 # the config keys (and `amas prune` flag) a prune tool sets from its own flags: its errors name the flag the user typed
 TOOL_FLAGS = {"data.root": "--data", "data.image_size": "--image-size", "model.name": "--arch",
-              "search.target_reduction": "--target", "select.min_reduction": "--target", "--teacher": "--weights"}
+              "search.target_reduction": "--target", "select.min_reduction": "--target", "--teacher": "--weights",
+              "data.num_classes": "--num-classes"}
 IMAGENET_NORM = "ImageNet's mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)"
 
 
@@ -265,19 +266,21 @@ class ToolParser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog.removesuffix('.py')}: error: {message}; see {self.prog} --help\n")
 
 
-def tool_parser(doc: str, arch: str, config: Path, norm: str = "") -> ToolParser:
-    """The arguments of a prune tool (tools/prune_torchvision.py, tools/prune_timm.py): doc is the tool's docstring,
-    arch --arch's help, config the default recipe, norm more on the images' normalisation; anything else on the
-    command line goes on to `amas prune`."""
+def tool_parser(doc: str, arch: str, config: Path, norm: str = "",
+                data: str = "ImageFolder root with train/ and val/", sizing: str = "cropped to") -> ToolParser:
+    """The arguments of a prune tool (tools/prune_torchvision.py, tools/prune_timm.py, tools/prune_segmenter.py): doc
+    is the tool's docstring, arch --arch's help, config the default recipe, norm more on the images' normalisation,
+    data --data's help, sizing how the images become --image-size squares; anything else on the command line goes on
+    to `amas prune`."""
     p = ToolParser(
         description=doc.splitlines()[0],
         epilog="Any amas config key can follow as key.path=value, e.g. search.train.epochs=10 (the mask search), "
                "select.budget_epochs=6 (the candidates' fine-tuning by halving), finetune.train.epochs=20 (the "
                "winner's fine-tune), search.train.batch_size=64; every key: configs/REFERENCE.md. The --data images "
-               f"are cropped to --image-size squares and normalised with {IMAGENET_NORM}{norm}.")
+               f"are {sizing} --image-size squares and normalised with {IMAGENET_NORM}{norm}.")
     p.add_argument("--arch", required=True, help=arch)
     p.add_argument("--weights", required=True, help="plain state_dict .pth of that architecture")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    p.add_argument("--data", required=True, help=data)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--target", type=float, default=0.5, help="fraction of the MACs to remove")
     p.add_argument("--out", required=True)
@@ -286,23 +289,26 @@ def tool_parser(doc: str, arch: str, config: Path, norm: str = "") -> ToolParser
     return p
 
 
-def run_tool(tool: str, a: argparse.Namespace, extra: list[str], model: str, library: str) -> int:
+IMAGE_FOLDER = ("the ImageFolder root that holds train/ and val/ with one folder per class", "data.name=imagefolder")
+
+
+def run_tool(tool: str, a: argparse.Namespace, extra: list[str], model: str, library: str,
+             data: tuple[str, ...] = IMAGE_FOLDER) -> int:
     """`amas prune` with a prune tool's settings: a and extra from its tool_parser's parse_known_args, model the
-    model.name of --arch (tv:resnet50), library names the architecture's library in a --weights error; 1 with one
-    line on stderr for a mistake."""
+    model.name of --arch (tv:resnet50), library names the architecture's library in a --weights error, data what
+    --data must be (for its error) and then the config keys that read it; 1 with one line on stderr for a mistake."""
     # the tool's own paths, checked here so the message names the tool's flags
     if not Path(a.weights).is_file():
         print(f"{tool}: error: --weights '{a.weights}' does not exist; pass the .pth file of "
               f"torch.save(model.state_dict()) for {library}'s {a.arch}", file=sys.stderr)
         return 1
     if not Path(a.data).is_dir():
-        print(f"{tool}: error: --data '{a.data}' is not a directory; pass the ImageFolder root that holds "
-              "train/ and val/ with one folder per class", file=sys.stderr)
+        print(f"{tool}: error: --data '{a.data}' is not a directory; pass {data[0]}", file=sys.stderr)
         return 1
     keys = [e for e in extra if "=" in e and not e.startswith("-")]  # key.path=value overrides go last
     options = [e for e in extra if e not in keys]  # other `amas prune` options, e.g. --latency-iters 5
     return main(["prune", "--config", a.config, "--teacher", a.weights, "--out", a.out, *options,
-                 f"model.name={model}", "data.name=imagefolder", f"data.root={a.data}",
+                 f"model.name={model}", *data[1:], f"data.root={a.data}",
                  f"data.image_size={a.image_size}", f"search.target_reduction={a.target}",
                  f"select.min_reduction={a.target}", *keys],
                 flags={k: f for k, f in TOOL_FLAGS.items() if not any(e.startswith(f"{k}=") for e in keys)})

@@ -39,8 +39,11 @@ class ModelConfig:
 class DataConfig:
     """Dataset, split and augmentation."""
 
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"] = "fashion_mnist"
+    # voc: a VOC-layout segmentation folder at root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/) for
+    # task=segmentation; its splits are train.txt, val.txt and test.txt (val when absent), val_size is not used
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic", "voc"] = "fashion_mnist"
     root: str = ""
+    num_classes: int = field(default=0, metadata=_range(0))  # voc: the model's classes, background included
     download: bool = True
     train_subset: int = field(default=0, metadata=_range(0))
     val_size: int = field(default=5000, metadata=_range(0))

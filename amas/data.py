@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from amas.config import DataConfig
 from amas.datasets import INFOS, DatasetInfo, load_tensors
+from amas.datasets import Batches as Batches  # re-exported: defined beside DatasetInfo for amas.dense.batches too
+from amas.datasets import DataBundle as DataBundle
+from amas.datasets import batch_count as batch_count
 from amas.errors import DataError
-
-
-class Batches(Protocol):
-    """What the engine iterates: normalised float images and int64 labels on the device."""
-
-    num_samples: int
-
-    def __len__(self) -> int: ...
-    def set_epoch(self, epoch: int) -> None: ...
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-def batch_count(n: int, global_batch: int, world_size: int, drop_last: bool) -> int:
-    """Batches per epoch of n images; drop_last drops a partial last batch, but never the only one (a whole epoch)
-    unless it cannot give every process an image."""
-    if not drop_last:
-        return -(-n // global_batch)
-    if n >= global_batch:
-        return n // global_batch
-    return 1 if n >= world_size else 0
-
 
 # ---------------------------------------------------------------- on-device loader
 
@@ -210,16 +190,6 @@ class FolderBatches:
             yield x, y.to(self.device, non_blocking=True)
 
 
-@dataclass
-class DataBundle:
-    """Train, validation and test batches plus the dataset's description."""
-
-    train: Batches
-    val: Batches | None
-    test: Batches
-    info: DatasetInfo
-
-
 def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (train, val) index split of n training images."""
     if val_size >= n:
@@ -315,14 +285,22 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     if cfg.name == "imagefolder":
         classes = check_image_folder(cfg)
         return DatasetInfo("imagefolder", len(classes), 3, cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if cfg.name == "voc":  # a segmentation folder (amas.dense.batches)
+        from amas.dense.batches import voc_info
+
+        return voc_info(cfg)
     return INFOS[cfg.name]
 
 
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, device: torch.device | str = "cpu",
                seed: int = 0, channels_last: bool = False, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Load the configured dataset and wrap its train / held-out validation / test splits as batches."""
-    info = dataset_info(cfg)
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
+    if cfg.name == "voc":
+        from amas.dense.batches import voc_bundle
+
+        return voc_bundle(cfg, batch_size, eval_batch_size, seed=seed, **common)
+    info = dataset_info(cfg)
     if cfg.name == "imagefolder":
         root = Path(cfg.root).expanduser()
         val_dir = root / "val"

@@ -1,12 +1,15 @@
 """The dataset files as whole uint8 tensors: Fashion-MNIST's idx files (the system package or a download), the
-torchvision datasets (CIFAR-10/100, SVHN) and a synthetic set."""
+torchvision datasets (CIFAR-10/100, SVHN) and a synthetic set; and what every reader hands the engine (DatasetInfo,
+the Batches protocol, DataBundle), shared by amas.data and amas.dense.batches."""
 
 from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,7 +20,8 @@ from amas.errors import DataError
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = os.path.expanduser("~/.cache/amas/data")
 
-__all__ = ["DEFAULT_ROOT", "FASHION_MNIST_SYSTEM_DIR", "INFOS", "DatasetInfo", "load_tensors"]
+__all__ = ["DEFAULT_ROOT", "FASHION_MNIST_SYSTEM_DIR", "INFOS", "Batches", "DataBundle", "DatasetInfo", "batch_count",
+           "load_tensors"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,36 @@ class DatasetInfo:
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one normalised input image."""
         return (self.in_channels, self.image_size, self.image_size)
+
+
+class Batches(Protocol):
+    """What the engine iterates: normalised float images and int64 labels on the device."""
+
+    num_samples: int
+
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def batch_count(n: int, global_batch: int, world_size: int, drop_last: bool) -> int:
+    """Batches per epoch of n images; drop_last drops a partial last batch, but never the only one (a whole epoch)
+    unless it cannot give every process an image."""
+    if not drop_last:
+        return -(-n // global_batch)
+    if n >= global_batch:
+        return n // global_batch
+    return 1 if n >= world_size else 0
+
+
+@dataclass
+class DataBundle:
+    """Train, validation and test batches plus the dataset's description."""
+
+    train: Batches
+    val: Batches | None
+    test: Batches
+    info: DatasetInfo
 
 
 INFOS = {

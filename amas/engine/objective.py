@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Objective", "StepOutput"]
+__all__ = ["Objective", "StepOutput", "TaskObjective"]
 
 
 @dataclass
@@ -69,3 +69,18 @@ class Objective:
 
     def use_contiguous(self) -> None:
         """The model runs in the contiguous format (its forward cannot run channels_last): so do extra models."""
+
+
+class TaskObjective(Objective):
+    """Plain supervised training of a dense task (amas.tasks): the task's own loss on the model's outputs
+    (segmentation: per-pixel cross-entropy, 255 ignored, plus torchvision's aux head); `amas train` of a teacher."""
+
+    def __init__(self, task: Any, label_smoothing: float = 0.0) -> None:
+        super().__init__(label_smoothing)
+        self.task = task
+
+    def compute(self, model: nn.Module, images: torch.Tensor, labels: Any) -> StepOutput:
+        """Forward one batch and return the task's loss."""
+        out = self.task.student(model, images, labels)
+        loss = self.task.loss(out, labels, self.label_smoothing)
+        return StepOutput(loss, self.task.primary(out, loss), {self.task.loss_term: loss.detach()})

@@ -192,13 +192,12 @@ class RunContext:
     def check_data(self) -> None:
         """Stop on configured data that cannot work (an ImageFolder class folder without images, a file that is not
         an image) before any stage runs or writes; the user's in-memory batches were checked when given."""
+        from amas.dense.batches import check_task_data
+
         check_task(self.cfg, self.method, self.task)
-        if self.task.name != "classification" and not self.user_data:
-            raise PipelineError(f"task={self.task.name} trains on your own batches so far: run it with "
-                                f"amas.prune(teacher, train, val, input_shape, task={self.task.name!r}) (data.name "
-                                "datasets hold class labels)")
         if self.user_data or (self.command == "export" and not self.export.test):
             return
+        check_task_data(self.cfg)  # a task on data it cannot read; a VOC folder's files and classes
         from amas.data import check_images, dataset_info
 
         dataset_info(self.cfg.data)

@@ -30,15 +30,22 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     t0 = time.perf_counter()
     device = distributed.device_for(distributed.context(), resolve_device(cfg.train.device))
     seed_everything(cfg.seed)
+    from amas.dense.batches import check_task_data
+    from amas.engine.objective import TaskObjective
+    from amas.tasks import make_task
+
+    check_task_data(cfg)  # a task on data it cannot read, a VOC folder's files and classes: before any file
+    task = make_task(cfg.task)
     data = stage_data(cfg, cfg.train, device)
     info = data.info
     model = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                          **cfg.model.kwargs)
     prepare_run_dir(run_dir, cfg, resume, "train_state.pt")  # data and model are valid: now the run directory
     trainer = Trainer(model, data.train, cfg.train, run_dir, num_classes=info.num_classes, val=data.val, stage="train",
-                      device=device)
+                      device=device, task=task, objective=None if task.name == "classification" else
+                      TaskObjective(task, cfg.train.label_smoothing))
     history = trainer.fit(resume=resume)
-    test = evaluate(trainer.model, data.test, info.num_classes, device)  # float32, as the exported model runs
+    test = evaluate(trainer.model, data.test, info.num_classes, device, task=task)  # float32, as exported models run
     macs, params = count(model, info.input_shape)
     result: dict[str, Any] = {
         "test_acc": test["acc"],
