@@ -124,6 +124,50 @@ def _val_acc_at(history: list[dict], epoch: int) -> float:
     raise SelectionError("candidate fine-tuning has no validation accuracy; set data.val_size > 0")
 
 
+def _cut_once(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict, source: nn.Module, planner: Callable,
+              masks: dict[str, torch.Tensor] | None, data: Any, device: torch.device, method: str, task: Any,
+              counts: tuple[int, int]) -> dict:
+    """The candidates cut from source at select.levels (evaluated, saved as <name>_cut.pt, timed where selection reads
+    latency) and cut.json; or cut.json as an earlier attempt of this run wrote it (architectures, starting weights)."""
+    from amas.channels.cost import CostModel
+    from amas.channels.cut import make_recipe
+    from amas.channels.dense import tensor_part
+    from amas.channels.groups import find_groups
+    from amas.distributed import barrier, on_main
+    from amas.engine.loop import evaluate
+    from amas.files.pruned import save_pruned
+
+    sel, info, shape = cfg.select, data.info, data.info.input_shape
+    teacher_macs, teacher_params = counts
+    cut_path = out_dir / "cut.json"
+    cut_before = cut_path.is_file()
+    barrier()  # every rank has looked before rank 0 writes cut.json
+    if cut_before:  # cut earlier in this run: the cut files hold the architectures and starting weights
+        return json.loads(cut_path.read_text())
+    source = tensor_part(source.to(device).eval())  # a detector: its backbone and heads (amas.channels.dense)
+    groups = find_groups(source, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
+    if not groups:
+        raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
+    cost = CostModel(source, groups, shape)
+    cands, skipped = cut_candidates(
+        source, groups, cost, lambda lv: planner(lv, source, groups, cost), sel.levels, masks
+    )
+    rows = []
+    for c in cands:
+        c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device, task=task)["acc"]
+        meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
+        recipe = make_recipe(record, shape, c.keep, cfg.prune.ignore)
+        on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, recipe, meta)
+        rows.append(c.row)
+    cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
+    if _times_latency(sel):
+        on_main(_time_candidates, cut, teacher, {c.row["name"]: c.model for c in cands}, shape, sel)
+    on_main(atomic_write_text, cut_path, json.dumps(cut, indent=2))
+    if _times_latency(sel):  # rank 0 timed them: every rank selects on the same numbers
+        cut = json.loads(cut_path.read_text())
+    return cut
+
+
 def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict, source: nn.Module,
                    planner: Callable[[float, nn.Module, list, Any], dict[str, torch.Tensor]],
                    masks: dict[str, torch.Tensor] | None,
@@ -135,11 +179,8 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     frozen: the run's shared inference copy of the teacher the fine-tuning reads (else each candidate makes one).
     task: the amas.tasks Task they fine-tune on and are selected by (val_acc holds its metric; None: top-1).
     """
-    from amas.channels.cost import CostModel, count
-    from amas.channels.cut import make_recipe
-    from amas.channels.dense import tensor_part
-    from amas.channels.groups import find_groups
-    from amas.distributed import barrier, context, on_main
+    from amas.channels.cost import count
+    from amas.distributed import context, on_main
     from amas.engine.loop import evaluate
     from amas.files.pruned import load_pruned, save_pruned
 
@@ -157,35 +198,9 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     teacher_macs, teacher_params = count(teacher, shape)
     teacher_val = evaluate(teacher, data.val, info.num_classes, device, task=task)["acc"]
 
-    cut_path = out_dir / "cut.json"
-    cut_before = cut_path.is_file()
-    barrier()  # every rank has looked before rank 0 writes cut.json
-    if cut_before:  # cut earlier in this run: the cut files hold the architectures and starting weights
-        cut = json.loads(cut_path.read_text())
-        rows, skipped = cut["rows"], cut["skipped"]
-    else:
-        source = tensor_part(source.to(device).eval())  # a detector: its backbone and heads (amas.channels.dense)
-        groups = find_groups(source, shape, residual=cfg.prune.residual_channels, ignore=cfg.prune.ignore)
-        if not groups:
-            raise SelectionError(f"model '{record['name']}' has no prunable channel groups; choose another model")
-        cost = CostModel(source, groups, shape)
-        cands, skipped = cut_candidates(
-            source, groups, cost, lambda lv: planner(lv, source, groups, cost), sel.levels, masks
-        )
-        rows = []
-        for c in cands:
-            c.row["val_acc_cut"] = evaluate(c.model.to(device), data.val, info.num_classes, device, task=task)["acc"]
-            meta = _metadata(record, shape, c.row, teacher_macs, teacher_params, cfg, method)
-            recipe = make_recipe(record, shape, c.keep, cfg.prune.ignore)
-            on_main(save_pruned, out_dir / f"{c.row['name']}_cut.pt", c.model, recipe, meta)
-            rows.append(c.row)
-        cut = {"rows": rows, "skipped": skipped, "total_channels": sum(g.size for g in groups)}
-        if _times_latency(sel):
-            on_main(_time_candidates, cut, teacher, {c.row["name"]: c.model for c in cands}, shape, sel)
-        on_main(atomic_write_text, cut_path, json.dumps(cut, indent=2))
-        if _times_latency(sel):  # rank 0 timed them: every rank selects on the same numbers
-            cut = json.loads(cut_path.read_text())
-            rows = cut["rows"]
+    cut = _cut_once(cfg, out_dir, teacher=teacher, record=record, source=source, planner=planner, masks=masks,
+                    data=data, device=device, method=method, task=task, counts=(teacher_macs, teacher_params))
+    rows, skipped = cut["rows"], cut["skipped"]
     total_channels = int(cut["total_channels"])
 
     bound = budget_bound(sel, teacher_macs) if sel.policy == "budget" else None
