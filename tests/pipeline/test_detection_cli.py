@@ -56,6 +56,8 @@ def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
     report = json.loads((run / "report.json").read_text())
     assert report["metric"] == "map" and report["model"] == f"tv:{ARCH}"
     assert report["macs_reduction"] >= 0.4 and 0 <= report["test_acc"] <= 100
+    stages = json.loads((run / "pipeline.json").read_text())["stages"]  # summaries name the task's metric
+    assert all(any(k == "val box mAP %" for k, _ in stages[s]["summary"]) for s in ("teacher", "select")), stages
     model, obj = amas.load_pruned(run / "pruned.pt")
     assert obj["model"]["kwargs"]["min_size"] == SIZE and obj["metadata"]["num_classes"] == K
     with torch.no_grad():
