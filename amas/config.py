@@ -40,10 +40,13 @@ class DataConfig:
     """Dataset, split and augmentation."""
 
     # voc: a VOC-layout segmentation folder at root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/) for
-    # task=segmentation; its splits are train.txt, val.txt and test.txt (val when absent), val_size is not used
-    name: Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic", "voc"] = "fashion_mnist"
+    # task=segmentation; its splits are train.txt, val.txt and test.txt (val when absent), val_size is not used.
+    # coco: a COCO JSON detection folder at root (annotations/instances_{train,val,test}.json, images/) for
+    # task=detection; test is val when instances_test.json is absent
+    name: Literal["fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic", "voc",
+                  "coco"] = "fashion_mnist"
     root: str = ""
-    num_classes: int = field(default=0, metadata=_range(0))  # voc: the model's classes, background included
+    num_classes: int = field(default=0, metadata=_range(0))  # voc, coco: the model's classes, background included
     download: bool = True
     train_subset: int = field(default=0, metadata=_range(0))
     val_size: int = field(default=5000, metadata=_range(0))

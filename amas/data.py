@@ -285,10 +285,10 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     if cfg.name == "imagefolder":
         classes = check_image_folder(cfg)
         return DatasetInfo("imagefolder", len(classes), 3, cfg.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    if cfg.name == "voc":  # a segmentation folder (amas.dense.batches)
-        from amas.dense.batches import voc_info
+    if cfg.name in ("voc", "coco"):  # a segmentation or detection folder (amas.dense.batches)
+        from amas.dense.batches import coco_info, voc_info
 
-        return voc_info(cfg)
+        return voc_info(cfg) if cfg.name == "voc" else coco_info(cfg)
     return INFOS[cfg.name]
 
 
@@ -296,10 +296,11 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, *, device
                seed: int = 0, channels_last: bool = False, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Load the configured dataset and wrap its train / held-out validation / test splits as batches."""
     common = dict(device=device, channels_last=channels_last, rank=rank, world_size=world_size)
-    if cfg.name == "voc":
-        from amas.dense.batches import voc_bundle
+    if cfg.name in ("voc", "coco"):
+        from amas.dense.batches import coco_bundle, voc_bundle
 
-        return voc_bundle(cfg, batch_size, eval_batch_size, seed=seed, **common)
+        bundle = voc_bundle if cfg.name == "voc" else coco_bundle
+        return bundle(cfg, batch_size, eval_batch_size, seed=seed, **common)
     info = dataset_info(cfg)
     if cfg.name == "imagefolder":
         root = Path(cfg.root).expanduser()

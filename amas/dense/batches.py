@@ -1,5 +1,6 @@
-"""A VOC-layout segmentation folder as the engine's Batches (config data.name=voc): the description the stages read,
-the up-front checks (files, classes the model lacks) and seeded, rank-sharded batches of (images, label maps)."""
+"""Dense-prediction folders as the engine's Batches: a VOC-layout segmentation folder (config data.name=voc) and a
+COCO JSON detection folder (data.name=coco): the description the stages read, the up-front checks (files, boxes,
+classes the model lacks) and seeded, rank-sharded batches of (images, label maps) or (images, target dicts)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from amas.datasets import DataBundle, DatasetInfo, batch_count
+from amas.dense.coco import CocoDetection, detection_collate
 from amas.dense.images import IMAGENET_MEAN, IMAGENET_STD
 from amas.dense.voc import VOCSegmentation, segmentation_collate
 from amas.errors import DataError
@@ -17,7 +19,10 @@ from amas.errors import DataError
 if TYPE_CHECKING:
     from amas.config import Config, DataConfig
 
-__all__ = ["SegmentationBatches", "check_task_data", "voc_bundle", "voc_info", "voc_splits"]
+__all__ = ["DenseBatches", "SegmentationBatches", "check_task_data", "coco_bundle", "coco_info", "coco_splits",
+           "voc_bundle", "voc_info", "voc_splits"]
+
+SPLITS = ("train", "val", "test")
 
 
 def voc_info(cfg: DataConfig) -> DatasetInfo:
@@ -42,10 +47,38 @@ def voc_splits(cfg: DataConfig) -> dict[str, VOCSegmentation]:
     return {**read, "test": read["test" if has_test else "val"]}
 
 
+def coco_info(cfg: DataConfig) -> DatasetInfo:
+    """The description of a data.name=coco folder (3 channels, data.image_size squares, images left in [0, 1]: a
+    torchvision detector normalises inside its forward), or one DataError for a setting it needs."""
+    if not cfg.root:
+        raise DataError("data.name=coco needs data.root, the folder holding annotations/instances_train.json, "
+                        "instances_val.json (and instances_test.json) and images/")
+    if cfg.num_classes < 2:
+        raise DataError("data.name=coco needs data.num_classes, the detector's classes with the background (category "
+                        "ids run 1..num_classes-1), e.g. data.num_classes=91 for COCO")
+    return DatasetInfo("coco", cfg.num_classes, 3, cfg.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def coco_splits(cfg: DataConfig) -> dict[str, CocoDetection]:
+    """The train, val and test splits of root/annotations/instances_<split>.json over root/images (test: val's
+    when there is no instances_test.json); every file is read and checked (empty, boxes not [x, y, w>=0, h>=0])."""
+    coco_info(cfg)
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"detection folder '{root}' does not exist; pass the folder holding annotations/ and images/")
+    ann = root / "annotations"
+    has_test = (ann / "instances_test.json").is_file()
+    read = {name: CocoDetection(ann / f"instances_{name}.json", root / "images", num_classes=cfg.num_classes,
+                                image_size=cfg.image_size)
+            for name in SPLITS if name != "test" or has_test}
+    return {**read, "test": read["test" if has_test else "val"]}
+
+
 def check_task_data(cfg: Config, user_data: bool = False) -> None:
     """One line, before any stage runs or writes, for data the task cannot train on: a dense task on a dataset of
     class labels, label maps for a classifier, and on a VOC folder a file that is not an image or a label map with a
-    class the model lacks (every label map is read once)."""
+    class the model lacks (every label map is read once); on a COCO folder an empty or unreadable annotation file, a
+    box that is not [x, y, w>=0, h>=0] (x2 < x1), a category id >= data.num_classes, a missing image."""
     from amas.dense.loaders import check_files, check_labels
 
     task, name = cfg.task, cfg.data.name
@@ -58,25 +91,33 @@ def check_task_data(cfg: Config, user_data: bool = False) -> None:
         raise DataError(f"task=segmentation reads label maps: set data.name=voc with data.root (a VOC-layout folder) "
                         f"and data.num_classes, or run amas.prune(teacher, train, val, input_shape, "
                         f"task='segmentation') with your own batches ({name} holds class labels)")
-    if task == "detection":
-        raise DataError("task=detection trains in amas.MaskSearch (your own loop) so far; amas train and amas prune "
-                        "take task=classification or task=segmentation")
-    if name != "voc":
+    if task == "classification" and name == "coco":
+        raise DataError("data.name=coco holds boxes; set task=detection (and model.name to a detector, e.g. "
+                        "tv:fasterrcnn_mobilenet_v3_large_320_fpn)")
+    if task == "segmentation" and name == "coco":
+        raise DataError("task=segmentation reads label maps, data.name=coco holds boxes; set task=detection or "
+                        "data.name=voc")
+    if task == "detection" and name != "coco":
+        raise DataError(f"task=detection reads boxes: set data.name=coco with data.root (a COCO JSON folder) and "
+                        f"data.num_classes, or run amas.prune(teacher, train, val, input_shape, task='detection') "
+                        f"with your own batches ({name} holds {'label maps' if name == 'voc' else 'class labels'})")
+    if name not in ("voc", "coco"):
         return
-    for ds in {id(d): d for d in voc_splits(cfg.data).values()}.values():  # test may be val
+    splits = voc_splits(cfg.data) if name == "voc" else coco_splits(cfg.data)
+    for ds in {id(d): d for d in splits.values()}.values():  # test may be val
         check_files(ds)
         check_labels(ds, cfg.data.num_classes)
 
 
-class SegmentationBatches:
-    """One split of a VOC folder as the engine's Batches: (images (B, 3, S, S) normalised, label maps int64 (B, S, S))
-    on the device; train batches shuffled and flipped from (seed, epoch), the flips drawn for the global batch before
-    it is sharded (the same images get the same flips on any rank count); each rank reads its every world_size-th
-    image of each global batch."""
+class DenseBatches:
+    """One split of a VOC or COCO folder as the engine's Batches: (images (B, 3, S, S), label maps int64 (B, S, S) or
+    a list of {"boxes", "labels"} dicts) on the device; train batches shuffled and flipped from (seed, epoch), the
+    flips drawn for the global batch before it is sharded (the same images get the same flips on any rank count); each
+    rank reads its every world_size-th image of each global batch."""
 
-    def __init__(self, dataset: VOCSegmentation, batch_size: int, *, train: bool, flip: bool, seed: int,
-                 device: torch.device | str, channels_last: bool = False, num_workers: int = 0, subset: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, dataset: VOCSegmentation | CocoDetection, batch_size: int, *, train: bool, flip: bool,
+                 seed: int, device: torch.device | str, channels_last: bool = False, num_workers: int = 0,
+                 subset: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.dataset, self.batch_size, self.train, self.flip = dataset, batch_size, train, flip and train
         self.seed, self.epoch, self.device, self.channels_last = seed, 0, torch.device(device), channels_last
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
@@ -98,27 +139,43 @@ class SegmentationBatches:
         pairs, gb = list(zip(order, coins, strict=True)), self.batch_size * self.world_size
         return [p for b in range(len(self)) for p in pairs[b * gb:(b + 1) * gb][self.rank::self.world_size]]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         from torch.utils.data import DataLoader
 
+        boxes = isinstance(self.dataset, CocoDetection)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self._order(),  # type: ignore[arg-type]
-                            collate_fn=segmentation_collate, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            collate_fn=detection_collate if boxes else segmentation_collate,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            if boxes:
+                yield x, [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in y]
+            else:
+                yield x, y.to(self.device, non_blocking=True)
+
+
+SegmentationBatches = DenseBatches  # the name of the VOC-only version
 
 
 def voc_bundle(cfg: DataConfig, batch_size: int, eval_batch_size: int, **common: Any) -> DataBundle:
     """The train / val / test batches of a data.name=voc folder (common: device, seed, channels_last, rank,
     world_size); data.train_subset and data.test_subset keep the first images of those splits."""
-    splits = voc_splits(cfg)
+    return _bundle(voc_splits(cfg), voc_info(cfg), cfg, batch_size, eval_batch_size, **common)
+
+
+def coco_bundle(cfg: DataConfig, batch_size: int, eval_batch_size: int, **common: Any) -> DataBundle:
+    """The train / val / test batches of a data.name=coco folder (images (B, 3, S, S) in [0, 1], boxes scaled to
+    S and flipped with the images), as voc_bundle."""
+    return _bundle(coco_splits(cfg), coco_info(cfg), cfg, batch_size, eval_batch_size, **common)
+
+
+def _bundle(splits: dict, info: DatasetInfo, cfg: DataConfig, batch_size: int, eval_batch_size: int,
+            **common: Any) -> DataBundle:
     extra = dict(common, num_workers=cfg.num_workers)
-    train = SegmentationBatches(splits["train"], batch_size, train=True, flip=cfg.augment and cfg.flip,
-                                subset=cfg.train_subset, **extra)
-    val = SegmentationBatches(splits["val"], eval_batch_size, train=False, flip=False, **extra)
-    test = SegmentationBatches(splits["test"], eval_batch_size, train=False, flip=False, subset=cfg.test_subset,
-                               **extra)
-    return DataBundle(train, val, test, voc_info(cfg))
+    train = DenseBatches(splits["train"], batch_size, train=True, flip=cfg.augment and cfg.flip,
+                         subset=cfg.train_subset, **extra)
+    val = DenseBatches(splits["val"], eval_batch_size, train=False, flip=False, **extra)
+    test = DenseBatches(splits["test"], eval_batch_size, train=False, flip=False, subset=cfg.test_subset, **extra)
+    return DataBundle(train, val, test, info)

@@ -282,5 +282,5 @@ def select_stage(ctx: RunContext) -> Rows:
     names = {c["id"]: c["name"] for c in r["candidates"]}
     return [("policy", r["policy"]), ("rule", r["rule"]), ("Pareto front", ", ".join(names[i] for i in r["front"])),
             ("selected", f"{w['name']} (level {w['level']:.2f})"),
-            ("val acc %", w["val_acc"]), ("MACs", f"{w['macs'] / 1e6:.3f}M (-{100 * w['macs_reduction']:.1f}%)"),
+            (ctx.label("val"), w["val_acc"]), ("MACs", f"{w['macs'] / 1e6:.3f}M (-{100 * w['macs_reduction']:.1f}%)"),
             ("figure", str(ctx.path("pareto.png")))]

@@ -128,9 +128,9 @@ def teacher_stage(ctx: RunContext) -> Rows:
             r["val_acc"] = _teacher_val_acc(ctx)
     else:
         r = train_dense(ctx.cfg, ctx.stage_dir("teacher"), resume=True)
-    rows = [("model", name), ("dataset", ctx.dataset_label), ("val acc %", r["val_acc"] if "val_acc" in r else
-                                                               _no_val(ctx))]
-    rows.append(("test acc %", r["test_acc"] if "test_acc" in r else "measured once, in the export stage"))
+    rows = [("model", name), ("dataset", ctx.dataset_label),
+            (ctx.label("val"), r["val_acc"] if "val_acc" in r else _no_val(ctx))]  # 'val acc %', 'val mIoU %', ...
+    rows.append((ctx.label("test"), r["test_acc"] if "test_acc" in r else "measured once, in the export stage"))
     if "macs" in r:
         rows += [("MACs", f"{r['macs'] / 1e6:.2f}M"), ("params", f"{r['params'] / 1e6:.3f}M"),
                  ("epochs", r.get("epochs", "–"))]

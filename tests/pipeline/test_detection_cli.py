@@ -1,0 +1,120 @@
+"""Object detection from the command line: tools/prune_detector.py (`amas prune` with task=detection and
+data.name=coco) on generated scenes in COCO JSON and a tiny Faster R-CNN state_dict; an annotation with x2 < x1 stops
+before any stage; the COCO folder as Batches of (images, target dicts)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import amas
+
+ROOT = Path(__file__).resolve().parents[2]
+K, SIZE = 11, 64  # the scenes' classes (background and ten Fashion-MNIST classes), canvas size
+ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> tuple[Path, Path]:
+    """(COCO folder of 4/2/2 generated scenes, plain state_dict of a random 11-class Faster R-CNN)."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    from amas.dense.scenes import make_scenes
+
+    root = tmp_path_factory.mktemp("scenes")
+    make_scenes(root, train=4, val=2, test=2, size=SIZE, seed=0, objects=(1, 2))
+    torch.manual_seed(0)
+    weights = root / "frcnn.pth"
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=K)
+    torch.save(model.state_dict(), weights)
+    return root / "coco", weights
+
+
+def tool(coco: Path, weights: Path, out: Path, *extra: str) -> int:
+    """tools/prune_detector.py in this process (no interpreter start-up), with seconds-long stages."""
+    tiny = {"data.num_workers": 0, "select.levels": "[0.5]", "select.budget_epochs": 1, "prune.report_runtimes": "[]",
+            "quant.report_runtimes": "[]", "search.train.probe_steps": 0}
+    for s in ("search", "finetune"):
+        tiny.update({f"{s}.d_hidden": 8})
+        tiny.update({f"{s}.train.{k}": v for k, v in {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "lr": 0.002,
+                                                       "progress": "false", "log_every": 2, "device": "cpu"}.items()})
+    main = runpy.run_path(str(ROOT / "tools" / "prune_detector.py"))["main"]
+    return main(["--arch", ARCH, "--weights", str(weights), "--data", str(coco), "--num-classes", str(K),
+                 "--image-size", str(SIZE), "--target", "0.5", "--out", str(out), "--latency-iters", "1",
+                 *[f"{k}={v}" for k, v in tiny.items()], *extra])
+
+
+def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
+    coco, weights = scenes
+    run = tmp_path / "run"
+    assert tool(coco, weights, run) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["metric"] == "map" and report["model"] == f"tv:{ARCH}"
+    assert report["macs_reduction"] >= 0.4 and 0 <= report["test_acc"] <= 100
+    stages = json.loads((run / "pipeline.json").read_text())["stages"]  # summaries name the task's metric
+    assert all(any(k == "val box mAP %" for k, _ in stages[s]["summary"]) for s in ("teacher", "select")), stages
+    model, obj = amas.load_pruned(run / "pruned.pt")
+    assert obj["model"]["kwargs"]["min_size"] == SIZE and obj["metadata"]["num_classes"] == K
+    with torch.no_grad():
+        out = model.eval()(torch.rand(2, 3, SIZE, SIZE))
+    assert len(out) == 2 and all(set(d) == {"boxes", "scores", "labels"} and d["boxes"].shape[-1] == 4 for d in out)
+    assert (run / "pruned.pt2").is_file()
+
+
+def test_a_box_with_x2_left_of_x1_stops_before_any_stage(scenes, tmp_path, capsys) -> None:
+    coco, weights = scenes
+    bad = tmp_path / "coco"
+    shutil.copytree(coco, bad)
+    path = bad / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    x, y, w, h = data["annotations"][0]["bbox"]
+    data["annotations"][0]["bbox"] = [x + w, y, -w, h]  # (x1, y1, x2, y2) = (x + w, y, x, y + h)
+    path.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    assert tool(bad, weights, run) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(path) in err and "negative size" in err, err
+    assert not run.exists()
+
+
+def test_task_and_data_that_do_not_fit_stop_in_one_line(scenes, tmp_path, capsys) -> None:
+    from amas.cli import main
+
+    coco, _ = scenes
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    empty = tmp_path / "empty"
+    shutil.copytree(coco, empty)
+    (empty / "annotations" / "instances_train.json").write_text("")
+    cases = [(["task=detection", "data.name=fashion_mnist"], "task=detection reads boxes"),
+             (["data.name=coco", f"data.root={coco}", f"data.num_classes={K}"], "set task=detection"),
+             (["task=detection", "data.name=coco", f"data.root={coco}"], "needs data.num_classes"),
+             (["task=detection", "data.name=coco", f"data.root={coco}", "data.num_classes=3"], "has label"),
+             (["task=detection", "data.name=coco", f"data.root={empty}", f"data.num_classes={K}"], "is empty")]
+    for overrides, want in cases:
+        assert main(["prune", "--config", config, "--out", str(tmp_path / "run"), *overrides]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and want in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_coco_batches_give_images_and_target_dicts(scenes) -> None:
+    from amas.config import DataConfig
+    from amas.dense.batches import coco_bundle
+
+    coco, _ = scenes
+    cfg = DataConfig(name="coco", root=str(coco), num_classes=K, image_size=32, num_workers=0)
+    data = coco_bundle(cfg, 2, 2, seed=3, device="cpu")
+    assert len(data.train) == 2 and data.info.input_shape == (3, 32, 32)
+    x, targets = next(iter(data.train))
+    assert x.shape == (2, 3, 32, 32) and len(targets) == 2
+    for t in targets:
+        assert t["boxes"].shape[-1] == 4 and t["labels"].dtype == torch.int64
+        assert bool((t["boxes"] >= 0).all() and (t["boxes"] <= 32).all() and (t["labels"] >= 1).all())
+    ranks = [coco_bundle(cfg, 1, 2, seed=3, device="cpu", rank=r, world_size=2).train for r in (0, 1)]
+    (x0, t0), (x1, t1) = (next(iter(b)) for b in ranks)
+    assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(t1[0]["boxes"], targets[1]["boxes"])
