@@ -69,7 +69,7 @@ def make_trainer(stage: str, teacher: torch.nn.Module, shape: tuple, batches: _F
                  run_dir: Path, device: torch.device) -> Trainer:
     """An engine Trainer whose train_step is the stage's step."""
     cfg = Config()
-    overrides = {"amp": amp, "compile": compile_, "epochs": 1, "progress": False, "probe_steps": 0,
+    overrides = {"amp": amp, "compile": compile_, "epochs": 1000, "progress": False, "probe_steps": 0,
                  "bn_recalibration": 0, "log_every": 10**9, "device": device.type}
     model = copy.deepcopy(teacher).requires_grad_(True)
     if stage == "plain":

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import amas
+from amas.channels.dense import tensor_part
 
 ROOT = Path(__file__).resolve().parents[2]
 K, SIZE = 11, 64  # the scenes' classes (background and ten Fashion-MNIST classes), canvas size
@@ -63,7 +65,14 @@ def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
     with torch.no_grad():
         out = model.eval()(torch.rand(2, 3, SIZE, SIZE))
     assert len(out) == 2 and all(set(d) == {"boxes", "scores", "labels"} and d["boxes"].shape[-1] == 4 for d in out)
-    assert (run / "pruned.pt2").is_file()
+    # pruned.pt2: the tensor part (no transform, no NMS: the report says so) with the eager tensor part's outputs
+    assert any("NMS" in n for n in report["notes"]) and "box mAP" in (run / "report.md").read_text()
+    pt2 = torch.export.load(str(run / "pruned.pt2")).module()
+    images = model.transform([torch.rand(3, SIZE, SIZE) for _ in range(2)])[0].tensors
+    with torch.no_grad():
+        want, have = tensor_part(model)(images), pt2(images)
+    pairs = list(zip(tree_leaves(want), tree_leaves(have), strict=True))
+    assert pairs and all((a - b).abs().max() <= 1e-4 for a, b in pairs)
 
 
 def test_a_box_with_x2_left_of_x1_stops_before_any_stage(scenes, tmp_path, capsys) -> None:

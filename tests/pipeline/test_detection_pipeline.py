@@ -1,19 +1,13 @@
-"""Object detection through the whole pipeline from the Python API: amas.prune(task="detection") on a tiny Faster
-R-CNN (MobileNetV3 FPN, 64x64 images, random init) and random scenes (search, candidates, selection by box mAP, final
-fine-tune, export of pruned.pt and of the tensor part as pruned.pt2, report); bad targets stop before any stage."""
+"""Object detection from the Python API: amas.prune(task="detection")'s batches of (images, target dicts), and bad
+targets stop before any stage (the whole pipeline on a detector runs in test_detection_cli.py)."""
 
 from __future__ import annotations
-
-import copy
-import json
 
 import pytest
 import torch
 from test_dense_pipeline import tiny
-from torch.utils._pytree import tree_leaves
 
 import amas
-from amas.channels.dense import tensor_part
 from amas.errors import DataError
 
 K = 3  # background and two classes
@@ -42,43 +36,24 @@ def scenes(batches: int, gen: torch.Generator) -> list:
     return out
 
 
-def test_prune_a_detector_end_to_end(tmp_path) -> None:
+def test_user_batches_of_a_detector_stack_images_and_keep_target_dicts() -> None:
+    """amas.prune's detection batches (the pipeline itself runs end to end in test_detection_cli.py)."""
+    from amas.inputs import UserBatches
+    from amas.tasks import make_task
+
     gen = torch.Generator().manual_seed(0)
-    train, val = scenes(2, gen), scenes(1, gen)
-    teacher = detector()
-    before = copy.deepcopy(teacher.state_dict())
-    run = tmp_path / "run"
-    # the search without its step-size probe (the fine-tunes' probe covers a detector's BatchNorm recalibration)
-    result = amas.prune(teacher, train, val, SHAPE, 0.5, overrides=tiny(**{"search.train.probe_steps": 0}),
-                        out_dir=run, latency_iters=1,
-                        task="detection")
-    rep = result.report
-    assert rep["metric"] == "map" and 0 <= rep["val_map"] <= 100 and 0 <= rep["teacher"]["val_map"] <= 100
-    full = json.loads((run / "report.json").read_text())
-    assert full["metric"] == "map" and any("NMS" in n for n in full["notes"])
-    assert "box mAP" in (run / "report.md").read_text()
-    # smaller in MACs (the tensor part: backbone and heads), and the pruned detector still returns detections
-    macs, _ = amas.count(tensor_part(teacher), SHAPE)
-    assert rep["teacher"]["macs"] == macs and rep["macs"] < 0.75 * macs
-    x = val[0][0]
-    with torch.no_grad():
-        got = result.model(x)
-    assert len(got) == 4 and all(set(d) == {"boxes", "scores", "labels"} for d in got)
-    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()) and not teacher.training
-    # pruned.pt rebuilds the torchvision detector by its builder and sizes, with the same detections
-    model, obj = amas.load_pruned(run / "pruned.pt")
-    assert obj["model"]["name"] == "tv:fasterrcnn_mobilenet_v3_large_320_fpn"
-    assert obj["model"]["kwargs"] == {"weights_backbone": None, "min_size": SIZE, "max_size": SIZE}
-    with torch.no_grad():
-        again = model(x)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for a, b in zip(got, again, strict=True) for k in a)
-    # pruned.pt2: the tensor part (no transform, no NMS) with the eager tensor part's outputs
-    pt2 = torch.export.load(str(run / "pruned.pt2")).module()
-    images = model.transform(list(x[:2]))[0].tensors
-    with torch.no_grad():
-        want, have = tensor_part(model)(images), pt2(images)
-    pairs = list(zip(tree_leaves(want), tree_leaves(have), strict=True))
-    assert pairs and all((a - b).abs().max() <= 1e-4 for a, b in pairs)
+    (x, targets), = scenes(1, gen)
+    task = make_task("detection")
+    batches = UserBatches([(list(x), targets)], SHAPE, "cpu", "train", num_classes=K, task=task)
+    (images, got), = list(batches)
+    assert images.shape == (4, *SHAPE) and torch.equal(images, x)  # a list of one-size images, stacked
+    assert len(got) == 4 and all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(got, targets, strict=True))
+    with pytest.raises(DataError) as e:  # one target per image
+        UserBatches([(x, targets[:3])], SHAPE, "cpu", "train", num_classes=K, task=task)
+    assert "3 targets for 4 images" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError) as e:  # images of mixed sizes cannot be one batch
+        UserBatches([([x[0], x[1][:, :32]], targets[:2])], SHAPE, "cpu", "train", num_classes=K, task=task)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("bad, why", [
