@@ -33,7 +33,9 @@ class Net(nn.Module):
 
 
 def overrides(data_root, **extra) -> list[str]:
+    # no DataLoader worker processes: a test of the model path, and one fewer thing to start on a loaded machine
     base = {"data.name": "imagefolder", "data.root": str(data_root), "data.image_size": 16, "data.augment": "false",
+            "data.num_workers": 0,
             "select.levels": "[0.5]", "select.budget_epochs": 1, "select.min_reduction": 0.4,
             "search.target_reduction": 0.5}
     for s in ("search.train", "finetune.train"):
