@@ -94,9 +94,6 @@ def check_task_data(cfg: Config, user_data: bool = False) -> None:
     if task == "classification" and name == "coco":
         raise DataError("data.name=coco holds boxes; set task=detection (and model.name to a detector, e.g. "
                         "tv:fasterrcnn_mobilenet_v3_large_320_fpn)")
-    if task == "segmentation" and name == "coco":
-        raise DataError("task=segmentation reads label maps, data.name=coco holds boxes; set task=detection or "
-                        "data.name=voc")
     if task == "detection" and name != "coco":
         raise DataError(f"task=detection reads boxes: set data.name=coco with data.root (a COCO JSON folder) and "
                         f"data.num_classes, or run amas.prune(teacher, train, val, input_shape, task='detection') "
