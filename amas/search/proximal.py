@@ -34,7 +34,7 @@ class ProximalMaskUpdate:
         self.x = [p.detach().clone() for p in self.params]
         self.t = 1.0
         self.restarts = 0
-        self.clipped = 0  # mask moves the trust region shortened, over the whole search
+        self._clipped: int | torch.Tensor = 0  # mask moves the trust region shortened (on the masks' device)
 
     def reset(self) -> None:
         """Take x from the parameters and drop the momentum (after the parameters moved device or were loaded)."""
@@ -81,7 +81,7 @@ class ProximalMaskUpdate:
         """The gradient move clamped to ±max_step (counted); unchanged without a trust region."""
         if self.max_step <= 0:
             return move
-        self.clipped += int((move.abs() > self.max_step).sum())
+        self._clipped = self._clipped + (move.abs() > self.max_step).sum()  # no host sync per step
         return move.clamp(-self.max_step, self.max_step)
 
     def values(self) -> list[torch.Tensor]:
@@ -92,8 +92,13 @@ class ProximalMaskUpdate:
         """Iterates, momentum scalar and restart count."""
         return {"x": [x.clone() for x in self.x], "t": self.t, "restarts": self.restarts, "clipped": self.clipped}
 
+    @property
+    def clipped(self) -> int:
+        """Mask moves the trust region shortened, over the whole search."""
+        return int(self._clipped)
+
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict returned."""
         self.x = [x.to(p.device, p.dtype).clone() for x, p in zip(state["x"], self.params, strict=True)]
         self.t, self.restarts = float(state["t"]), int(state["restarts"])
-        self.clipped = int(state.get("clipped", 0))
+        self._clipped = int(state.get("clipped", 0))
