@@ -119,6 +119,7 @@ class RunContext:
         self.dist = distributed.context()
         self.device = distributed.device_for(self.dist, resolve_device(cfg.finetune.train.device))
         self._teacher: tuple[nn.Module, dict] | None = None
+        self._task_checked = False
         self._frozen: dict[bool, Any] = {}  # the teacher's inference copies by fast_teacher (one in a default run)
         self._data: dict[tuple[str, bool], Any] = {}
         self.in_memory = teacher_model is not None
@@ -251,6 +252,10 @@ class RunContext:
                 model, obj = load_model(self.teacher_path, self.device)
                 check_teacher_matches(obj["model"], info, self.teacher_path, self.cfg.data.name)
             self._teacher = (model.eval().requires_grad_(False), obj)
+        if not self._task_checked:
+            # the task's align names resolve on the teacher: a baseline or resumed run has no search stage to do it
+            self.task.check_model(self._teacher[0])
+            self._task_checked = True
         return self._teacher
 
     def frozen_teacher(self, section: Any) -> Any:

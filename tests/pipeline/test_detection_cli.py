@@ -75,6 +75,16 @@ def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
     assert pairs and all((a - b).abs().max() <= 1e-4 for a, b in pairs)
 
 
+def test_a_baseline_criterion_prunes_a_detector(scenes, tmp_path) -> None:
+    # no search stage: the candidates and the final fine-tune resolve the detector's aligned maps themselves
+    coco, weights = scenes
+    run = tmp_path / "run"
+    assert tool(coco, weights, run, "--method", "l1") == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["method"] == "l1" and report["metric"] == "map" and report["macs_reduction"] >= 0.4
+    assert not (run / "search").exists()
+
+
 def test_a_box_with_x2_left_of_x1_stops_before_any_stage(scenes, tmp_path, capsys) -> None:
     coco, weights = scenes
     bad = tmp_path / "coco"
