@@ -144,7 +144,7 @@ def train_teacher(task: str, scenes: Path, epochs: int, path: Path, seed: int = 
                 loss = F.cross_entropy(net(x)["out"], y, ignore_index=255)
             else:
                 imgs, tgts = [], []
-                for j, f in zip(idx.tolist(), flip.tolist()):
+                for j, f in zip(idx.tolist(), flip.tolist(), strict=True):
                     im, t = data["train"][0][j], dict(data["train"][1][j])
                     if f:
                         im, b = im.flip(-1), t["boxes"].clone()
