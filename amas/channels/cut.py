@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from amas.channels.bake import bake_convs
 from amas.channels.group import ChannelGroup
 from amas.channels.groups import find_groups
 from amas.channels.masks import remove_mask_hooks
@@ -85,6 +86,7 @@ def prune_model(
                 f"mask {name!r} has {torch.as_tensor(m).numel()} values, the group has {by_name[name].size}"
             )
     net = _plain_copy(model)
+    bake_convs(net)  # weight-standardised convs: plain convs with the weight they computed, before folds and cuts
     was_training = net.training
     net.eval()
     for name, m in masks.items():

@@ -46,6 +46,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from amas.channels.bake import baked_copy
 from amas.channels.group import ChannelGroup
 from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
@@ -286,6 +287,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
     input_shape = tuple(int(s) for s in input_shape)
     ignore = tuple(str(n) for n in ignore)
     _no_script_modules(model)
+    model = baked_copy(model)  # the groups of what the cut cuts (names unchanged)
     with _StateOutputs(model) as notes:
         dg = build_graph(model, input_shape, ignore)
     # layers with per-channel state that Torch-Pruning traced through as plain ops (a frozen BN): it would not cut them

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from amas.channels.bake import bakeable
 from amas.errors import MaskError
 
 if TYPE_CHECKING:
@@ -157,7 +158,8 @@ def unmaskable_modules(model: nn.Module) -> set[nn.Module]:
 
     A layer with per-channel tensors Torch-Pruning would not cut (its own beyond weight, bias and BN statistics, or
     its children's), a BatchNorm subclass whose mask cannot be placed where the cut folds it, a conv or linear
-    subclass whose output a fold into its weights does not scale.
+    subclass whose output a fold into its weights does not scale; not a conv that computes its weight in forward
+    where a plain conv reproduces it (amas.channels.bake: the cut bakes it first).
     """
     shared = _shared_modules(model)
     out = set()
@@ -166,6 +168,9 @@ def unmaskable_modules(model: nn.Module) -> set[nn.Module]:
             continue
         own = [t for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))
                if n not in _CUT_TENSORS]
+        if isinstance(m, _LAYER) and (any(t.numel() > 1 for t in own) or type(m).forward not in _PLAIN_FORWARDS) \
+                and bakeable(m):
+            continue  # it computes its weight (weight standardisation): the cut bakes it into a plain conv first
         if any(t.numel() > 1 for t in own):
             out.add(m)
         elif isinstance(m, BatchNormBase) and type(m).forward not in PLAIN_BN_FORWARDS:

@@ -55,6 +55,11 @@ def save_pruned(path: str | os.PathLike, model: nn.Module, recipe: dict, metadat
     meta.setdefault("format_version", FORMAT_VERSION)
     recipe = dict(recipe)
     recipe.setdefault("layers", layer_shapes(model))
+    from amas.channels.bake import baked_layers
+
+    baked = baked_layers(model)
+    if baked:  # weight-computing convs the cut made plain (amas.channels.bake); absent otherwise
+        recipe.setdefault("baked", baked)
     removed = removed_blocks(model)
     if removed:  # residual blocks reduced to their shortcut (amas.channels.blocks); absent otherwise, as before
         recipe.setdefault("removed_blocks", removed)
@@ -165,6 +170,13 @@ def rebuild_from_shapes(recipe: dict, state_dict: dict[str, torch.Tensor],
                              **rec.get("kwargs", {}))
         where = rec["name"]
     _remove_blocks(model, recipe.get("removed_blocks", []))
+    if recipe.get("baked"):
+        from amas.channels.bake import rebuild_baked
+
+        try:
+            rebuild_baked(model, recipe["baked"])
+        except (AttributeError, KeyError, TypeError):
+            raise CheckpointError(f"the baked layers of the recipe do not match {where}; re-export the model") from None
     modules = dict(model.named_modules())
     for name, attrs in recipe["layers"].items():
         if name not in modules:

@@ -219,19 +219,19 @@ def test_a_bn_with_its_own_activation_is_masked_before_it_and_the_hooks_come_off
         assert torch.equal(model(x), ref)
 
 
-def test_bn_and_conv_subclasses_amas_cannot_mask_exactly_are_left_out() -> None:
+def test_bn_subclasses_amas_cannot_mask_exactly_are_left_out_and_standardised_convs_are_baked() -> None:
     shared = nn.SiLU()
     cases = {
         "clamp": _Pair(_ClampBN(8), nn.BatchNorm2d(8)),  # a hidden step after the affine
         "shared": _Pair(_ActBN(8, shared), _ActBN(8, shared)),  # one activation module, two BNs
         "sigmoid": _Pair(_ActBN(8, nn.Sigmoid()), nn.BatchNorm2d(8)),  # a zero mask would not silence the channel
-        # removing its input channels changes the standardisation of the weights left
+        # removing its input channels changes the standardisation of the weights left: the cut bakes it first
         "stdconv": _Pair(nn.BatchNorm2d(8), nn.BatchNorm2d(8), conv2=_StdConv(8, 8, 3, padding=1, bias=False)),
     }
     assert [g.name for g in _cut_equals_masked(cases["clamp"], (3, 8, 8))] == ["conv2"]
     assert [g.name for g in _cut_equals_masked(cases["shared"], (3, 8, 8))] == []
     assert [g.name for g in _cut_equals_masked(cases["sigmoid"], (3, 8, 8))] == ["conv2"]
-    assert [g.name for g in _cut_equals_masked(cases["stdconv"], (3, 8, 8))] == []
+    assert [g.name for g in _cut_equals_masked(cases["stdconv"], (3, 8, 8))] == ["conv1", "conv2"]
     plain = _cut_equals_masked(_Pair(_PlainBN(8), nn.BatchNorm2d(8)), (3, 8, 8))  # nothing hidden: kept
     assert [g.producers for g in plain] == [["bn1"], ["bn2"]]
 

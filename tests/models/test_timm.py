@@ -217,3 +217,32 @@ def test_a_csp_net_names_every_stage_to_keep_whole_at_once() -> None:
     x = torch.randn(1, 3, 32, 32, generator=gen)
     _, masked, out, _ = masked_and_cut(model, groups, masks, keep, x)
     assert close(masked, out, 1e-4)
+
+
+def test_a_normalizer_free_net_cuts_exactly_at_half_the_macs(tmp_path) -> None:
+    """nf_resnet26: no BN, weight-standardised convs (each filter's statistics span its input channels, so the cut
+    bakes them into plain convs first; it found no group before). Planned to -50% MACs from random scores, removal
+    equals masking, and the pruned.pt round trip rebuilds the baked convs."""
+    from amas.channels.bake import BakedConv
+    from amas.channels.plan import plan_keep
+
+    shape = (3, 32, 32)
+    gen = torch.Generator().manual_seed(0)
+    name = "nf_resnet26"
+    model = create_model("timm:" + name, num_classes=5, in_channels=3).eval()
+    groups = find_groups(model, shape)
+    assert len(groups) >= 8
+    cost = CostModel(model, groups, shape)
+    keep = plan_keep({g.name: torch.rand(g.size, generator=gen) for g in groups}, cost, 0.5)
+    masks = {g.name: (torch.rand(g.size, generator=gen) * 0.7 + 0.3) * torch.isin(torch.arange(g.size), keep[g.name])
+             for g in groups}
+    x = torch.randn(2, *shape, generator=gen)
+    plain, masked, out, pruned = masked_and_cut(model, groups, masks, keep, x)
+    assert not close(plain, masked, 1e-3) and close(masked, out, 1e-4)
+    macs = count(pruned, shape)[0]
+    assert macs == cost.macs(kept_counts(keep)) and abs(1 - macs / count(model, shape)[0] - 0.5) < 0.02
+    baked = [n for n, m in pruned.named_modules() if isinstance(m, BakedConv)]
+    assert len(baked) == sum(type(m).__name__ == "ScaledStdConv2d" for m in model.modules())
+    with torch.no_grad():
+        again = reloaded(pruned.eval(), "timm:" + name, 5, shape, keep, tmp_path / "p.pt")(x)
+    assert close(again, out, 1e-6)
