@@ -182,7 +182,6 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
     from amas.channels.cost import count
     from amas.distributed import context, on_main
     from amas.engine.loop import evaluate
-    from amas.files.pruned import load_pruned, save_pruned
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -200,79 +199,93 @@ def run_candidates(cfg: Any, out_dir: Path, *, teacher: nn.Module, record: dict,
 
     cut = _cut_once(cfg, out_dir, teacher=teacher, record=record, source=source, planner=planner, masks=masks,
                     data=data, device=device, method=method, task=task, counts=(teacher_macs, teacher_params))
-    rows, skipped = cut["rows"], cut["skipped"]
-    total_channels = int(cut["total_channels"])
+    rows = cut["rows"]
+    limits = _budget_limits(sel, cut, teacher_macs, teacher_val)
+    trainable = [r["id"] for r in rows if r["status"] == "cut"]
+    if not trainable:  # the budget policy's feasibility is known before any training: fail before spending it
+        choose(rows, "budget", teacher_macs=teacher_macs, bound=limits["bound_macs"],
+               latency_bound=limits["bound_latency"])
+    rounds = _Halving(rows, out_dir, teacher if frozen is None else frozen, fin, data, device, task, log,
+                      on_epoch_end, horizon=sum(e for _, e in halving_schedule(len(trainable), sel.budget_epochs)),
+                      score_by=dict(policy=sel.policy, min_acc=limits["min_acc"], indicator=sel.indicator))
+    sh = successive_halving(trainable, sel.budget_epochs, rounds.train, rounds.score, rounds.on_round)
+    rounds.by_id[sh["survivor"]]["status"] = "survivor"
+    result = {
+        "method": method,
+        "teacher": {"val_acc": teacher_val, "macs": int(teacher_macs), "params": int(teacher_params),
+                    "channels": int(cut["total_channels"]), **limits["teacher_latency"]},
+        "policy": sel.policy, "bound_macs": limits["bound_macs"], "min_acc": limits["min_acc"],
+        "rows": rows, "skipped": cut["skipped"], "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
+        **({"compiled": rounds.compiled} if rounds.compiled else {}),
+    }
+    on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
+    return result
 
+
+def _budget_limits(sel: Any, cut: dict, teacher_macs: int, teacher_val: float) -> dict:
+    """The selection's bounds (MACs, latency, accuracy) for select.policy; marks each cut row 'cut' (to be trained)
+    or 'over budget (not trained)', with its cut accuracy as its val_acc at epoch 0."""
     bound = budget_bound(sel, teacher_macs) if sel.policy == "budget" else None
     teacher_lat = {"latency_ms": cut["teacher_latency_ms"]} if "teacher_latency_ms" in cut else {}
     lat_bound = latency_bound(sel, teacher_lat) if sel.policy == "budget" else None
-    min_acc = teacher_val - sel.tolerance if sel.policy == "tolerance" else None
-    for r in rows:
+    for r in cut["rows"]:
         r["val_acc"], r["epochs"] = r["val_acc_cut"], 0
         over = (r["latency_ms"] > lat_bound) if lat_bound is not None else (bound is not None and r["macs"] > bound)
         r["status"] = "over budget (not trained)" if over else "cut"
-    trainable = [r["id"] for r in rows if r["status"] == "cut"]
-    if not trainable:  # the budget policy's feasibility is known before any training: fail before spending it
-        choose(rows, "budget", teacher_macs=teacher_macs, bound=bound, latency_bound=lat_bound)
-    by_id = {r["id"]: r for r in rows}
+    return {"bound_macs": bound, "bound_latency": lat_bound, "teacher_latency": teacher_lat,
+            "min_acc": teacher_val - sel.tolerance if sel.policy == "tolerance" else None}
 
-    schedule = halving_schedule(len(trainable), sel.budget_epochs)
-    compiled: dict[str, int] = {}  # compilations and recompilations over every candidate (train.compile)
-    horizon = sum(e for _, e in schedule)
 
-    def train(cid: int, until: int) -> float:
-        row = by_id[cid]
-        model, obj = load_pruned(out_dir / f"{row['name']}_cut.pt", device)
-        trainer = finetune_trainer(
-            model,
-            teacher if frozen is None else frozen,
-            fin,
-            horizon,
-            data,
-            out_dir,
-            row["name"],
-            device,
-            on_epoch_end=(lambda e, rec, s=row["name"]: on_epoch_end(s, e, rec)) if on_epoch_end else None,
-            task=task,
-        )
+class _Halving:
+    """Successive halving's three callbacks over the cut candidates: train one to an epoch (resuming its own
+    checkpoint, saving <name>.pt), score it for the policy, log a round; sums compilations over candidates."""
+
+    def __init__(self, rows: list[dict], out_dir: Path, teacher: Any, fin: Any, data: Any, device: torch.device,
+                 task: Any, log: Callable[[str], None], on_epoch_end: Callable | None, horizon: int,
+                 score_by: dict) -> None:
+        self.by_id = {r["id"]: r for r in rows}
+        self.out_dir, self.teacher, self.fin, self.data, self.device = out_dir, teacher, fin, data, device
+        self.task, self.log, self.on_epoch_end, self.horizon, self.score_by = task, log, on_epoch_end, horizon, score_by
+        self.compiled: dict[str, int] = {}  # compilations and recompilations over every candidate (train.compile)
+
+    def train(self, cid: int, until: int) -> float:
+        """Fine-tune candidate cid to epoch until (its schedule spans the whole budget); its val metric there."""
+        from amas.distributed import on_main
+        from amas.files.pruned import load_pruned, save_pruned
+
+        row = self.by_id[cid]
+        model, obj = load_pruned(self.out_dir / f"{row['name']}_cut.pt", self.device)
+        hook = self.on_epoch_end
+        trainer = finetune_trainer(model, self.teacher, self.fin, self.horizon, self.data, self.out_dir, row["name"],
+                                   self.device, task=self.task,
+                                   on_epoch_end=(lambda e, rec, s=row["name"]: hook(s, e, rec)) if hook else None)
         try:
             history = trainer.fit(resume=True, until_epoch=until)
         finally:
             trainer.objective.close()
-        if counts := trainer.compiler.counts():
-            for k, v in counts.items():
-                compiled[k] = compiled.get(k, 0) + v
+        for k, v in (trainer.compiler.counts() or {}).items():
+            self.compiled[k] = self.compiled.get(k, 0) + v
         acc = _val_acc_at(history, until)
         row.update(val_acc=acc, epochs=until)
         meta = dict(obj["metadata"], val_acc=acc, epochs=until)
-        on_main(save_pruned, out_dir / f"{row['name']}.pt", trainer.model, obj["recipe"], meta)
+        on_main(save_pruned, self.out_dir / f"{row['name']}.pt", trainer.model, obj["recipe"], meta)
         return acc
 
-    def score(cid: int, acc: float) -> tuple:
-        return halving_score(dict(by_id[cid], val_acc=acc), sel.policy, min_acc=min_acc, indicator=sel.indicator)
+    def score(self, cid: int, acc: float) -> tuple:
+        """The halving order of candidate cid at accuracy acc under the selection policy."""
+        return halving_score(dict(self.by_id[cid], val_acc=acc), **self.score_by)
 
-    def on_round(rec: dict) -> None:
+    def on_round(self, rec: dict) -> None:
+        """Mark the dropped candidates and log the round in one line."""
+        by_id = self.by_id
         for c in rec["dropped"]:
             by_id[c]["status"] = f"dropped after round {rec['round']}"
         accs = ", ".join(f"{by_id[int(c)]['name']} {a:.2f}%" for c, a in rec["val_acc"].items() if a is not None)
-        log(
+        self.log(
             f"candidates: round {rec['round']} ({rec['epochs_each']} epoch(s) each, to epoch "
             f"{rec['until_epoch']}): {accs}"
             + (f"; dropped {', '.join(by_id[c]['name'] for c in rec['dropped'])}" if rec["dropped"] else "")
         )
-
-    sh = successive_halving(trainable, sel.budget_epochs, train, score, on_round)
-    by_id[sh["survivor"]]["status"] = "survivor"
-    result = {
-        "method": method,
-        "teacher": {"val_acc": teacher_val, "macs": int(teacher_macs), "params": int(teacher_params),
-                    "channels": total_channels, **teacher_lat},
-        "policy": sel.policy, "bound_macs": bound, "min_acc": min_acc,
-        "rows": rows, "skipped": skipped, "halving": sh, "wall_s": round(time.perf_counter() - t0, 2),
-        **({"compiled": compiled} if compiled else {}),
-    }
-    on_main(atomic_write_text, out_dir / "candidates.json", json.dumps(result, indent=2))
-    return result
 
 
 def _times_latency(sel: Any) -> bool:
