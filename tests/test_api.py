@@ -74,8 +74,7 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
     from amas.channels.groups import find_groups
     from amas.channels.masks import ChannelMasks
     from amas.channels.plan import kept_counts
-    from amas.config import CriteriaConfig, PruneConfig
-    from amas.criteria import get, plan_with
+    from amas.criteria import ScoreInputs, get, plan_with
     from amas.files.checkpoint import load_masked
     from amas.files.pruned import load_pruned
 
@@ -100,8 +99,7 @@ def test_prune_a_users_model_on_its_batches(tmp_path) -> None:
     student, masks, _ = load_masked(run / "search" / "search.pt")
     groups = find_groups(student, SHAPE)
     cost = CostModel(student, groups, SHAPE)
-    keep = plan_with(get("amas"), student, groups, cost, 0.5, train=None, val=None, cfg=CriteriaConfig(),
-                     prune_cfg=PruneConfig(), num_classes=4, masks=masks)
+    keep = plan_with(get("amas"), student, groups, cost, 0.5, ScoreInputs(num_classes=4, masks=masks))
     kept = kept_counts(keep)
     assert all(k % 8 == 0 or k == g.size for g in groups for k in [kept[g.name]])
     macs = cost.macs(kept)

@@ -32,6 +32,7 @@ from amas.config import CriteriaConfig, PruneConfig
 from amas.criteria.registry import (
     REGISTRY,
     Criterion,
+    ScoreInputs,
     check_name,
     criteria_cfg,
     get,
@@ -41,8 +42,8 @@ from amas.criteria.registry import (
 )
 from amas.errors import CriteriaError
 
-__all__ = ["METHODS", "Criterion", "REGISTRY", "blend_pool_scores", "channel_scores", "plan_for_method", "plan_with",
-           "check_method", "prepare_model", "register"]
+__all__ = ["METHODS", "Criterion", "REGISTRY", "ScoreInputs", "blend_pool_scores", "channel_scores", "plan_for_method",
+           "plan_with", "check_method", "prepare_model", "register"]
 
 Scores = dict[str, torch.Tensor]
 
@@ -53,8 +54,7 @@ class _Filters(Criterion):
     def __init__(self, name: str, fn: str) -> None:
         self.name, self._fn = name, fn
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """The filters' norm (or FPGM distance sum) per channel."""
         from amas.criteria import norms
 
@@ -64,12 +64,11 @@ class _Filters(Criterion):
 class _Random(Criterion):
     name = "random"
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """Seeded uniform scores."""
         from amas.criteria.norms import random_scores
 
-        return random_scores(groups, seed)
+        return random_scores(groups, inputs.seed)
 
 
 _SPARSIFIED = "_amas_bn_sparsified"
@@ -78,21 +77,20 @@ _SPARSIFIED = "_amas_bn_sparsified"
 class _BnScale(Criterion):
     name, reads_data = "bn_scale", True  # its sparsity training (criteria.bn_sparsity) reads training batches
 
-    def prepare(self, model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig, *,
-                num_classes: int) -> None:
+    def prepare(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> None:
         """Network slimming's sparsity training (criteria.bn_sparsity), in place and once per model."""
-        if cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):
+        if inputs.cfg.bn_sparsity and not getattr(model, _SPARSIFIED, False):
             from amas.criteria.bn_scale import sparsity_train
 
-            sparsity_train(model, groups, need_batches("bn_scale with criteria.bn_sparsity", train), cfg, num_classes)
+            sparsity_train(model, groups, need_batches("bn_scale with criteria.bn_sparsity", inputs.train),
+                           inputs.cfg, inputs.num_classes or _num_classes(model))
             setattr(model, _SPARSIFIED, True)  # deep copies carry it: planning on a copy does not train again
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """|γ| of each channel's BatchNorm (after the sparsity training, when set)."""
         from amas.criteria.bn_scale import bn_scale_scores
 
-        self.prepare(model, groups, batches, cfg, num_classes=num_classes or _num_classes(model))
+        self.prepare(model, groups, inputs)
         return bn_scale_scores(model, groups)
 
 
@@ -104,42 +102,39 @@ class _Activations(Criterion):
     def __init__(self, name: str, fn: str) -> None:
         self.name, self._fn = name, fn
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """Scores from the criterion's statistics over cfg.batches training batches."""
         from amas.criteria import activations
 
-        return getattr(activations, self._fn)(model, groups, need_batches(self.name, batches), cfg)
+        return getattr(activations, self._fn)(model, groups, need_batches(self.name, inputs.train), inputs.cfg)
 
 
 class _Blend(Criterion):
     name, reads_data, scores_channels = "blend", True, False
 
-    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
-             val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
-             masks: Scores | None = None) -> Scores:
+    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float,
+             inputs: ScoreInputs) -> Scores:
         """He et al.'s blended criteria: an evolutionary search of blend weights on held-out accuracy."""
         from amas.criteria import blend
 
-        scorers = [get(c, _SCORERS) for c in cfg.blend_pool]
+        scorers = [get(c, _SCORERS) for c in inputs.cfg.blend_pool]
         if any(c.reads_data for c in scorers):
-            need_batches("blend (its pool has data-driven criteria)", train)
-        held_out = need_batches("blend", val, "held-out validation")
-        pool_scores = blend_pool_scores(model, groups, train, cfg, seed=seed)
-        return blend.search(model, groups, cost, target, pool_scores=pool_scores, val=held_out, cfg=cfg,
-                            prune_cfg=prune_cfg, num_classes=num_classes, seed=seed).keep
+            need_batches("blend (its pool has data-driven criteria)", inputs.train)
+        held_out = need_batches("blend", inputs.val, "held-out validation")
+        pool_scores = blend_pool_scores(model, groups, inputs.train, inputs.cfg, seed=inputs.seed)
+        return blend.search(model, groups, cost, target, pool_scores=pool_scores, val=held_out, cfg=inputs.cfg,
+                            prune_cfg=inputs.prune, num_classes=inputs.num_classes, seed=inputs.seed).keep
 
 
 class _Srr(Criterion):
     name, scores_channels = "srr", False
 
-    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
-             val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
-             masks: Scores | None = None) -> Scores:
+    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float,
+             inputs: ScoreInputs) -> Scores:
         """Wang et al.'s structural redundancy reduction, layer by layer from the most redundant one."""
         from amas.criteria import srr
 
-        return srr.plan(model, groups, cost, target, cfg, prune_cfg)
+        return srr.plan(model, groups, cost, target, inputs.cfg, inputs.prune)
 
 
 class SearchedMasks(Criterion):
@@ -147,9 +142,9 @@ class SearchedMasks(Criterion):
 
     name, source = "amas", "search"
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """|m| of the searched masks, for the groups the model has."""
+        masks = inputs.masks
         if masks is None:
             raise CriteriaError("method 'amas' scores channels by searched masks, but none were given; run the search")
         names = {g.name for g in groups}
@@ -178,19 +173,20 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
 def prepare_model(method: str, model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig,
                   *, num_classes: int) -> nn.Module:
     """In-place preparation a method needs before planning (bn_scale + bn_sparsity: sparsity training), once."""
-    get(method).prepare(model, groups, train, criteria_cfg(cfg), num_classes=num_classes)
+    get(method).prepare(model, groups, ScoreInputs(train=train, cfg=criteria_cfg(cfg), num_classes=num_classes))
     return model
 
 
 def channel_scores(method: str, model: nn.Module, groups: list[ChannelGroup], batches: Any,
                    cfg: CriteriaConfig, *, seed: int = 0, num_classes: int | None = None) -> Scores:
     """Per-channel importance per group (higher = keep) for a score-based method."""
-    criterion, cfg = get(method, METHODS), criteria_cfg(cfg)
+    criterion = get(method, METHODS)
+    inputs = ScoreInputs(train=batches, cfg=criteria_cfg(cfg), seed=seed, num_classes=num_classes)
     if not criterion.scores_channels:
-        criterion.scores(model, groups, batches, cfg)  # says it plans itself
+        criterion.scores(model, groups, inputs)  # says it plans itself
     if not groups:
         return {}
-    return criterion.scores(model, groups, batches, cfg, seed=seed, num_classes=num_classes)
+    return criterion.scores(model, groups, inputs)
 
 
 def blend_pool_scores(model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig, *,
@@ -215,5 +211,6 @@ def plan_for_method(method: str, model: nn.Module, groups: list[ChannelGroup], c
                     target_reduction: float, *, train: Any, val: Any, cfg: CriteriaConfig,
                     prune_cfg: PruneConfig, num_classes: int, seed: int = 0) -> Scores:
     """Kept channel indices per group at the MACs target, chosen by the given method."""
-    return plan_with(get(method, METHODS), model, groups, cost_model, target_reduction, train=train, val=val,
-                     cfg=criteria_cfg(cfg), prune_cfg=prune_cfg, num_classes=num_classes, seed=seed)
+    inputs = ScoreInputs(train=train, val=val, cfg=criteria_cfg(cfg), prune=prune_cfg, seed=seed,
+                         num_classes=num_classes)
+    return plan_with(get(method, METHODS), model, groups, cost_model, target_reduction, inputs)

@@ -10,6 +10,7 @@ or the searched student whose masks are the scores (``amas``, the mask search).
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,9 +21,24 @@ from amas.channels.group import ChannelGroup
 from amas.config import CriteriaConfig, PruneConfig
 from amas.errors import CriteriaError
 
-__all__ = ["Criterion", "REGISTRY", "register", "get", "check_name", "criteria_cfg", "need_batches", "plan_with"]
+__all__ = ["Criterion", "REGISTRY", "ScoreInputs", "register", "get", "check_name", "criteria_cfg", "need_batches",
+           "plan_with"]
 
 Scores = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What a criterion may read besides the model and its groups: training and held-out batches, the criteria
+    and cut settings, the seed, the class count, the searched masks (each criterion reads only its own)."""
+
+    train: Any = None
+    val: Any = None
+    cfg: CriteriaConfig = field(default_factory=CriteriaConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    seed: int = 0
+    num_classes: int | None = None
+    masks: Scores | None = None
 
 
 def criteria_cfg(cfg: Any) -> CriteriaConfig:
@@ -53,36 +69,30 @@ class Criterion:
     scores_channels = True  # False: plans its channels itself and has no per-channel scores
     source = "teacher"  # what the pipeline cuts from: "teacher", or "search" (the searched student, masks folded)
 
-    def prepare(self, model: nn.Module, groups: list[ChannelGroup], train: Any, cfg: CriteriaConfig, *,
-                num_classes: int) -> None:
+    def prepare(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> None:
         """In-place preparation of model before planning (none by default)."""
 
-    def scores(self, model: nn.Module, groups: list[ChannelGroup], batches: Any, cfg: CriteriaConfig, *,
-               seed: int = 0, num_classes: int | None = None, masks: Scores | None = None) -> Scores:
+    def scores(self, model: nn.Module, groups: list[ChannelGroup], inputs: ScoreInputs) -> Scores:
         """Per-channel importance per group (higher = keep)."""
         scorers = ", ".join(n for n, c in REGISTRY.items() if c.scores_channels and c.source == "teacher")
         raise CriteriaError(f"method '{self.name}' plans its channels itself rather than scoring them; use "
                             f"plan_for_method or one of {scorers}")
 
-    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *, train: Any,
-             val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
-             masks: Scores | None = None) -> Scores:
+    def plan(self, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float,
+             inputs: ScoreInputs) -> Scores:
         """Kept channel indices per group at the target, for a criterion that plans itself (scores_channels False)."""
         raise CriteriaError(f"method '{self.name}' scores channels; plan them with amas.criteria.registry.plan_with")
 
 
-def plan_with(criterion: Criterion, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float, *,
-              train: Any, val: Any, cfg: CriteriaConfig, prune_cfg: PruneConfig, num_classes: int, seed: int = 0,
-              masks: Scores | None = None) -> Scores:
+def plan_with(criterion: Criterion, model: nn.Module, groups: list[ChannelGroup], cost: CostModel, target: float,
+              inputs: ScoreInputs) -> Scores:
     """Kept channel indices per group at the target: a scoring criterion's scores planned by the cut planner (MACs
-    or latency, amas.latency.plan.plan_scores), or the plan of a criterion that plans itself."""
+    or latency under inputs.prune, amas.latency.plan.plan_scores), or the plan of a criterion that plans itself."""
     if not criterion.scores_channels:
-        return criterion.plan(model, groups, cost, target, train=train, val=val, cfg=cfg, prune_cfg=prune_cfg,
-                              num_classes=num_classes, seed=seed, masks=masks)
+        return criterion.plan(model, groups, cost, target, inputs)
     from amas.latency.plan import plan_scores
 
-    scores = criterion.scores(model, groups, train, cfg, seed=seed, num_classes=num_classes, masks=masks)
-    return plan_scores(scores, model, groups, cost, target, prune_cfg)
+    return plan_scores(criterion.scores(model, groups, inputs), model, groups, cost, target, inputs.prune)
 
 
 REGISTRY: dict[str, Criterion] = {}

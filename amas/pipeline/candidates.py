@@ -350,21 +350,20 @@ _SOURCES = {"teacher": _teacher_copy, "search": _searched_student}
 
 def _planner(ctx: RunContext) -> tuple[nn.Module, dict | None, Callable]:
     """(model to cut from, masks to fold, planner(level, model, groups, cost) -> kept indices) of ctx.method."""
-    from amas.criteria import get, plan_with
+    from amas.criteria import ScoreInputs, get, plan_with
 
     criterion = get(ctx.method)
     source, masks = _SOURCES[criterion.source](ctx)
     # every rank plans on the whole (unsharded) data, so data-driven criteria cut the same channels everywhere
     data = ctx.data("finetune", sharded=False) if criterion.reads_data else None
     train, val = (data.train, data.val) if data is not None else (None, None)
-    num_classes = ctx.data("finetune").info.num_classes
+    inputs = ScoreInputs(train=train, val=val, cfg=ctx.cfg.criteria, prune=ctx.cfg.prune, seed=ctx.cfg.seed,
+                         num_classes=ctx.data("finetune").info.num_classes, masks=masks)
 
     def plan(level: float, model: nn.Module, groups: list, cost: Any) -> dict:
         # in place and once (e.g. bn_scale's sparsity training): the candidates are cut from the prepared model
-        criterion.prepare(model, groups, train, ctx.cfg.criteria, num_classes=num_classes)
-        return plan_with(criterion, copy.deepcopy(model), groups, cost, level, train=train, val=val,
-                         cfg=ctx.cfg.criteria, prune_cfg=ctx.cfg.prune, num_classes=num_classes, seed=ctx.cfg.seed,
-                         masks=masks)
+        criterion.prepare(model, groups, inputs)
+        return plan_with(criterion, copy.deepcopy(model), groups, cost, level, inputs)
 
     return source, masks, plan
 
