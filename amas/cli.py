@@ -150,13 +150,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(args.checkpoint, args.config, args.overrides, latency_iters=args.latency_iters,
                                  int8=args.int8)
     if args.runtimes:
+        from amas.channels.dense import tensor_part
         from amas.files.pruned import load_any_model
         from amas.latency.table import runtime_latency
 
         model, obj = load_any_model(args.checkpoint)
         d = obj["model"]["data"]
         shape = (d["in_channels"], d["image_size"], d["image_size"])
-        rt = runtime_latency({"model": model.eval()}, shape, runtimes=args.runtimes.split(","),
+        rt = runtime_latency({"model": tensor_part(model.eval())}, shape, runtimes=args.runtimes.split(","),
                              iters=args.latency_iters)
         for runtime, by_batch in rt["ms"]["model"].items():
             for b, ms in by_batch.items():

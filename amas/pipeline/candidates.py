@@ -328,7 +328,7 @@ def _metadata(record: dict, shape: tuple, row: dict, teacher_macs: int, teacher_
         "macs": int(row["macs"]), "params": int(row["params"]), "dense_macs": int(teacher_macs),
         "dense_params": int(teacher_params), "target_reduction": float(row["level"]),
         "round_to": int(cfg.prune.round_to), "min_channels": int(cfg.prune.min_channels),
-        "source": f"{method} candidate {row['name']}",
+        "source": f"{method} candidate {row['name']}", "task": cfg.task,
     }
 
 

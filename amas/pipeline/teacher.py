@@ -65,26 +65,39 @@ def train_dense(cfg: Config, run_dir: Path, resume: bool = False) -> dict[str, A
     return result
 
 
+_TASK_OF_DATA = {"voc": "segmentation", "coco": "detection"}
+
+
 def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], latency_iters: int = 20,
                         int8: str | None = None) -> dict[str, Any]:
     """Accuracy on the test split, MACs, params and CPU/GPU latency of a saved amas model (and of its int8 .pt2)."""
     from amas.channels.cost import count
+    from amas.channels.dense import tensor_part
     from amas.files.pruned import load_any_model
     from amas.latency.timing import latency
+    from amas.tasks import make_task
 
     model, obj = load_any_model(path)  # dense 'model' or 'pruned' file
     rec = obj["model"]
-    cfg = load_config(config, [f"data.name={rec['data']['name']}", "data.val_size=0", *overrides])
+    # the task the model was pruned for (recorded in pruned.pt), else the one its data format implies
+    task = obj.get("metadata", {}).get("task") or _TASK_OF_DATA.get(rec["data"]["name"], "classification")
+    dense = [f"task={task}", f"data.num_classes={rec['num_classes']}"] if task != "classification" else []
+    # the image size it was pruned at (an ImageFolder, VOC or COCO folder is resized to the configured size)
+    size = [f"data.image_size={rec['data']['image_size']}"] if rec["data"].get("image_size") else []
+    cfg = load_config(config, [f"data.name={rec['data']['name']}", "data.val_size=0", *size, *dense, *overrides])
     device = resolve_device(cfg.train.device)
     model = model.to(device)
     data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, device=device, seed=cfg.seed)
     shape = (rec["data"]["in_channels"], rec["data"]["image_size"], rec["data"]["image_size"])
-    test = evaluate(model, data.test, rec["num_classes"], device)
-    macs, params = count(model, shape)
-    lat1 = latency(model, shape, batch_size=1, iters=latency_iters)
-    lat64 = latency(model, shape, batch_size=64, iters=max(3, latency_iters // 4))
+    the_task = make_task(cfg.task)
+    test = evaluate(model, data.test, rec["num_classes"], device, task=the_task)
+    net = tensor_part(model)  # a detector: its backbone and heads (what MACs and latency describe)
+    macs, params = count(net, shape)
+    lat1 = latency(net, shape, batch_size=1, iters=latency_iters)
+    lat64 = latency(net, shape, batch_size=64, iters=max(3, latency_iters // 4))
     out = {
         "test_acc": round(test["acc"], 3),
+        **({"metric": the_task.metric_name} if task != "classification" else {}),
         "macs_M": round(macs / 1e6, 3),
         "params_M": round(params / 1e6, 4),
         "latency_b1_ms": round(lat1["median_ms"], 3),

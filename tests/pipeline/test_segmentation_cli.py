@@ -48,7 +48,7 @@ def tool(voc: Path, weights: Path, out: Path, *extra: str) -> int:
                  "--latency-iters", "1", *[f"{k}={v}" for k, v in tiny.items()], *extra])
 
 
-def test_prune_segmenter_tool_end_to_end(scenes, tmp_path) -> None:
+def test_prune_segmenter_tool_end_to_end(scenes, tmp_path, capsys) -> None:
     voc, weights = scenes
     run = tmp_path / "run"
     assert tool(voc, weights, run) == 0
@@ -60,6 +60,14 @@ def test_prune_segmenter_tool_end_to_end(scenes, tmp_path) -> None:
         out = model(torch.randn(2, 3, SIZE, SIZE))
     assert out["out"].shape == (2, K, SIZE, SIZE) and obj["metadata"]["num_classes"] == K
     assert (run / "pruned.pt2").is_file()
+    # `amas eval` of the pruned segmenter: its recorded task's metric on the test split, as the report gave it
+    from amas.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "pruned.pt"), "--latency-iters", "1", f"data.root={voc}",
+                 "data.num_workers=0", "train.device=cpu", "train.eval_batch_size=3"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["metric"] == "miou" and got["test_acc"] == pytest.approx(report["test_acc"], abs=1e-3)
 
 
 def test_a_label_map_with_a_class_the_model_lacks_stops_before_any_stage(scenes, tmp_path, capsys) -> None:
