@@ -58,12 +58,13 @@ class CompiledForward:
         try:
             self._fn = torch.compile(module, dynamic=False)
         except Exception as e:  # noqa: BLE001 - any refusal: eager, said once
-            self._fall_back(e)
+            self.fall_back(e)
 
-    def _fall_back(self, e: BaseException) -> None:
+    def fall_back(self, e: BaseException, what: str | None = None) -> None:
+        """Run eager from now on, said in one line (what failed: this forward, or e.g. the step's backward)."""
         self.failed, self._fn = True, None
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        self.say(f"train.compile: {self.what} cannot compile ({type(e).__name__}: {why}); it runs eager")
+        self.say(f"train.compile: {what or self.what} cannot compile ({type(e).__name__}: {why}); it runs eager")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fn is None:
@@ -76,7 +77,7 @@ class CompiledForward:
                 return self._fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a compile failure: the eager forward decides (a real error re-raises)
             out = self.module(*args, **kwargs)
-            self._fall_back(e)
+            self.fall_back(e)
             return out
         finally:
             self.compilations += compile_counts() - before
@@ -128,6 +129,21 @@ class StepCompiler:
             if self.on_compile is not None:
                 self.on_compile(self)
         return self._compiled
+
+    def run(self, model: nn.Module, step: int, forward_backward: Callable[[Any], Any]) -> Any:
+        """forward_backward(what model_for gives at this step); where a compiled step fails in its backward (the
+        backward graph compiles at the first backward), that forward is dropped with one line and the step runs
+        again eager (the failed attempt's forward may have moved BN statistics once)."""
+        fn = self.model_for(model, step)
+        if fn is model:
+            return forward_backward(model)
+        try:
+            return forward_backward(fn)
+        except Exception as e:  # noqa: BLE001 - the eager step decides: a real error raises again there
+            if not isinstance(fn, CompiledForward) or fn.failed:
+                raise
+            fn.fall_back(e, f"{fn.what}'s backward")
+            return forward_backward(model)
 
     def step_done(self, step: int) -> None:
         """After each step: the eager step times (auto) and the first compiled step's time (the compile cost)."""

@@ -95,12 +95,9 @@ class Trainer:
         # train.compile: the forward each step calls (amas.engine.compiling); the teacher's copy compiles with it
         self.compiler = StepCompiler(cfg.compile, cfg.epochs * self.steps_per_epoch, self.say,
                                      self.objective.compile_forwards)
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history: list[dict] = []
-        self._writer = writer
-        self._own_writer = writer is None
+        self._writer, self._own_writer = writer, writer is None
         self.stop = StopRequest()
         self.lr_scale = 1.0  # the step-size factor the probe and the spike back-offs settled on (1: the config's)
         self.backoffs = 0
@@ -274,11 +271,15 @@ class Trainer:
         self._settle_format(x)
         if self._contiguous:
             x = x.contiguous()
-        model = self.compiler.model_for(self.train_model, self.global_step)
-        with autocast(self.device, self.amp_dtype):
-            out = self.objective.compute(model, x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.loss_scale.scaled(out.loss).backward()
+
+        def forward_backward(model: Any) -> StepOutput:
+            with autocast(self.device, self.amp_dtype):
+                out = self.objective.compute(model, x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.loss_scale.scaled(out.loss).backward()
+            return out
+
+        out = self.compiler.run(self.train_model, self.global_step, forward_backward)
         self._agree(out, stop, guard)
         lr = self.optimizer.param_groups[0]["lr"]
         scaled = self.loss_scale.enabled

@@ -158,3 +158,25 @@ def test_the_stages_share_one_teacher_copy_and_the_users_teacher_is_untouched(tm
     plain = FrozenTeacher(teacher, (1, 8, 8), fold=False)  # fast_teacher=false (or a fold that changes outputs)
     assert isinstance(plain.module.bn1, nn.BatchNorm2d) and plain.module.bn1 is not teacher.bn1
     assert ctx.frozen_teacher(dataclasses.replace(cfg.finetune, fast_teacher=False)) is not frozen
+
+
+class _BackwardFails(torch.autograd.Function):
+    """Identity forward whose backward raises, as a compiled backward graph that fails to compile does."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        raise RuntimeError("backward graph failed to compile\nlong trace")
+
+
+def test_a_step_whose_compiled_backward_fails_runs_again_eager_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: lambda *a, **k: _BackwardFails.apply(module(*a, **k)))
+    expected = _losses(_trainer(tmp_path, "off"))
+    trainer = _trainer(tmp_path, "on")
+    assert _losses(trainer) == pytest.approx(expected, rel=1e-6)  # the failed step ran again eager, from zero grads
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the training forward's backward cannot compile" in err and "runs eager" in err
+    assert "Traceback" not in err and trainer.compiler.counts() is None
