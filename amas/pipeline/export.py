@@ -43,6 +43,7 @@ def export_stage(ctx: RunContext) -> Rows:
     return [*report_rows(report), ("report", str(ctx.path("report.md")))]
 
 
+DENSE_BATCHES = (8,)  # a dense model's reports also time batch 8 (its deployments batch a few frames, not 64)
 DETECTOR_NOTE = ("pruned.pt2 (and pruned.onnx) hold the detector's tensor part: backbone and heads on images already "
                  "normalised and resized by its transform, returning the heads' raw outputs; the transform, anchor "
                  "decoding, proposal selection and NMS are left out (pruned.pt runs the whole detector); MACs and "
@@ -84,8 +85,10 @@ def _write_export(ctx: RunContext, model: nn.Module, obj: dict, teacher: nn.Modu
     report = export_report(
         command=ctx.command, model=meta.get("model"), dataset=meta.get("dataset"), method=ctx.method,
         input_shape=shape, reference=ctx.export.reference,
-        pruned=measure(model, shape, ctx.latency_iters, acc["pruned"], meta.get("val_acc"), files["pruned.pt"]),
-        teacher=measure(teacher, shape, ctx.latency_iters, acc["teacher"], teacher_val, str(ctx.teacher_path)),
+        pruned=measure(model, shape, ctx.latency_iters, acc["pruned"], meta.get("val_acc"), files["pruned.pt"],
+                       batches=DENSE_BATCHES if dense else ()),
+        teacher=measure(teacher, shape, ctx.latency_iters, acc["teacher"], teacher_val, str(ctx.teacher_path),
+                        batches=DENSE_BATCHES if dense else ()),
         cut={k: meta.get(k) for k in ("target_reduction", "round_to", "min_channels", "source")},
         selection=_selection(sel, cand, meta) if sel else None,
         files={**files, **({"selection": str(ctx.path("selection.json")), "pareto": str(ctx.path("pareto.png"))}

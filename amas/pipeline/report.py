@@ -34,8 +34,9 @@ def _num(v: Any, digits: int = 3) -> float | None:
 
 
 def measure(model: nn.Module, input_shape: tuple[int, ...], latency_iters: int = 20, test_acc: float | None = None,
-            val_acc: float | None = None, checkpoint: str | None = None) -> dict:
-    """One model's block of the report: accuracies given, MACs and params counted, CPU latency at batch 1 and 64."""
+            val_acc: float | None = None, checkpoint: str | None = None, batches: tuple[int, ...] = ()) -> dict:
+    """One model's block of the report: accuracies given, MACs and params counted, CPU latency at batch 1 and 64
+    (and at each of batches: latency_b<N>_ms)."""
     from amas.channels.cost import count
     from amas.channels.dense import tensor_part
     from amas.latency.timing import latency
@@ -46,8 +47,10 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], latency_iters: int =
     lat1 = latency(model, input_shape, batch_size=1, device="cpu", warmup=warmup, iters=latency_iters)
     lat64 = latency(model, input_shape, batch_size=64, device="cpu", warmup=min(warmup, 3),
                     iters=max(3, latency_iters // 4))
+    more = {f"latency_b{b}_ms": round(latency(model, input_shape, batch_size=b, device="cpu", warmup=min(warmup, 3),
+                                              iters=max(3, latency_iters // 2))["median_ms"], 4) for b in batches}
     return {"test_acc": _num(test_acc), "val_acc": _num(val_acc), "macs": int(macs), "params": int(params),
-            "latency_b1_ms": round(lat1["median_ms"], 4), "latency_b64_ms": round(lat64["median_ms"], 4),
+            "latency_b1_ms": round(lat1["median_ms"], 4), "latency_b64_ms": round(lat64["median_ms"], 4), **more,
             "latency_device": lat1["device"], "checkpoint": checkpoint}
 
 
@@ -77,6 +80,8 @@ def export_report(*, command: str, model: str | None, dataset: str | None, metho
         "notes": list(notes or []),
     }
     report.update({k: p[k] for k in MIRRORED})
+    for key in _more_batches(report):  # latency at further batches (a dense task's batch 8): speedup_b<N>
+        report[f"speedup_{key[8:-3]}"] = _ratio(t[key], p[key])
     if metric is not None:
         report["metric"] = metric
     return report
@@ -102,9 +107,16 @@ def report_rows(report: dict) -> list[tuple[str, Any]]:
                                    ("params", f"{p['params'] / 1e6:.4f}M of {t['params'] / 1e6:.4f}M"),
                                    ("latency b1 ms", f"{p['latency_b1_ms']:.3g} vs {t['latency_b1_ms']:.3g}"),
                                    ("latency b64 ms", f"{p['latency_b64_ms']:.3g} vs {t['latency_b64_ms']:.3g}")]
+    rows += [(f"latency {k[8:-3]} ms", f"{p[k]:.3g} vs {t[k]:.3g}") for k in _more_batches(report)]
     rows += [(k, v) for k, v in report["files"].items() if k.startswith("pruned")]
     rows += [("note", n) for n in report["notes"]]
     return rows
+
+
+def _more_batches(report: dict) -> list[str]:
+    """The latency_b<N>_ms keys beyond batch 1 and 64 that both blocks hold (a dense task's batch 8)."""
+    t, p = report["teacher"], report["pruned"]
+    return [k for k in p if k.startswith("latency_b") and k not in MIRRORED and k in t]
 
 
 def _cell(v: Any, spec: str = ".2f") -> str:
@@ -195,6 +207,8 @@ def write_report(report: dict, out: str | Path) -> None:
             f"{report['speedup_b1']:.2f}x faster"),
         row("latency batch 64 (ms)", f"{t['latency_b64_ms']:.3f}", f"{p['latency_b64_ms']:.3f}",
             f"{report['speedup_b64']:.2f}x faster"),
+        *[row(f"latency batch {k[9:-3]} (ms)", f"{t[k]:.3f}", f"{p[k]:.3f}",
+              f"{report['speedup_' + k[8:-3]]:.2f}x faster") for k in _more_batches(report)],
         "", f"Latency measured on {report['latency_device']}. Test {_metric_name(report)} is evaluated once, at export"
         + ("; the selection used the held-out validation split only." if report["selection"] else "."), "",
         *_runtime_lines(report), *_selection_lines(report),

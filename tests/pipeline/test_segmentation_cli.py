@@ -55,6 +55,8 @@ def test_prune_segmenter_tool_end_to_end(scenes, tmp_path, capsys) -> None:
     report = json.loads((run / "report.json").read_text())
     assert report["metric"] == "miou" and report["model"] == "tv:lraspp_mobilenet_v3_large"
     assert report["macs_reduction"] >= 0.5 and 0 <= report["test_acc"] <= 100
+    assert report["speedup_b8"] > 0 and report["pruned"]["latency_b8_ms"] > 0  # a dense model's batch 8 too
+    assert "latency batch 8 (ms)" in (run / "report.md").read_text()
     model, obj = amas.load_pruned(run / "pruned.pt")
     with torch.no_grad():
         out = model(torch.randn(2, 3, SIZE, SIZE))
