@@ -169,11 +169,14 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, int, int], path: str |
         sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         xs = _example(model, tuple(input_shape), batch=3) if dynamic else x
         with torch.no_grad():
-            ref = _leaves(model(xs))[0].numpy()  # a segmenter's dict: its first output ("out")
-        got = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0]
-        diff = float(abs(got - ref).max())
+            refs = [t.numpy() for t in _leaves(model(xs))]  # a dense model's dict or tuple: every output, in order
+        gots = sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})
+        if len(gots) != len(refs) or any(g.shape != r.shape for g, r in zip(gots, refs, strict=False)):
+            raise ExportError(f"the ONNX model returns {len(gots)} outputs where PyTorch returns {len(refs)} (or "
+                              "other shapes); ship pruned.pt2 instead")
+        diff = max(float(abs(g - r).max()) for g, r in zip(gots, refs, strict=True))
         info["max_abs_diff"] = diff
-        if not (abs(got - ref) <= atol + rtol * abs(ref)).all():
+        if not all((abs(g - r) <= atol + rtol * abs(r)).all() for g, r in zip(gots, refs, strict=True)):
             raise ExportError(
                 f"the ONNX model's outputs differ from PyTorch's by up to {diff:.2e}; ship pruned.pt2 instead"
             )

@@ -11,6 +11,8 @@ its own forward (boxes) on images.
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from amas.channels.dense import DetectorTensors, tensor_part
 from amas.channels.groups import find_groups
 from amas.channels.masks import ChannelMasks
 from amas.channels.plan import kept_counts
+from amas.files.export import export_onnx
 
 SHAPE = (3, 64, 64)
 class ConvBNAct(nn.Module):
@@ -144,6 +147,7 @@ DETECTORS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320
 # torch.export takes seconds a model (the ResNet-50 ones the most): one segmenter, two detectors and the YOLO net
 EXPORTED = ("yolo", "lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large",
             "fasterrcnn_mobilenet_v3_large_320_fpn")
+ONNX = ("lraspp_mobilenet_v3_large",)  # and to ONNX, its dict output checked by onnxruntime
 
 
 def _model(name: str) -> nn.Module:
@@ -202,6 +206,9 @@ def test_dense_removal_equals_masking_and_exports(name: str) -> None:
             eager = tree_leaves(pruned(xf))
             got = tree_leaves(torch.export.export(pruned, (xf,)).module()(xf))
         assert max((a - b).abs().max().item() for a, b in zip(eager, got, strict=True)) <= 1e-4 * scale
+    if name in ONNX:  # every output checked against eager by onnxruntime (ExportError otherwise)
+        with tempfile.TemporaryDirectory() as d:
+            assert export_onnx(pruned, SHAPE, Path(d) / "m.onnx")["max_abs_diff"] <= 1e-3 * scale
     if isinstance(pruned, DetectorTensors):  # the cut detector's own forward: boxes from images
         with torch.no_grad():
             dets = pruned.model.eval()([xf[0].sigmoid()])
