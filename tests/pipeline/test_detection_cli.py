@@ -73,6 +73,10 @@ def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
         want, have = tensor_part(model)(images), pt2(images)
     pairs = list(zip(tree_leaves(want), tree_leaves(have), strict=True))
     assert pairs and all((a - b).abs().max() <= 1e-4 for a, b in pairs)
+    # a later process redoes the fine-tune from the saved candidates (as a resumed run does): no search stage in it
+    assert tool(coco, weights, run, "--redo", "final") == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["metric"] == "map" and again["macs"] == report["macs"]
 
 
 def test_a_baseline_criterion_prunes_a_detector(scenes, tmp_path) -> None:
