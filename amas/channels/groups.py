@@ -51,6 +51,7 @@ from amas.channels.group import ChannelGroup
 from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
 from amas.channels.tracing import build_graph, is_kept_whole, is_model_output
+from amas.channels.units import unit_layers, unit_producers, unit_prunes, unit_reads, unit_types
 from amas.errors import MaskError
 
 __all__ = ["ChannelGroup", "find_groups"]
@@ -201,6 +202,7 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
     out_layers: dict[str, int] = {}
     in_layers: dict[str, int] = {}
     members: set[Any] = set()
+    unit_index: dict[str, tuple[list[int], list[int]]] = {}  # mask sites inside units (amas.channels.units)
     conv_groups: set[int] = set()  # of the grouped (not depthwise) convs in the group
     straight = True  # every layer's channels are the root's channels, in order
     for item in group.items:
@@ -214,6 +216,18 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             return None  # not a uniform one-to-k index map: Torch-Pruning mapped it wrongly
         mult = next(iter(counts.values()))
         straight = straight and mult == 1 and [int(i) for i in idxs] == [int(r) for r in roots]
+        if isinstance(module, unit_types()):  # a SelectiveKernel: its paths' norms carry the mask (channels/units)
+            out_fn = dg.is_out_channel_pruning_fn(dep.handler)
+            uname = names.get(module)
+            if uname is None or mult != 1 or not unit_prunes(module, out_fn):
+                return None
+            if out_fn:
+                unit_index.update({p: ([int(i) for i in idxs], [int(r) for r in roots])
+                                   for p in unit_producers(uname, module)})
+                in_layers.update(unit_reads(uname, module))
+            (out_layers if out_fn else in_layers).update(unit_layers(uname, module, out_fn))
+            members.add(node)
+            continue
         if isinstance(module, tuple(CUSTOM_PRUNERS)):
             if not residual or names.get(module) is None:
                 return None  # a residual stage routed through a custom shortcut: kept whole unless asked for
@@ -247,6 +261,10 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
             out_nodes[name] = node
             index[name] = ([int(i) for i in idxs], [int(r) for r in roots])
     producers = _producers(out_nodes, members, names)
+    if producers is None:
+        return None
+    index.update(unit_index)
+    producers += list(unit_index)
     if not producers:
         return None
     rec = {"index": {p: index[p] for p in producers}, "out_layers": out_layers, "in_layers": in_layers,
@@ -296,11 +314,11 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
     found: dict[str, ChannelGroup] = {}
-    for group in dg.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)):
+    roots = (nn.modules.conv._ConvNd, nn.Linear, *unit_types())
+    for group in dg.get_all_groups(root_module_types=roots):
         outs = [it.dep.target.module for it in group.items
                 if dg.is_out_channel_pruning_fn(it.dep.handler)
-                and isinstance(it.dep.target.module, (nn.modules.conv._ConvNd, nn.Linear))
-                and it.dep.target.module in names]
+                and isinstance(it.dep.target.module, roots) and it.dep.target.module in names]
         if not outs:
             continue
         root = min(outs, key=lambda m: order[names[m]])

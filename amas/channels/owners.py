@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from amas.channels.shortcut import CUSTOM_PRUNERS
+from amas.channels.units import custom_pruners
 from amas.errors import MaskError
 
 __all__ = ["OpOwners", "collapse", "untraceable"]
@@ -119,7 +119,7 @@ def untraceable(model: nn.Module, x: torch.Tensor, exc: BaseException) -> MaskEr
     try:
         with rec, torch.enable_grad():
             tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False,
-                                                  customized_pruners=dict(CUSTOM_PRUNERS))
+                                                  customized_pruners=custom_pruners())
     except (ZeroDivisionError, IndexError, KeyError, TypeError) as again:
         node = _failed_node(again) or node
     finally:

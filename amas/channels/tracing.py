@@ -45,7 +45,7 @@ from torch_pruning.pruner import function
 
 from amas.channels.cost import device_dtype
 from amas.channels.owners import OpOwners, collapse, untraceable
-from amas.channels.shortcut import CUSTOM_PRUNERS
+from amas.channels.units import custom_pruners
 from amas.errors import MaskError
 
 __all__ = ["WALK_SECONDS", "WALK_STEPS", "build_graph", "ignored_modules", "is_kept_whole", "is_model_output"]
@@ -134,7 +134,7 @@ def build_graph(model: nn.Module, input_shape: Sequence[int], ignore: Iterable[s
     try:
         with rec, torch.enable_grad():
             dg = _Graph().build_dependency(model, example_inputs=x, verbose=False,
-                                           customized_pruners=dict(CUSTOM_PRUNERS), ignored_layers=inside or None,
+                                           customized_pruners=custom_pruners(), ignored_layers=inside or None,
                                            output_transform=lambda out: _output_fns(out, outs))
     except (ZeroDivisionError, IndexError, KeyError, TypeError) as e:  # inside Torch-Pruning's tracer: say where
         err = untraceable(model, x, e)
