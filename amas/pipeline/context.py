@@ -319,7 +319,7 @@ _LABEL_METHODS = {"taylor": "its scores are gradients of a classifier's cross-en
 
 def check_task(cfg: Config, method: str, task: Any) -> None:
     """One line, before any stage runs, for what a dense task cannot do yet: a baseline that reads class labels,
-    int8 quantization (its calibration and accuracy read logits), data only the user's batches give."""
+    quantization-aware training, int8 of a detector, data only the user's batches give."""
     if task.name == "classification":
         return
     why = _LABEL_METHODS.get(method)
@@ -328,9 +328,11 @@ def check_task(cfg: Config, method: str, task: Any) -> None:
     if why:
         raise PipelineError(f"method {method} cannot prune a {task.name} model: {why}; use l1, l2, fpgm, random, srr, "
                             "hrank, apoz or amas")
-    if cfg.quant.mode != "none":
-        raise PipelineError(f"quant.mode={cfg.quant.mode} is for classifiers so far (its calibration and accuracy read "
-                            f"logits); task={task.name} runs with quant.mode=none")
+    if cfg.quant.mode == "qat" or (cfg.quant.mode == "ptq" and task.name == "detection"):
+        why = ("its fine-tune aligns a classifier's logits" if cfg.quant.mode == "qat" else
+               "a detector's int8 program would be its tensor part; box mAP needs the transform and NMS around it")
+        raise PipelineError(f"quant.mode={cfg.quant.mode} cannot quantize a {task.name} model ({why}); use "
+                            f"{'quant.mode=ptq' if task.name == 'segmentation' else 'quant.mode=none'}")
 
 
 def seed_everything(seed: int) -> None:

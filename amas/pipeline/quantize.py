@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from amas.pipeline.context import Rows, RunContext
-from amas.quant import top1_accuracy
+from amas.quant import int8_score
 
 __all__ = ["quantize_stage"]
 
@@ -85,8 +85,9 @@ def _quantize(ctx: RunContext, trained: dict[str, Any] | None) -> dict:
         result = convert_qat(trained["model"], shape, partial, trained["steps"])
     evaluation = ctx.data("finetune", sharded=False)  # every image of val and test, on this one rank
     batch = None if result.dynamic_batch else 2  # a static export takes the batch it was traced with
-    val_acc = top1_accuracy(result.model, evaluation.val, batch)
-    test_acc = top1_accuracy(result.model, evaluation.test, batch)
+    # the task's metric (a segmenter's mean IoU), as the float model's was measured
+    val_acc, test_acc = (int8_score(result.model, b, batch, ctx.task, evaluation.info.num_classes)
+                         for b in (evaluation.val, evaluation.test))
     report = ctx.read_json("report.json")
     notes = [n for n in report["notes"] if "int8" not in n]
     onnx_path = None

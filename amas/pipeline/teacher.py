@@ -106,12 +106,12 @@ def evaluate_checkpoint(path: str, config: str | None, overrides: list[str], lat
     }
     if int8 is not None:
         from amas.errors import QuantizeError
-        from amas.quant import load_int8, top1_accuracy
+        from amas.quant import int8_score, load_int8
 
         if not os.path.isfile(int8):
             raise QuantizeError(f"--int8 {int8}: no such file; pass the int8 .pt2 the quantize stage wrote "
                                 "(pruned_int8.pt2 in the run directory)")
-        acc = top1_accuracy(load_int8(int8), data.test)
+        acc = int8_score(load_int8(int8), data.test, task=the_task, num_classes=rec["num_classes"])
         out.update(int8_test_acc=None if acc is None else round(acc, 3), int8_pt2_bytes=os.path.getsize(int8),
                    pt_bytes=os.path.getsize(path))
     return out

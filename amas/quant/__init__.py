@@ -5,6 +5,7 @@ from amas.quant.ptq import (
     LOAD_HINT,
     QuantizeResult,
     calibration_inputs,
+    int8_score,
     load_int8,
     quantize_onnx,
     quantize_pt2e,
@@ -12,5 +13,5 @@ from amas.quant.ptq import (
 )
 from amas.quant.qat import convert_qat, prepare_qat
 
-__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "convert_qat", "load_int8",
-           "prepare_qat", "quantize_onnx", "quantize_pt2e", "top1_accuracy"]
+__all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "convert_qat", "int8_score",
+           "load_int8", "prepare_qat", "quantize_onnx", "quantize_pt2e", "top1_accuracy"]

@@ -32,7 +32,7 @@ from amas.errors import QuantizeError
 from amas.files.atomic import atomic_path
 
 __all__ = ["COMPILE_HINT", "LOAD_HINT", "QuantizeResult", "calibration_inputs", "load_int8", "quantize_onnx",
-           "quantize_pt2e", "top1_accuracy"]
+           "int8_score", "quantize_pt2e", "top1_accuracy"]
 
 # what a process without amas runs before torch.export.load of an int8 .pt2
 LOAD_HINT = "import torch.ao.quantization.fx._decomposed  # registers the int8 quantize/dequantize ops"
@@ -301,21 +301,43 @@ def _unregistered_op(exc: BaseException) -> str | None:
     return None
 
 
+def _outputs(model: Any, x: torch.Tensor, batch: int | None) -> Any:
+    """model(x) on CPU, in chunks of the fixed batch (padded, real rows kept) when batch is set; a dict or tuple of
+    outputs (a segmenter's) keeps its structure."""
+    from torch.utils._pytree import tree_map
+
+    if batch is None:
+        return tree_map(torch.as_tensor, model(x))
+    pad = -len(x) % batch
+    xp = torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
+    outs = [tree_map(torch.as_tensor, model(c)) for c in xp.split(batch)]
+    return tree_map(lambda *ts: torch.cat(ts)[: len(x)], *outs)
+
+
 def top1_accuracy(model: Any, batches: Any, batch: int | None = None) -> float | None:
     """Top-1 (%) over batches of model(images) -> logits on CPU: a converted or loaded int8 program (no .eval()), an
     ONNX Runtime call; batch: the fixed batch of a program exported without a dynamic one (padded, real rows kept)."""
+    return int8_score(model, batches, batch)
+
+
+def int8_score(model: Any, batches: Any, batch: int | None = None, task: Any = None,
+               num_classes: int | None = None) -> float | None:
+    """The task's metric (%) over batches of an int8 program on CPU (top-1 without a task or for classification;
+    a segmenter's mean IoU); batch as top1_accuracy's."""
     if batches is None:
         return None
+    dense = task is not None and task.name != "classification"
+    metric = task.metric(num_classes) if dense else None
     correct = total = 0
     with torch.no_grad():
         for x, y in batches:
-            x, y = x.detach().float().cpu().contiguous(), y.cpu()
-            if batch is None:
-                logits = torch.as_tensor(model(x))
-            else:  # pad to multiples of the fixed batch, keep the real rows
-                pad = -len(x) % batch
-                xp = torch.cat([x, x[:1].expand(pad, *x.shape[1:])]) if pad else x
-                logits = torch.cat([torch.as_tensor(model(c)) for c in xp.split(batch)])[: len(x)]
-            correct += int((logits.argmax(1) == y).sum())
+            out = _outputs(model, x.detach().float().cpu().contiguous(), batch)
+            if dense:
+                metric.update(out, y.cpu())
+                total += 1
+                continue
+            correct += int((out.argmax(1) == y.cpu()).sum())
             total += int(y.numel())
-    return 100.0 * correct / total if total else None
+    if not total:
+        return None
+    return float(metric.compute()) if dense else 100.0 * correct / total

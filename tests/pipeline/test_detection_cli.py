@@ -89,6 +89,14 @@ def test_a_baseline_criterion_prunes_a_detector(scenes, tmp_path) -> None:
     assert not (run / "search").exists()
 
 
+def test_int8_of_a_detector_is_refused_in_one_line(scenes, tmp_path, capsys) -> None:
+    coco, weights = scenes
+    assert tool(coco, weights, tmp_path / "run", "quant.mode=ptq") == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "quant.mode=ptq cannot quantize a detection model" in err and "NMS" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_box_with_x2_left_of_x1_stops_before_any_stage(scenes, tmp_path, capsys) -> None:
     coco, weights = scenes
     bad = tmp_path / "coco"

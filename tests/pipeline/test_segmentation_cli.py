@@ -70,6 +70,12 @@ def test_prune_segmenter_tool_end_to_end(scenes, tmp_path, capsys) -> None:
                  "data.num_workers=0", "train.device=cpu", "train.eval_batch_size=3"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["metric"] == "miou" and got["test_acc"] == pytest.approx(report["test_acc"], abs=1e-3)
+    # int8 PTQ of the pruned segmenter, scored by mean IoU (only the quantize stage runs: its settings changed)
+    pytest.importorskip("torchao")
+    assert tool(voc, weights, run, "quant.mode=ptq", "quant.calib_batches=1") == 0
+    int8 = json.loads((run / "report.json").read_text())["int8"]
+    assert int8["quantized_layers"] > 20 and 0 <= int8["test_acc"] <= 100 and (run / "pruned_int8.pt2").is_file()
+    assert abs(int8["test_acc"] - report["test_acc"]) < 25  # the int8 program segments, not only runs
 
 
 def test_a_label_map_with_a_class_the_model_lacks_stops_before_any_stage(scenes, tmp_path, capsys) -> None:
