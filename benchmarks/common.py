@@ -215,6 +215,19 @@ def relatency(result: dict, iters: int) -> None:
 # ---------------------------------------------------------------- summary and files
 
 
+def run_tool(cmd: list[str]) -> tuple[float, str | None]:
+    """Run a tool's command line (output captured): its wall seconds, and its last stderr line where it failed."""
+    import subprocess
+
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = round(time.perf_counter() - start, 1)
+    if done.returncode == 0:
+        return wall, None
+    lines = [s for s in done.stderr.strip().splitlines() if s.strip()]
+    return wall, lines[-1] if lines else f"exit {done.returncode}"
+
+
 def stats(values: list[float | None]) -> dict | None:
     """Mean, sample sd, min, max and count of the values that are not None; None when there are none."""
     vals = [float(v) for v in values if v is not None]

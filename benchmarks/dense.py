@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -180,15 +180,12 @@ def prune(task: str, weights: Path, scenes: Path, target: float, out: Path, meth
     cmd += extra
     if method != "amas":
         cmd += ["--method", method, f"finetune.train.epochs={_equal_epochs(cmd)}"]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        lines = [s for s in done.stderr.strip().splitlines() if s.strip()]
-        return {"error": lines[-1] if lines else f"exit {done.returncode}", "wall_s": round(wall, 1)}
+    wall, error = run_tool(cmd)
+    if error:
+        return {"error": error, "wall_s": wall}
     rep = json.loads((out / "report.json").read_text())
     return {"test": rep["pruned"]["test_acc"], "teacher_test": rep["teacher"]["test_acc"],
-            "macs_reduction": rep["macs_reduction"], "wall_s": round(wall, 1),
+            "macs_reduction": rep["macs_reduction"], "wall_s": wall,
             "stage_wall_s": rep.get("stage_wall_s", {}), "command": " ".join(cmd[1:])}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tv:resnet18", "tv:mobilenet_v3_large", "tv:efficientnet_b0", "timm:mobilenetv3_large_100",
@@ -133,16 +133,13 @@ def prune(model: str, weights: Path, folder: Path, size: int, target: float, out
     tool = ROOT / "tools" / ("prune_torchvision.py" if lib == "tv" else "prune_timm.py")
     cmd = [sys.executable, str(tool), "--arch", arch, "--weights", str(weights), "--data", str(folder),
            "--image-size", str(size), "--target", str(target), "--out", str(out), *extra]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        lines = [s for s in done.stderr.strip().splitlines() if s.strip()]
-        return {"error": lines[-1] if lines else f"exit {done.returncode}", "wall_s": round(wall, 1)}
+    wall, error = run_tool(cmd)
+    if error:
+        return {"error": error, "wall_s": wall}
     rep = json.loads((out / "report.json").read_text())
     return {"test_acc": rep["pruned"]["test_acc"], "teacher_test_acc": rep["teacher"]["test_acc"],
             "macs_reduction": rep["macs_reduction"], "speedup_b1": rep["speedup_b1"],
-            "speedup_b64": rep["speedup_b64"], "wall_s": round(wall, 1), "search_val_acc": _search_val_acc(out)}
+            "speedup_b64": rep["speedup_b64"], "wall_s": wall, "search_val_acc": _search_val_acc(out)}
 
 
 def _search_val_acc(out: Path) -> list[float]:
