@@ -239,16 +239,19 @@ class DetectionTask(Task):
         return hooks.take()
 
     def student(self, model: nn.Module, images: Any, targets: Any) -> DetectionOutputs:
-        """The student's forward (a torchvision detector in train mode: its loss dict) and its aligned maps."""
-        hooks = self._hooks[0]
+        """The student's forward (a torchvision detector in train mode: its loss dict) and its aligned maps (none
+        when nothing is bound: plain training of a teacher, `amas train`)."""
         if is_detector(_plain(model)):
             if not model.training:
                 raise SearchError("a torchvision detector returns its losses in train mode only; call "
                                   "student.train() before search.loss")
-            out = hooks.run(lambda: model(_images(images), list(targets)))
+            forward = lambda: model(_images(images), list(targets))  # noqa: E731
         else:
-            out = hooks.run(lambda: model(images))
-        return DetectionOutputs(out, hooks.take())
+            forward = lambda: model(images)  # noqa: E731
+        if not self._hooks:
+            return DetectionOutputs(forward(), [])
+        hooks = self._hooks[0]
+        return DetectionOutputs(hooks.run(forward), hooks.take())
 
     def loss(self, student_out: Any, targets: Any, label_smoothing: float) -> torch.Tensor:
         """The detector's losses summed, or loss_fn(outputs, targets)."""

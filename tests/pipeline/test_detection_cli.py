@@ -89,6 +89,23 @@ def test_a_baseline_criterion_prunes_a_detector(scenes, tmp_path) -> None:
     assert not (run / "search").exists()
 
 
+def test_amas_train_and_eval_a_detection_teacher(scenes, tmp_path, capsys) -> None:
+    # plain training binds no aligned maps (it stopped with an IndexError); eval reads the COCO task from the record
+    from amas.cli import main
+
+    coco, _ = scenes
+    (tmp_path / "r.yaml").write_text("seed: 0\n")
+    common = [f"data.root={coco}", "data.num_workers=0", "train.device=cpu", "train.eval_batch_size=2"]
+    assert main(["train", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "task=detection",
+                 "data.name=coco", f"data.num_classes={K}", f"data.image_size={SIZE}", f"model.name=tv:{ARCH}",
+                 f"model.kwargs.min_size={SIZE}", f"model.kwargs.max_size={SIZE}", "train.epochs=1",
+                 "train.batch_size=2", "train.progress=false", *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "model.pt"), "--latency-iters", "1", *common]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["metric"] == "map" and 0 <= got["test_acc"] <= 100 and got["macs_M"] > 0
+
+
 def test_int8_of_a_detector_is_refused_in_one_line(scenes, tmp_path, capsys) -> None:
     coco, weights = scenes
     assert tool(coco, weights, tmp_path / "run", "quant.mode=ptq") == 1
