@@ -219,3 +219,14 @@ def test_classification_reads_as_before_tasks() -> None:
             assert torch.equal(terms["kd"], kd_loss(logits, search.objective.frozen(x), "mse", standardize=True))
         search.close()
     assert torch.equal(got[0], got[1])
+
+
+def test_the_conv_discriminator_judges_pooled_locations() -> None:
+    """Its cost does not grow with the image: a 96x96 map is judged on 24x24 pooled locations (at full resolution it
+    cost 4x a LRASPP-MobileNetV3 and made a search step 10x a plain one); small maps keep every location."""
+    from amas.tasks.base import ConvDiscriminator
+
+    d = ConvDiscriminator(11, hidden=8)
+    assert d(torch.randn(2, 11, 96, 96)).shape == (2, 24, 24)
+    assert d(torch.randn(2, 11, 100, 50)).shape == (2, 20, 10)  # a window of 5 (ceil), the aspect kept
+    assert d(torch.randn(2, 11, 20, 12)).shape == (2, 20, 12)
