@@ -6,7 +6,9 @@
 --weights is a plain state_dict (torch.save(model.state_dict()), loaded with weights_only=True) of
 torchvision.models.detection.<arch>(num_classes=<--num-classes>, weights_backbone=None, min_size=<--image-size>,
 max_size=<--image-size>) (SSD builders fix their size: no min_size/max_size; other builder options as
-model.kwargs.<name>=value); --data holds annotations/instances_train.json, instances_val.json (and optionally
+model.kwargs.<name>=value; the weights of a detector fine-tuned from a pretrained backbone, FrozenBatchNorm2d there,
+build it so: model.kwargs.frozen_backbone=true, found by itself); --data holds annotations/instances_train.json,
+instances_val.json (and optionally
 instances_test.json) in COCO JSON and images/ with the files they name. Category ids are the labels (1..num_classes-1,
 0 is the background). Every annotation file is read before any stage: an empty file, a box with a negative width or
 height (x2 < x1), a category >= --num-classes stops the run in one line. Box mAP@[.5:.95] selects the candidates;

@@ -19,7 +19,7 @@ whose removal is not equal to masking (channel zero-padding, a grouped conv in a
 not mapped one to one, transposed convs, LayerNorm/GroupNorm/InstanceNorm, unwrapped parameters, attention,
 RNNs); groups through a split, unbind or slice of the channels (the sizes and bounds in the model's forward stay
 as they are after a cut: MixNet's mixed convs); groups through a layer with per-channel tensors Torch-Pruning
-does not cut (a frozen BN, which it traces as plain arithmetic; a conv or BN with extra per-channel parameters,
+does not cut (a norm subclass it traces as plain arithmetic; a conv or BN with extra per-channel parameters,
 as NFNets' gains), or through a conv/linear subclass whose output a fold into its weights does not scale (a
 hidden weight standardisation, checked on a copy); groups through a layer ``prune.ignore`` keeps whole
 (``amas.channels.tracing``); groups of fewer than two channels.
@@ -47,6 +47,7 @@ import torch_pruning as tp
 from torch import nn
 
 from amas.channels.bake import baked_copy
+from amas.channels.frozen_norms import is_frozen_norm
 from amas.channels.group import ChannelGroup
 from amas.channels.masks import PLAIN_BN_FORWARDS, BatchNormBase, unmaskable_modules
 from amas.channels.shortcut import CUSTOM_PRUNERS
@@ -102,6 +103,21 @@ def _through_own_norm(node: Any) -> Any:
     after = nxt.outputs[0]
     own = isinstance(after.module, BatchNormBase) and type(after.module).forward not in PLAIN_BN_FORWARDS
     return after if own and len(after.inputs) == 1 else None
+
+
+def _through_frozen_norm(node: Any) -> Any:
+    """The frozen BatchNorm a layer's output runs into through its multiply and add (traced as ops before the unit,
+    whose node is its last op: the activation's in timm's norm+act)."""
+    for _ in range(3):
+        if len(node.outputs) != 1:
+            return None
+        node = node.outputs[0]
+        if is_frozen_norm(node.module):
+            return node if len(node.inputs) == 1 else None
+        if not isinstance(node.module, tp.ops._ElementWiseOp) or not _grad_fn_name(node).startswith(("mul", "add")) \
+                or len(node.inputs) != 1:  # by its buffers only
+            return None
+    return None
 
 
 def _grad_fn_name(node: Any) -> str:
@@ -166,7 +182,7 @@ def _keeps_group_whole(dg: tp.DependencyGraph, dep: Any, unmaskable: set[nn.Modu
         # a layer whose output is one of the model's outputs (a dict, list or tuple of them too)
         or (is_model_output(node) and (out_fn or not isinstance(module, _LAYERS)))
         or node.type == tp.ops.OPTYPE.PARAMETER or isinstance(module, nn.Parameter)
-        # a channel zero-pad, a layer prune.ignore keeps whole (amas.channels.tracing), a frozen BN
+        # a channel zero-pad, a layer prune.ignore keeps whole (amas.channels.tracing), per-channel state not cut
         or _is_channel_pad(node) or is_kept_whole(node) or getattr(node, "grad_fn", None) in hidden
         or _is_channel_split(node)  # split sizes or slice bounds the forward would keep after the cut (MixNet)
         or module in unmaskable  # removal is not masking there (amas.channels.masks.unmaskable_modules)
@@ -179,13 +195,14 @@ def _producers(out_nodes: dict[str, Any], members: set[Any], names: dict[nn.Modu
     producers = []
     for name, node in out_nodes.items():
         module = node.module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if not module.affine:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_norm(module):
+            if not getattr(module, "affine", True):
                 return None  # a mask could not be folded into it
             producers.append(name)
             continue
         outs = node.outputs
-        bn = outs[0] if len(outs) == 1 and isinstance(outs[0].module, BatchNormBase) else _through_own_norm(node)
+        bn = (outs[0] if len(outs) == 1 and isinstance(outs[0].module, BatchNormBase)
+              else _through_own_norm(node) or _through_frozen_norm(node))
         if bn is not None and bn in members and names.get(bn.module) in out_nodes:
             continue  # masked after its BN
         if _is_gate_conv(node):
@@ -235,6 +252,14 @@ def _group_record(dg: tp.DependencyGraph, group: Any, names: dict[nn.Module, str
                 out_nodes[names[module]] = node
                 index[names[module]] = ([int(i) for i in idxs], [int(r) for r in roots])
             members.add(node)
+            continue
+        if is_frozen_norm(module):  # a unit to Torch-Pruning (amas.channels.frozen_norms): a producer, as a BN
+            if names.get(module) is None:
+                return None
+            members.add(node)
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                out_nodes[names[module]] = node
+                index[names[module]] = ([int(i) for i in idxs], [int(r) for r in roots])
             continue
         if not isinstance(module, _ALLOWED_PARAM_TYPES):
             if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
@@ -308,7 +333,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, int, int], residual: b
     model = baked_copy(model)  # the groups of what the cut cuts (names unchanged)
     with _StateOutputs(model) as notes:
         dg = build_graph(model, input_shape, ignore)
-    # layers with per-channel state that Torch-Pruning traced through as plain ops (a frozen BN): it would not cut them
+    # layers with per-channel state that Torch-Pruning traced through as plain ops: it would not cut them (frozen BNs
+    # are units of their own: amas.channels.frozen_norms)
     hidden = {fn for m, fns in notes.outputs.items() if m not in dg.module2node for fn in fns}
     unmaskable = unmaskable_modules(model)
     names = {m: n for n, m in model.named_modules()}

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from amas.channels.bake import bakeable
+from amas.channels.frozen_norms import is_frozen_norm
 from amas.errors import MaskError
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ _SITE_CHILDREN = ("drop", "act")  # timm's norm+act layers: norm, then drop, the
 
 def mask_site(module: nn.Module) -> nn.Module | None:
     """The child whose input a producer's mask multiplies (timm BatchNormAct2d: drop, else act), or None: its output."""
-    if not isinstance(module, BatchNormBase) or type(module).forward in PLAIN_BN_FORWARDS:
+    if not (isinstance(module, BatchNormBase) or is_frozen_norm(module)) or type(module).forward in PLAIN_BN_FORWARDS:
         return None
     for attr in _SITE_CHILDREN:
         child = module._modules.get(attr)
@@ -88,10 +89,10 @@ def _masks_exactly(module: nn.Module) -> bool:
     Probed in float64 on a randomised copy (wide weights, biases, statistics and inputs, so a hidden clamp or
     activation shows), with mask values in [0, 1.5) and exact zeros.
     """
-    if not isinstance(module, BatchNormBase) or not module.affine:
+    if not (isinstance(module, BatchNormBase) and module.affine or is_frozen_norm(module)):
         return False
     gen = torch.Generator().manual_seed(0)
-    c = int(module.num_features)
+    c = int(module.weight.shape[0])
     try:
         probe = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
         for m in probe.modules():
@@ -164,6 +165,10 @@ def unmaskable_modules(model: nn.Module) -> set[nn.Module]:
     shared = _shared_modules(model)
     out = set()
     for m in model.modules():
+        if is_frozen_norm(m):  # a unit of its own (amas.channels.frozen_norms); a norm+act must mask exactly
+            if any(True for _ in m.children()) and (mask_site(m) in shared or not _masks_exactly(m)):
+                out.add(m)
+            continue
         if not isinstance(m, (BatchNormBase, *_LAYER)):
             continue
         own = [t for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))

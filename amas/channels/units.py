@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch_pruning as tp
 from torch import nn
 
+from amas.channels.frozen_norms import FrozenNormPruner, frozen_norm_types
 from amas.channels.shortcut import CUSTOM_PRUNERS as _ZOO_PRUNERS
 
 __all__ = ["SelectiveKernelPruner", "custom_pruners", "unit_layers", "unit_producers", "unit_prunes", "unit_reads",
@@ -63,8 +64,10 @@ class SelectiveKernelPruner(tp.pruner.function.BasePruningFunc):
 
 
 def custom_pruners() -> dict[type, tp.pruner.function.BasePruningFunc]:
-    """The unit pruners Torch-Pruning gets: the zoo's shortcut, and timm's SelectiveKernel when timm is loaded."""
+    """The unit pruners Torch-Pruning gets: the zoo's shortcut, frozen BatchNorms (amas.channels.frozen_norms), and
+    timm's SelectiveKernel when timm is loaded."""
     out = dict(_ZOO_PRUNERS)
+    out.update({cls: FrozenNormPruner() for cls in frozen_norm_types()})
     sk = _selective_kernel_type()
     if sk is not None:
         out[sk] = SelectiveKernelPruner()

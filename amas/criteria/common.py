@@ -31,8 +31,10 @@ __all__ = ["aggregate", "by_position", "conv_members", "producer_positions", "to
 
 
 def is_bn(module: nn.Module) -> bool:
-    """True for BatchNorm layers of any dimension."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    """True for BatchNorm layers of any dimension, frozen ones (torchvision's, timm's) included."""
+    from amas.channels.frozen_norms import is_frozen_norm
+
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_norm(module)
 
 
 def model_device(model: nn.Module) -> torch.device:

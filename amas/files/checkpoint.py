@@ -160,6 +160,14 @@ def _first_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | N
     return f"key '{extra[0]}' is not in the model" if extra else None
 
 
+def _frozen_backbone_weights(model_name: str, model: nn.Module, state: dict, kwargs: dict) -> bool:
+    """Whether state is model's but for the backbone BatchNorms' step counters, which frozen BNs do not keep."""
+    if not model_name.startswith("tv:") or "frozen_backbone" in kwargs or not hasattr(model, "backbone"):
+        return False
+    missing = [k for k in model.state_dict() if k not in state]
+    return bool(missing) and all(k.startswith("backbone.") and k.endswith(".num_batches_tracked") for k in missing)
+
+
 def load_plain_teacher(path: str | os.PathLike, model_name: str, info: Any, kwargs: dict | None = None,
                        device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The architecture model_name with the user's plain state_dict from path; returns (model, a 'model' file dict)."""
@@ -169,7 +177,15 @@ def load_plain_teacher(path: str | os.PathLike, model_name: str, info: Any, kwar
     state = obj.get("state_dict", obj)
     if all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
-    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, **(kwargs or {}))
+    kwargs = dict(kwargs or {})
+    model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, **kwargs)
+    if _frozen_backbone_weights(model_name, model, state, kwargs):
+        from amas.console import say
+
+        kwargs["frozen_backbone"] = True
+        model = create_model(model_name, num_classes=info.num_classes, in_channels=info.in_channels, **kwargs)
+        say(f"the weights in '{path}' come from a detector with a frozen backbone (FrozenBatchNorm2d, as torchvision "
+            "builds one on a pretrained backbone): built so (model.kwargs.frozen_backbone=true)")
     why = _first_mismatch(model, state)
     if why is not None:
         raise CheckpointError(f"the state_dict '{path}' does not match model.name={model_name} ({info.num_classes} "

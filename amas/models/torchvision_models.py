@@ -96,8 +96,25 @@ def _replace_input_conv(model: nn.Module, in_channels: int) -> None:
     setattr(parent, attr, new)
 
 
+def freeze_backbone_norms(model: nn.Module) -> nn.Module:
+    """A detector's backbone BatchNorms replaced by torchvision's FrozenBatchNorm2d (default eps), in place: the
+    detector torchvision builds when a pretrained backbone is asked for (weights_backbone), whose weights a user's
+    fine-tuned state_dict then holds."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for parent in list(model.backbone.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(parent, child_name, FrozenBatchNorm2d(child.num_features))
+    return model
+
+
 def create_torchvision_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build torchvision model `name` without pretrained weights for `num_classes` and `in_channels`."""
+    """Build torchvision model `name` without pretrained weights for `num_classes` and `in_channels`; a detector
+    with frozen_backbone=True has the FrozenBatchNorm2d backbone torchvision builds for a pretrained one."""
+    frozen = bool(kwargs.pop("frozen_backbone", False))
+    if frozen and name not in torchvision_detectors():
+        raise AmasError(f"model.kwargs.frozen_backbone is for torchvision detectors, not {name!r}; drop it")
     if name in _AUX_FAMILIES:
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
@@ -111,4 +128,4 @@ def create_torchvision_model(name: str, num_classes: int = 10, in_channels: int 
         raise AmasError(f"torchvision model {name!r} rejected its options: {exc}; fix the model options") from None
     if in_channels != 3:
         _replace_input_conv(model, in_channels)
-    return model
+    return freeze_backbone_norms(model) if frozen else model

@@ -101,9 +101,9 @@ def test_sync_batchnorm_act_masks_before_its_activation() -> None:
 
 
 @pytest.mark.parametrize("norm", ["frozen_bn_act", "frozen_bn", "group_norm_act"])
-def test_groups_through_frozen_bns_and_group_norm_act_are_left_out(norm: str) -> None:
-    """A frozen BN (plain arithmetic to Torch-Pruning, which would not cut its buffers) and GroupNormAct keep their
-    channels; the other groups still prune, removal equal to masking."""
+def test_frozen_bns_prune_as_batchnorms_and_group_norm_act_is_left_out(norm: str) -> None:
+    """A frozen BN (timm's norm+act, torchvision's) takes the mask and the cut as a BatchNorm does (its buffers
+    sliced); GroupNormAct keeps its channels; the other groups still prune, removal equal to masking."""
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     make = {"frozen_bn_act": lambda c, act_layer, drop_layer: FrozenBatchNormAct2d(c, act_layer=act_layer),
@@ -117,10 +117,18 @@ def test_groups_through_frozen_bns_and_group_norm_act_are_left_out(norm: str) ->
             if name.rpartition(".")[2] in ("weight", "bias"):  # the frozen BNs' affine lives in buffers
                 t.copy_(torch.randn(t.shape, generator=gen))
     groups = find_groups(net, (3, 16, 16))
-    assert [g.name for g in groups] == ["pw", "head"]  # the stem's group runs through bn1
+    frozen = norm != "group_norm_act"
+    assert [g.name for g in groups] == (["stem"] if frozen else []) + ["pw", "head"]  # the stem's runs through bn1
+    if frozen:
+        site = "bn1" if norm == "frozen_bn_act" else "bn1.0"
+        assert groups[0].producers == [site, "bn2"]  # after the frozen BN, never on the conv before it
     masks, keep = random_cut(groups, gen)
-    _, masked, cut, _ = masked_and_cut(net, groups, masks, keep, torch.randn(2, 3, 16, 16, generator=gen))
+    _, masked, cut, pruned = masked_and_cut(net, groups, masks, keep, torch.randn(2, 3, 16, 16, generator=gen))
     assert close(masked, cut)
+    if frozen:
+        bn1 = pruned.get_submodule(site)
+        assert type(bn1) is type(net.get_submodule(site)) and bn1.weight.shape == bn1.running_var.shape == (
+            len(keep["stem"]),)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import amas
 from amas.channels.dense import tensor_part
+from amas.models.torchvision_models import freeze_backbone_norms
 
 ROOT = Path(__file__).resolve().parents[2]
 K, SIZE = 11, 64  # the scenes' classes (background and ten Fashion-MNIST classes), canvas size
@@ -34,6 +36,7 @@ def scenes(tmp_path_factory) -> tuple[Path, Path]:
     weights = root / "frcnn.pth"
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=K)
     torch.save(model.state_dict(), weights)
+    torch.save(freeze_backbone_norms(model).state_dict(), root / "frcnn_frozen.pth")  # no BN step counters
     return root / "coco", weights
 
 
@@ -79,14 +82,23 @@ def test_prune_detector_tool_end_to_end(scenes, tmp_path) -> None:
     assert again["metric"] == "map" and again["macs"] == report["macs"]
 
 
-def test_a_baseline_criterion_prunes_a_detector(scenes, tmp_path) -> None:
-    # no search stage: the candidates and the final fine-tune resolve the detector's aligned maps themselves
-    coco, weights = scenes
+def test_a_baseline_criterion_prunes_a_detector_fine_tuned_from_a_pretrained_backbone(scenes, tmp_path,
+                                                                                       capsys) -> None:
+    # weights of a detector torchvision built on a pretrained backbone (FrozenBatchNorm2d there): built so, with a
+    # line, its backbone pruned; no search stage: the candidates and the final fine-tune resolve the aligned maps
+    coco, _ = scenes
     run = tmp_path / "run"
-    assert tool(coco, weights, run, "--method", "l1") == 0
+    assert tool(coco, coco.parent / "frcnn_frozen.pth", run, "--method", "l1") == 0
+    assert "frozen backbone" in capsys.readouterr().err
     report = json.loads((run / "report.json").read_text())
     assert report["method"] == "l1" and report["metric"] == "map" and report["macs_reduction"] >= 0.4
     assert not (run / "search").exists()
+    model, obj = amas.load_pruned(run / "pruned.pt")
+    assert obj["model"]["kwargs"]["frozen_backbone"] is True
+    frozen = [n for n, m in model.named_modules() if type(m) is FrozenBatchNorm2d]
+    assert len(frozen) > 40 and all(n.startswith("backbone.body.") for n in frozen)
+    kept = json.loads((run / "candidates" / "cut.json").read_text())["rows"][0]["kept"]
+    assert sum(n.startswith("backbone.body.") for n in kept) >= 25  # its groups (they were left out, whole)
 
 
 def test_amas_train_and_eval_a_detection_teacher(scenes, tmp_path, capsys) -> None:
