@@ -131,6 +131,23 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     return out
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Differentiable all-reduce (sum): each rank's output is the sum over ranks, and so is each input's gradient
+    (torch.distributed.nn.functional.all_reduce, deprecated)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CrossRankBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the global batch on every backend, CPU/gloo included.
 
@@ -142,13 +159,11 @@ class CrossRankBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not context().enabled:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 where the model runs in it
         xd = x.double()  # sum and sum of squares in float64: E[x²]−E[x]² cancels badly in float32
         n_local = torch.tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float64, device=x.device)
         stats = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), n_local])
-        stats = all_reduce(stats)
+        stats = _SumOverRanks.apply(stats)
         c = self.num_features
         n = stats[2 * c]
         mean = stats[:c] / n
