@@ -137,15 +137,19 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out)
-        return out
+        return _sum_over_ranks(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _sum_over_ranks(grad)
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks, out of place; a functional collective, so torch.compile traces it (the in-place
+    dist.all_reduce broke a compiled forward at every BatchNorm: 49 graphs for one LRASPP forward)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
 
 
 class CrossRankBatchNorm(nn.BatchNorm2d):

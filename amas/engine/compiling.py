@@ -53,6 +53,7 @@ class CompiledForward:
     def __init__(self, module: nn.Module, say: Callable[[str], None], what: str = "the training forward") -> None:
         self.module, self.say, self.what = module, say, what
         self.compilations = 0
+        self.first_frames: int | None = None  # frames its first call compiled (several where the forward breaks)
         self.failed = False
         self._fn: Any = None
         try:
@@ -80,7 +81,10 @@ class CompiledForward:
             self.fall_back(e)
             return out
         finally:
-            self.compilations += compile_counts() - before
+            frames = compile_counts() - before
+            if self.first_frames is None:
+                self.first_frames = frames
+            self.compilations += frames
 
     def __getattr__(self, name: str) -> Any:  # the module's attributes (an objective may read them)
         return getattr(self.__dict__["module"], name)
@@ -157,10 +161,11 @@ class StepCompiler:
         self._last = now
 
     def counts(self) -> dict[str, int] | None:
-        """{'compilations', 'recompilations'} of this stage's compiled forwards (None when nothing compiled)."""
+        """{'compilations', 'recompilations'} of this stage's compiled forwards (None when nothing compiled): frames
+        compiled, and those beyond each new forward's first call (a graph break's frames are not recompilations)."""
         live = [(f, base, new) for f, base, new in self.forwards if not f.failed]
         if not live:
             return None
         n = sum(f.compilations - base for f, base, _ in live)
-        first = sum(1 for f, _, new in live if new and f.compilations > 0)
+        first = sum(f.first_frames or 0 for f, _, new in live if new)
         return {"compilations": n, "recompilations": n - first}

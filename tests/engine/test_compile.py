@@ -180,3 +180,22 @@ def test_a_step_whose_compiled_backward_fails_runs_again_eager_with_one_line(tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the training forward's backward cannot compile" in err and "runs eager" in err
     assert "Traceback" not in err and trainer.compiler.counts() is None
+
+
+class _Broken(TwoConv):
+    """TwoConv with a graph break between its convs (a collective or a print does this in real models)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        torch._dynamo.graph_break()
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_a_graph_break_counts_as_frames_not_as_recompilations():
+    compiler = StepCompiler("on", 3, print)
+    f = compiler.wrap(_Broken(), "the training forward")
+    for _ in range(2):
+        f(torch.randn(2, 1, 8, 8))
+    assert compiler.counts() == {"compilations": 2, "recompilations": 0}  # two graphs, compiled once
+    f(torch.randn(3, 1, 8, 8))  # another batch size (dynamic=False): compiled again
+    assert compiler.counts()["recompilations"] >= 1
