@@ -33,10 +33,11 @@ _timed_cost: list[float] = []  # the compile costs timed in this process (first 
 
 
 def compile_counts() -> int:
-    """Frames dynamo has compiled in this process so far (every recompilation counts)."""
+    """Graphs dynamo has compiled in this process so far (every recompilation counts; frames it only stepped
+    through, as DistributedDataParallel's forward under torchrun, do not)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["frames"]["total"])
+    return int(counters["stats"]["unique_graphs"])
 
 
 def auto_compiles(steps_left: int, step_s: float, cost_s: float | None = None) -> bool:
@@ -48,12 +49,12 @@ def auto_compiles(steps_left: int, step_s: float, cost_s: float | None = None) -
 
 class CompiledForward:
     """module's forward, compiled (dynamic=False; nn-module hooks guarded, so adding or removing one recompiles);
-    eager with one line through say when it cannot compile. compilations: frames compiled by its calls."""
+    eager with one line through say when it cannot compile. compilations: graphs compiled by its calls."""
 
     def __init__(self, module: nn.Module, say: Callable[[str], None], what: str = "the training forward") -> None:
         self.module, self.say, self.what = module, say, what
         self.compilations = 0
-        self.first_frames: int | None = None  # frames its first call compiled (several where the forward breaks)
+        self.first_graphs: int | None = None  # graphs its first call compiled (several where the forward breaks)
         self.failed = False
         self._fn: Any = None
         try:
@@ -81,10 +82,10 @@ class CompiledForward:
             self.fall_back(e)
             return out
         finally:
-            frames = compile_counts() - before
-            if self.first_frames is None:
-                self.first_frames = frames
-            self.compilations += frames
+            graphs = compile_counts() - before
+            if self.first_graphs is None:
+                self.first_graphs = graphs
+            self.compilations += graphs
 
     def __getattr__(self, name: str) -> Any:  # the module's attributes (an objective may read them)
         return getattr(self.__dict__["module"], name)
@@ -161,11 +162,11 @@ class StepCompiler:
         self._last = now
 
     def counts(self) -> dict[str, int] | None:
-        """{'compilations', 'recompilations'} of this stage's compiled forwards (None when nothing compiled): frames
-        compiled, and those beyond each new forward's first call (a graph break's frames are not recompilations)."""
+        """{'compilations', 'recompilations'} of this stage's compiled forwards (None when nothing compiled): graphs
+        compiled, and those beyond each new forward's first call (a graph break's graphs are not recompilations)."""
         live = [(f, base, new) for f, base, new in self.forwards if not f.failed]
         if not live:
             return None
         n = sum(f.compilations - base for f, base, _ in live)
-        first = sum(f.first_frames or 0 for f, _, new in live if new)
+        first = sum(f.first_graphs or 0 for f, _, new in live if new)
         return {"compilations": n, "recompilations": n - first}
