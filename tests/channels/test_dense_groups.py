@@ -161,6 +161,23 @@ def _model(name: str) -> nn.Module:
     return getattr(detection, name)(weights=None, weights_backbone=None, num_classes=3, **size)
 
 
+def _masked_and_cut(net: nn.Module, groups: list, masks: dict, keep: dict, gen: torch.Generator) -> tuple:
+    """In float64 on one random input: (input, plain outputs, masked outputs, the cut model, its outputs)."""
+    net.double()
+    hooks = ChannelMasks(groups).double()
+    hooks.load_values(masks)
+    x = torch.randn(2, *SHAPE, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        plain = tree_leaves(net(x))
+        hooks.attach(net)
+        try:
+            masked = tree_leaves(net(x))
+            pruned = prune_model(net, groups, keep, masks=masks)
+        finally:
+            hooks.detach()
+        return x, plain, masked, pruned, tree_leaves(pruned(x))
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_dense_removal_equals_masking_and_exports(name: str) -> None:
     fixed, parts = CASES[name]
@@ -180,19 +197,7 @@ def test_dense_removal_equals_masking_and_exports(name: str) -> None:
         assert any(n.startswith(prefix) for n in touched), prefix
     cost = CostModel(net, groups, SHAPE)
     masks, keep = random_masks(groups, gen)
-    net.double()
-    hooks = ChannelMasks(groups).double()
-    hooks.load_values(masks)
-    x = torch.randn(2, *SHAPE, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        plain = tree_leaves(net(x))
-        hooks.attach(net)
-        try:
-            masked = tree_leaves(net(x))
-            pruned = prune_model(net, groups, keep, masks=masks)
-        finally:
-            hooks.detach()
-        out = tree_leaves(pruned(x))
+    x, plain, masked, pruned, out = _masked_and_cut(net, groups, masks, keep, gen)
     assert [t.shape for t in out] == [t.shape for t in masked] == [t.shape for t in plain]
     assert max((a - b).abs().max().item() for a, b in zip(plain, masked, strict=True)) > 1e-3
     scale = max(1.0, max(t.abs().max().item() for t in masked))
@@ -274,18 +279,7 @@ def test_a_detector_with_a_frozen_backbone_prunes_as_with_batchnorms(tmp_path: P
     groups = find_groups(net, SHAPE)
     assert [(g.name, g.producers) for g in groups] == [(g.name, g.producers) for g in plain_groups]
     masks, keep = random_masks(groups, gen)
-    net.double()
-    hooks = ChannelMasks(groups).double()
-    hooks.load_values(masks)
-    x = torch.randn(2, *SHAPE, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        hooks.attach(net)
-        try:
-            masked = tree_leaves(net(x))
-            pruned = prune_model(net, groups, keep, masks=masks)
-        finally:
-            hooks.detach()
-        out = tree_leaves(pruned(x))
+    x, _, masked, pruned, out = _masked_and_cut(net, groups, masks, keep, gen)
     scale = max(1.0, max(t.abs().max().item() for t in masked))
     assert max((a - b).abs().max().item() for a, b in zip(masked, out, strict=True)) <= 1e-8 * scale
     stem = pruned.get_submodule("model.backbone.body.0.1")
