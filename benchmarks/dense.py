@@ -210,7 +210,7 @@ def speed(task: str, weights: Path, run: Path, rounds: int = 5) -> dict:
 
     teacher = build(task)
     teacher.load_state_dict(torch.load(weights, weights_only=True))
-    pruned = amas.load_pruned(run / "pruned.pt")
+    pruned, _ = amas.load_pruned(run / "pruned.pt")
     models = {"teacher": tensor_part(teacher.eval()), "pruned": tensor_part(pruned.eval())}
     r = runtime_latency(models, (3, SIZE, SIZE), batches=(1, 8), runtimes=["eager", "compiled", "onnx"],
                         rounds=rounds)
