@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="print the table of --out (search accuracies re-read from "
                                                           "the run folders) and stop")
     a, extra = p.parse_known_args(argv)
+    extra += [m for m in a.models if "=" in m]  # key=value overrides written after --models land in its list
+    a.models = [m for m in a.models if "=" not in m]
     if a.table:
         results = json.loads(Path(a.out).read_text())
         for key, r in results.items():
