@@ -30,9 +30,15 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLASSES = 11  # background + the 10 Fashion-MNIST classes
 SIZE = 96
 ARCH = {"segmentation": "lraspp_mobilenet_v3_large", "detection": "fasterrcnn_mobilenet_v3_large_320_fpn"}
-# the detector's own settings at 96 px: its transform keeps the canvas size; 64 sampled RoIs a training image
-# (torchvision's 512 is sized for COCO's 800-px images) keep a CPU step affordable
+# the detector's own settings: its transform resizes the canvas to DETECTOR_KWARGS' size (--det-size; 96 keeps it,
+# 320 is the builder's own, ~11x the compute); 64 sampled RoIs a training image (torchvision's 512 is sized for
+# COCO's 800-px images) keep a CPU step affordable
 DETECTOR_KWARGS = {"min_size": SIZE, "max_size": SIZE, "box_batch_size_per_image": 64}
+
+
+def model_size(task: str) -> int:
+    """The image size the task's network sees: the canvas for the segmenter, the detector's transform size."""
+    return SIZE if task == "segmentation" else int(DETECTOR_KWARGS["min_size"])
 SCENES = {"segmentation": (3000, 500, 500), "detection": (1500, 300, 300)}
 
 
@@ -174,7 +180,7 @@ def prune(task: str, weights: Path, scenes: Path, target: float, out: Path, meth
     tool = ROOT / "tools" / ("prune_segmenter.py" if seg else "prune_detector.py")
     cmd = [sys.executable, str(tool), "--arch", ARCH[task], "--weights", str(weights),
            "--data", str(scenes / ("voc" if seg else "coco")), "--num-classes", str(CLASSES),
-           "--image-size", str(SIZE), "--target", str(target), "--out", str(out)]
+           "--image-size", str(model_size(task)), "--target", str(target), "--out", str(out)]
     if not seg:
         cmd += [f"model.kwargs.box_batch_size_per_image={DETECTOR_KWARGS['box_batch_size_per_image']}"]
     cmd += extra
@@ -212,7 +218,8 @@ def speed(task: str, weights: Path, run: Path, rounds: int = 5) -> dict:
     teacher.load_state_dict(torch.load(weights, weights_only=True))
     pruned, _ = amas.load_pruned(run / "pruned.pt")
     models = {"teacher": tensor_part(teacher.eval()), "pruned": tensor_part(pruned.eval())}
-    r = runtime_latency(models, (3, SIZE, SIZE), batches=(1, 8), runtimes=["eager", "compiled", "onnx"],
+    size = model_size(task)
+    r = runtime_latency(models, (3, size, size), batches=(1, 8), runtimes=["eager", "compiled", "onnx"],
                         rounds=rounds)
     out = {"busy": r["busy"], "warnings": r["warnings"]}
     for rt in r["runtimes"]:
@@ -234,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--det-scenes", type=int, nargs=3, default=list(SCENES["detection"]),
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--det-size", type=int, default=SIZE,
+                   help="the detector's min_size=max_size (96: the canvas; 320: the builder's own, ~11x the compute)")
     p.add_argument("--work", default="runs/dense", help="scenes, teachers and runs go here")
     p.add_argument("--out", default="benchmarks/results/dense.json")
     p.add_argument("--speed", action="store_true", help="time the finished runs of --out and stop")
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
     a, extra = p.parse_known_args(argv)
+    DETECTOR_KWARGS.update(min_size=a.det_size, max_size=a.det_size)
     work, out = Path(a.work), Path(a.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     if a.table:
