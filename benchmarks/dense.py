@@ -34,12 +34,12 @@ ARCH = {"segmentation": "lraspp_mobilenet_v3_large", "detection": "fasterrcnn_mo
 # 320 is the builder's own, ~11x the compute); 64 sampled RoIs a training image (torchvision's 512 is sized for
 # COCO's 800-px images) keep a CPU step affordable
 DETECTOR_KWARGS = {"min_size": SIZE, "max_size": SIZE, "box_batch_size_per_image": 64}
+SCENES = {"segmentation": (3000, 500, 500), "detection": (1500, 300, 300)}
 
 
 def model_size(task: str) -> int:
     """The image size the task's network sees: the canvas for the segmenter, the detector's transform size."""
     return SIZE if task == "segmentation" else int(DETECTOR_KWARGS["min_size"])
-SCENES = {"segmentation": (3000, 500, 500), "detection": (1500, 300, 300)}
 
 
 def write_scenes(work: Path, task: str, counts: tuple[int, int, int], seed: int = 0) -> Path:

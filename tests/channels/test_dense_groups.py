@@ -245,21 +245,6 @@ def test_a_layer_whose_output_is_returned_keeps_its_width_though_other_layers_re
     assert both == {"stem.0", "inner.0"}  # feat's output is one of the model's outputs (in a list in a dict)
 
 
-def _frozen_backbone(model: nn.Module) -> nn.Module:
-    """The backbone's BatchNorms as torchvision's FrozenBatchNorm2d with the same state (what its builders make when
-    a pretrained backbone is asked for)."""
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
-    for parent in list(model.backbone.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d):
-                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(frozen, key).copy_(getattr(child, key).detach())
-                setattr(parent, child_name, frozen)
-    return model
-
-
 def test_a_detector_with_a_frozen_backbone_prunes_as_with_batchnorms(tmp_path: Path) -> None:
     """FrozenBatchNorm2d backbones (every torchvision detector fine-tuned from a pretrained backbone) give the
     groups the BatchNorm backbone gives, removal equals masking, and the cut keeps frozen BNs with sliced buffers
@@ -267,13 +252,16 @@ def test_a_detector_with_a_frozen_backbone_prunes_as_with_batchnorms(tmp_path: P
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     from amas.files.pruned import load_pruned, save_pruned
+    from amas.models.torchvision_models import freeze_backbone_norms
 
     name = "fasterrcnn_mobilenet_v3_large_320_fpn"
     gen = torch.Generator().manual_seed(0)
     model = _model(name).eval()
     randomize_norms(model, gen)
     plain_groups = find_groups(tensor_part(model), SHAPE)
-    frozen = _frozen_backbone(model)
+    state = model.state_dict()
+    frozen = freeze_backbone_norms(model)  # what torchvision builds on a pretrained backbone
+    frozen.load_state_dict(state)  # the same statistics (FrozenBatchNorm2d drops the step counters itself)
     assert sum(isinstance(m, FrozenBatchNorm2d) for m in frozen.modules()) > 40
     net = tensor_part(frozen)
     groups = find_groups(net, SHAPE)
@@ -287,7 +275,7 @@ def test_a_detector_with_a_frozen_backbone_prunes_as_with_batchnorms(tmp_path: P
     pruned.float()
     save_pruned(tmp_path / "p.pt", pruned.model, {"model": {"name": name, "num_classes": 3, "in_channels": 3}},
                 {"input_shape": list(SHAPE)})
-    back = load_pruned(tmp_path / "p.pt", base=_frozen_backbone(_model(name)))[0]
+    back = load_pruned(tmp_path / "p.pt", base=freeze_backbone_norms(_model(name)))[0]
     with torch.no_grad():
         again = tree_leaves(tensor_part(back)(x.float()))
     assert max((a - b).abs().max().item() for a, b in zip(out, again, strict=True)) <= 1e-4 * scale
