@@ -22,7 +22,7 @@ from amas.engine.evaluation import evaluate
 from amas.engine.formats import keep_channels_last
 from amas.engine.objective import Objective, StepOutput
 from amas.engine.optimizers import make_optimizer, resolve_optimizer
-from amas.engine.precision import LossScale, autocast, resolve_amp
+from amas.engine.precision import LossScale, autocast, resolve_amp, settle_cpu_bf16
 from amas.engine.schedules import make_scheduler
 from amas.engine.stability import (
     Backoff,
@@ -71,7 +71,7 @@ class Trainer:
         self.model = distributed.convert_batchnorm(model.to(self.device), self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._contiguous: bool | None = None if cfg.channels_last else False  # None: settled on the first batch
+        self._contiguous: bool | None = None  # settled on the first batch: whether images go contiguous
         self.train_batches, self.val_batches = train, val
         self.num_classes = num_classes
         self.objective = objective or Objective(cfg.label_smoothing)
@@ -188,9 +188,12 @@ class Trainer:
             recalibrate_batchnorm(self.model, [x.contiguous() if self._contiguous else x for x, _ in batches])
 
     def _settle_format(self, x: torch.Tensor) -> None:
-        """On the first batch: a forward that cannot run channels_last (a .view) goes back to contiguous."""
+        """On the first batch: a forward that cannot run channels_last (a .view) goes back to contiguous, and bf16
+        that would train a convolution wrongly on the CPU goes back to float32."""
         if self._contiguous is None:
-            self._contiguous = not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
+            cl = self.cfg.channels_last
+            self._contiguous = cl and not keep_channels_last(self.model, x[:2], self.objective.use_contiguous)
+            self.amp_dtype = settle_cpu_bf16(self.model, x[:1], self.amp_dtype, self.device, self.say)
 
     def accuracy_on(self, batches: Any, calibration: Any = ()) -> float:
         """Eval-mode top-1 (%) of the model on batches (lists of (images, labels) pairs), its BatchNorm statistics
@@ -379,15 +382,8 @@ class Trainer:
             raise TrainingError(f"{self.stage}: epoch {self.epoch + 1} took 0 optimiser steps: the training batches "
                                 f"yielded nothing (their length says {self.steps_per_epoch}); pass batches that can be "
                                 "iterated once per epoch")
-        totals = distributed.all_reduce_sum(
-            torch.stack(
-                [
-                    loss_sum.double(),
-                    correct.double(),
-                    torch.tensor(float(seen), device=self.device, dtype=torch.float64) + seen_t.double(),
-                ]
-            )
-        )
+        seen_all = torch.tensor(float(seen), device=self.device, dtype=torch.float64) + seen_t.double()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(), seen_all]))
         self._epoch_stats = {"loss": float(totals[0]) / max(n_steps, 1) / self.dist.world_size}
         if self.task is None or float(totals[2]) > 0:  # a task without a count (detection) logs no train_acc
             self._epoch_stats["acc"] = 100.0 * float(totals[1]) / max(float(totals[2]), 1.0)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 from amas import distributed
 from amas.errors import ConfigError
 
-__all__ = ["AMP_CHOICES", "LossScale", "autocast", "cpu_has_native_bf16", "no_autocast", "resolve_amp"]
+__all__ = ["AMP_CHOICES", "LossScale", "autocast", "cpu_bf16_conv_hazard", "cpu_has_native_bf16", "no_autocast",
+           "resolve_amp", "settle_cpu_bf16"]
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -80,6 +82,59 @@ def resolve_amp(name: str | bool, device: torch.device | str) -> torch.dtype | N
     _say_once("train.amp=bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is emulated and training "
               "runs slower than float32; train.amp=auto picks float32 here")
     return torch.bfloat16
+
+
+def _narrow_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> str | None:
+    """'HxW input, stride S' where a dimension of x is narrower than the conv's stride under a kernel wider than 1."""
+    size = tuple(x.shape[2:])
+    for n, k, s in zip(size, module.kernel_size, module.stride, strict=False):
+        if k > 1 and n < s:
+            return f"{'x'.join(map(str, size))} input, stride {'x'.join(map(str, module.stride))}"
+    return None
+
+
+@torch.no_grad()
+def cpu_bf16_conv_hazard(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Where bf16 autocast on the CPU would train model wrongly on images like x: "'layer': why" for the first
+    convolution whose input is narrower than its stride, else None.
+
+    oneDNN's bf16 weight gradient of such a convolution (a 16-px image at a ResNet's last stage: a 1x1 map into a
+    stride-2 3x3) reads memory it never wrote for the taps that fall on padding, so a weight there can become 1e31
+    or nan in one step (PyTorch 2.14 on AVX512-BF16; the forward and the input gradient are right)."""
+    convs = {m: name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    found: list[str] = []
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        why = _narrow_input(module, args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        if why and not found:
+            found.append(f"'{convs[module]}': {why}")
+
+    handles = [m.register_forward_pre_hook(hook) for m in convs]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    except Exception:  # a forward that fails here fails in the step too, with its own message
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found[0] if found else None
+
+
+def settle_cpu_bf16(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, device: torch.device,
+                    say: Callable[[str], None]) -> torch.dtype | None:
+    """dtype, or None (float32) after one line where bf16 on the CPU would train a convolution of model wrongly on
+    images like x (cpu_bf16_conv_hazard)."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return dtype
+    hazard = cpu_bf16_conv_hazard(model, x)
+    if hazard is None:
+        return dtype
+    say(f"training in float32, not bf16: on this CPU the bf16 weight gradient of a convolution whose input is "
+        f"narrower than its stride is wrong ({hazard}); larger images avoid it")
+    return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

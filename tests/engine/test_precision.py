@@ -172,3 +172,52 @@ def test_fp16_loss_scale_skips_an_overflowing_step_and_unscales_a_good_one():
     off = LossScale(False)
     loss = p.sum()
     assert off.scaled(loss) is loss and off.unscale([p])
+
+
+class _Strided(torch.nn.Module):
+    """Two stride-2 3x3 convs: on 2x2 images the second sees a 1x1 map, narrower than its stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 16, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = torch.nn.Conv2d(16, 32, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(32)
+        self.fc = torch.nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).flatten(1))
+
+
+class _Batches(list):
+    num_samples = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def test_the_bf16_hazard_names_the_conv_whose_input_is_narrower_than_its_stride():
+    from amas.engine.precision import cpu_bf16_conv_hazard
+
+    model = _Strided().train()
+    assert cpu_bf16_conv_hazard(model, torch.zeros(1, 1, 2, 2)) == "'conv2': 1x1 input, stride 2x2"
+    assert cpu_bf16_conv_hazard(model, torch.zeros(1, 1, 4, 4)) is None  # a 2x2 map into stride 2 is fine
+    assert model.training and not model.conv2._forward_pre_hooks  # mode and hooks as they were
+
+
+@pytest.mark.parametrize("amp", ["auto", "bf16"])
+def test_bf16_trains_in_float32_where_a_conv_input_is_narrower_than_its_stride(native, tmp_path, capsys, amp):
+    native(True)
+    cfg = load_config(None, tiny_overrides(**{"train.amp": amp, "train.epochs": "2", "train.lr": "0.05"}))
+    g = torch.Generator().manual_seed(1)
+    batches = _Batches((torch.randn(8, 1, 2, 2, generator=g), torch.randint(0, 3, (8,), generator=g))
+                       for _ in range(4))
+    model = _Strided()
+    trainer = Trainer(model, batches, cfg.train, tmp_path, num_classes=3, device=CPU)
+    assert trainer.amp_dtype is torch.bfloat16
+    trainer.fit()
+    assert trainer.amp_dtype is None
+    err = capsys.readouterr().err
+    assert err.count("float32, not bf16") == 1 and "'conv2': 1x1 input, stride 2x2" in err
+    # the taps that only ever see padding keep (a decayed copy of) their start: bf16 left memory garbage there
+    edge = model.conv2.weight.detach()[:, :, 0, :]
+    assert torch.isfinite(edge).all() and float(edge.abs().max()) < 1.0
