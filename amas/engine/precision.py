@@ -6,6 +6,8 @@ fp16 (CUDA only: float16 without a loss scale underflows) or off (float32). Auto
 (student, teacher, and the loss); what needs full precision opts out (the discriminator, amas.search.alignment) or
 lives outside it (masks and their proximal step, the budget controller, the optimisers' updates). Accuracies are
 measured in float32, the way the exported model runs.
+A CPU stage whose first batch reaches a convolution as a map narrower than its stride trains in float32
+(settle_cpu_bf16): oneDNN's bf16 weight gradient of such a convolution is wrong.
 """
 
 from __future__ import annotations
