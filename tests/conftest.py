@@ -50,6 +50,7 @@ def tiny_overrides(**extra: str) -> list[str]:
         "train.progress": "false",
         "train.log_every": "4",
         "train.schedule": "cosine",
+        "search.min_steps": "0",  # the search's epochs as given: tiny data would otherwise train 300 steps
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -39,7 +39,7 @@ def tiny(**extra) -> dict:
     for s in ("search.train", "finetune.train"):
         out.update({f"{s}.epochs": 1, f"{s}.progress": False, f"{s}.log_every": 2, f"{s}.device": "cpu",
                     f"{s}.lr": 0.002})
-    out.update({"select.levels": [0.5], "select.budget_epochs": 1, "quant.report_runtimes": []})
+    out.update({"select.levels": [0.5], "select.budget_epochs": 1, "quant.report_runtimes": [], "search.min_steps": 0})
     out.update(extra)
     return out
 

@@ -41,7 +41,8 @@ def run_tool(args: list[str]) -> int:
 
 def tool_args(data: Path, weights: Path, out: Path, *extra: str) -> list[str]:
     """The tool on the quickstart recipe (batch size 128) with one short epoch per stage."""
-    tiny = ["select.levels=[0.4]", "select.budget_epochs=1", "search.train.epochs=1", "finetune.train.epochs=1"]
+    tiny = ["select.levels=[0.4]", "select.budget_epochs=1", "search.train.epochs=1", "finetune.train.epochs=1",
+            "search.min_steps=0"]
     tiny += [f"{s}.{k}" for s in ("search.train", "finetune.train") for k in ("progress=false", "device=cpu")]
     return ["--arch", "resnet18", "--weights", str(weights), "--data", str(data), "--image-size", "32", "--target",
             "0.4", "--out", str(out), "--latency-iters", "1", *tiny, *extra]
@@ -248,7 +249,7 @@ def api_run(tmp_path_factory):
     teacher = NeedsArgs(16, 4).eval()
     overrides = {f"{s}.{k}": v for s in ("search.train", "finetune.train")
                  for k, v in (("epochs", 1), ("progress", False), ("device", "cpu"))}
-    overrides.update({"select.levels": [0.5], "select.budget_epochs": 1, "prune.round_to": 4})
+    overrides.update({"select.levels": [0.5], "select.budget_epochs": 1, "prune.round_to": 4, "search.min_steps": 0})
     run = tmp_path_factory.mktemp("api") / "run"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -224,6 +224,8 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
         d["search"].pop("schedule_epochs", None)
     if not d["search"].get("hold_budget", False):
         d["search"].pop("hold_budget", None)
+    if d["search"].get("min_steps", 300) == 300:
+        d["search"].pop("min_steps", None)  # hashed only when set, so runs from before it keep their hashes
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)

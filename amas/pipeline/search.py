@@ -56,6 +56,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         prepare_run_dir(run_dir, cfg, resume, "search_state.pt")  # refuses before any work
     seed_everything(cfg.seed)
     data = stage_data(cfg, tcfg, device) if data is None else data
+    tcfg = dataclasses.replace(tcfg, epochs=search_epochs(cfg.search, len(data.train)))
     prepare_run_dir(run_dir, cfg, resume, "search_state.pt")
     teacher.eval().requires_grad_(False)
     student = copy.deepcopy(teacher)
@@ -112,6 +113,20 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
         atomic_write_text(run_dir / "search_metrics.json", json.dumps({"result": result, "history": history}, indent=2))
     distributed.barrier()
     return result
+
+
+def search_epochs(scfg: Any, steps_per_epoch: int) -> int:
+    """The search's epochs: search.train.epochs, or more where its epochs are too short to reach search.min_steps
+    optimiser steps (one line says so)."""
+    from amas.console import say
+
+    epochs = scfg.train.epochs
+    if scfg.min_steps <= 0 or epochs <= 0 or steps_per_epoch <= 0 or epochs * steps_per_epoch >= scfg.min_steps:
+        return epochs
+    more = -(-scfg.min_steps // steps_per_epoch)
+    say(f"search: {steps_per_epoch} steps an epoch, so {more} epochs instead of search.train.epochs={epochs}, to "
+        f"train search.min_steps={scfg.min_steps} steps (search.min_steps=0 keeps the epochs as given)")
+    return more
 
 
 def _penalty_costs(cfg: Config, model: Any, groups: list, input_shape: tuple) -> dict[str, float] | None:

@@ -37,7 +37,7 @@ def overrides(data_root, **extra) -> list[str]:
     base = {"data.name": "imagefolder", "data.root": str(data_root), "data.image_size": 16, "data.augment": "false",
             "data.num_workers": 0,
             "select.levels": "[0.5]", "select.budget_epochs": 1, "select.min_reduction": 0.4,
-            "search.target_reduction": 0.5}
+            "search.target_reduction": 0.5, "search.min_steps": 0}
     for s in ("search.train", "finetune.train"):
         base.update({f"{s}.epochs": 1, f"{s}.batch_size": 8, f"{s}.eval_batch_size": 16, f"{s}.progress": "false",
                      f"{s}.device": "cpu", f"{s}.lr": 0.002, f"{s}.log_every": 2})

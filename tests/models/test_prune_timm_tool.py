@@ -25,7 +25,8 @@ def prune_timm(*args: str) -> int:
 
 def tool_args(data: Path, weights: Path, out: Path, arch: str = ARCH) -> list[str]:
     """The tool on the quickstart recipe at -40% MACs with one short epoch per stage."""
-    tiny = ["select.levels=[0.4]", "select.budget_epochs=1", "search.train.epochs=1", "finetune.train.epochs=1"]
+    tiny = ["select.levels=[0.4]", "select.budget_epochs=1", "search.train.epochs=1", "finetune.train.epochs=1",
+            "search.min_steps=0"]
     tiny += [f"{s}.{k}" for s in ("search.train", "finetune.train") for k in ("progress=false", "device=cpu")]
     return ["--arch", arch, "--weights", str(weights), "--data", str(data), "--image-size", "32", "--target", "0.4",
             "--out", str(out), "--latency-iters", "1", *tiny]

@@ -43,7 +43,7 @@ def scenes(tmp_path_factory) -> tuple[Path, Path]:
 def tool(coco: Path, weights: Path, out: Path, *extra: str) -> int:
     """tools/prune_detector.py in this process (no interpreter start-up), with seconds-long stages."""
     tiny = {"data.num_workers": 0, "select.levels": "[0.5]", "select.budget_epochs": 1, "prune.report_runtimes": "[]",
-            "quant.report_runtimes": "[]", "search.train.probe_steps": 0}
+            "quant.report_runtimes": "[]", "search.train.probe_steps": 0, "search.min_steps": 0}
     for s in ("search", "finetune"):
         tiny.update({f"{s}.d_hidden": 8})
         tiny.update({f"{s}.train.{k}": v for k, v in {"epochs": 1, "batch_size": 2, "eval_batch_size": 2, "lr": 0.002,

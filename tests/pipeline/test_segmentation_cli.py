@@ -37,7 +37,7 @@ def scenes(tmp_path_factory) -> tuple[Path, Path]:
 def tool(voc: Path, weights: Path, out: Path, *extra: str) -> int:
     """tools/prune_segmenter.py in this process (no interpreter start-up), with seconds-long stages."""
     tiny = {"data.num_workers": 0, "select.levels": "[0.5]", "select.budget_epochs": 1, "prune.report_runtimes": "[]",
-            "quant.report_runtimes": "[]"}
+            "quant.report_runtimes": "[]", "search.min_steps": 0}
     for s in ("search", "finetune"):
         tiny.update({f"{s}.d_hidden": 8})
         tiny.update({f"{s}.train.{k}": v for k, v in {"epochs": 1, "batch_size": 3, "eval_batch_size": 3, "lr": 0.002,

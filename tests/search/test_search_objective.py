@@ -451,3 +451,24 @@ def test_feature_options_need_equal_widths(key):
     with pytest.raises(SearchError, match=rf"finetune\.{key}.*as wide as the teacher's \(4 vs 8\); use finetune"):
         AlignmentObjective(net(8), cfg, (1, 8, 8), 10, student=net(4), section="finetune")
     AlignmentObjective(net(8), cfg, (1, 8, 8), 10, student=net(8), section="finetune")  # equal widths: fine
+
+
+def test_a_search_of_short_epochs_trains_search_min_steps(teacher_path, tmp_path, capsys):
+    """192 synthetic images at batch 32 are 6 steps an epoch: min_steps 10 makes the 1-epoch search 2 epochs."""
+    import json
+
+    from amas.config import load_config
+    from amas.pipeline.runner import stage_fingerprints
+
+    out = tmp_path / "short"
+    args = ["search", "--config", "configs/fmnist_resnet20_search.yaml", "--teacher", str(teacher_path),
+            "--out", str(out), *search_overrides(**{"search.min_steps": "10"})]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("6 steps an epoch, so 2 epochs instead of search.train.epochs=1") == 1
+    metrics = json.loads((out / "search_metrics.json").read_text())
+    assert metrics["result"]["epochs"] == 2 and len(metrics["history"]) == 2
+    # the default is not hashed (runs from before it resume); another value is
+    default, off = stage_fingerprints(load_config()), stage_fingerprints(load_config(None, ["search.min_steps=0"]))
+    assert default["search"] != off["search"] and default["teacher"] == off["teacher"]
+    assert stage_fingerprints(load_config(None, ["search.min_steps=300"])) == default
