@@ -199,8 +199,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _by_epoch(accs: list[float]) -> str:
-    """'70.0, 72.0, 71.3 (74.0)': the search's epochs, the teacher's in brackets."""
-    return f"{', '.join(f'{v:.1f}' for v in accs[:-1])} ({accs[-1]:.1f})" if accs else "–"
+    """'70.0, 72.0, 71.3 (74.0)': the search's epochs, the teacher's in brackets; past 4 epochs the first, the lowest
+    (its epoch) and the last: '70.0 · low 35.0 @3 · 75.7 (65.7)'."""
+    if not accs:
+        return "–"
+    epochs, teacher = accs[:-1], accs[-1]
+    if len(epochs) <= 4:
+        return f"{', '.join(f'{v:.1f}' for v in epochs)} ({teacher:.1f})"
+    low = min(range(len(epochs)), key=epochs.__getitem__)
+    return f"{epochs[0]:.1f} · low {epochs[low]:.1f} @{low + 1} · {epochs[-1]:.1f} ({teacher:.1f})"
 
 
 def table(results: dict) -> str:
