@@ -216,16 +216,10 @@ def stage_fingerprints(cfg: Config, method: str = "amas", teacher: str | None = 
     if not d["prune"].get("ignore"):
         d["prune"].pop("ignore", None)
     d["prune"].pop("report_runtimes", None)  # the report's timing, not the run's results
-    if d["search"].get("penalty_cost", "macs") == "macs":
-        d["search"].pop("penalty_cost", None)
-    if d["search"].get("penalty_power", 1.0) == 1.0:
-        d["search"].pop("penalty_power", None)
-    if not d["search"].get("schedule_epochs", 0):
-        d["search"].pop("schedule_epochs", None)
-    if not d["search"].get("hold_budget", False):
-        d["search"].pop("hold_budget", None)
-    if d["search"].get("min_steps", 300) == 300:
-        d["search"].pop("min_steps", None)  # hashed only when set, so runs from before it keep their hashes
+    for key, default in (("penalty_cost", "macs"), ("penalty_power", 1.0), ("schedule_epochs", 0),
+                         ("hold_budget", False), ("min_steps", 300)):
+        if d["search"].get(key, default) == default:
+            d["search"].pop(key, None)  # hashed only when set, so runs from before the key keep their hashes
     if d["prune"].get("cost", "macs") != "latency":
         for k in _LATENCY_PLAN_KEYS:
             d["prune"].pop(k, None)
