@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amas import distributed
-from amas.config import Config
+from amas.config import Config, SearchConfig
 from amas.files.atomic import atomic_write_text
 from amas.pipeline.context import (
     Rows,
@@ -115,7 +115,7 @@ def search(cfg: Config, run_dir: str | Path, teacher_path: str | Path, resume: b
     return result
 
 
-def search_epochs(scfg: Any, steps_per_epoch: int) -> int:
+def search_epochs(scfg: SearchConfig, steps_per_epoch: int) -> int:
     """The search's epochs: search.train.epochs, or more where its epochs are too short to reach search.min_steps
     optimiser steps (one line says so)."""
     from amas.console import say
