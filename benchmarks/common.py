@@ -156,8 +156,8 @@ def amas_cut(
         f"search.train.device={setup.device}",
         "search.train.progress=false",
     ]
-    if setup.search_epochs:
-        overrides.append(f"search.train.epochs={setup.search_epochs}")
+    if setup.search_epochs:  # a benchmark that sets the length counts it: search.min_steps may not lengthen it
+        overrides += [f"search.train.epochs={setup.search_epochs}", "search.min_steps=0"]
     acfg = load_config(setup.config, overrides)
     with tempfile.TemporaryDirectory(prefix="amas_compare_search_") as tmp:
         rec = search(acfg, tmp, setup.teacher)
@@ -166,7 +166,7 @@ def amas_cut(
     keep = plan_keep(scores, cost, target, min_channels=prune_cfg.min_channels, round_to=prune_cfg.round_to)
     pruned = prune_model(student.requires_grad_(True), groups, keep, masks=masks, input_shape=cost.input_shape)
     info = {
-        "search_epochs": int(acfg.search.train.epochs),
+        "search_epochs": int(rec["epochs"]),
         "search_macs_reduction": round(float(rec["macs_reduction"]), 4),
         "search_val_acc": round(float(rec.get("val_acc", float("nan"))), 3),
         "search_final_lr": rec.get("final_lr"),
