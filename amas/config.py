@@ -123,11 +123,15 @@ class AlignmentConfig:
     mu: float = field(default=1.0, metadata=_range(0))
     kd: Literal["mse", "kl"] = "mse"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
-    # MSE distillation and the discriminator read per-sample z-scored outputs (zero mean, unit std over classes): the
-    # loss and its gradient then do not grow with the teacher's logit scale (AdamW-trained MobileNetV3/EfficientNet
-    # teachers reach |logit| 20-50, a CIFAR ResNet's a few units); false: raw logits, as GAL's MSE. KL is left raw:
-    # its gradient is bounded by T per logit whatever the scale
+    # MSE distillation and the discriminator read per-sample standardized logits: centred over the classes, and where
+    # a sample's logits spread wider than standardize_cap (their standard deviation), scaled down to it; so the loss
+    # and its gradient stop growing with the logit scale (AdamW-trained MobileNetV3/EfficientNet teachers can reach
+    # |logit| 20-50) while a teacher of ordinary scale is distilled as GAL's raw MSE (Fashion-MNIST ResNet-20: per-
+    # sample std 2.7-5.8; a full z-score there weakens the distillation ~16x). standardize_cap 0: every sample z-scored
+    # to unit std; standardize false: raw logits. KL is left raw: its gradient is bounded by T per logit whatever the
+    # scale. Dense tasks' maps are z-scored whole (no cap)
     standardize: bool = True
+    standardize_cap: float = field(default=6.0, metadata=_range(0))
     adv_weight: float = field(default=0.1, metadata=_range(0))
     fast_teacher: bool = True  # run the frozen teacher as a conv+BN-folded copy (torch.fx), checked against it
     # discriminator: MLP on the logits or on the globally pooled features before the classifier
@@ -151,9 +155,13 @@ class SearchConfig(AlignmentConfig):
     # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
     mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
     mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
-    # no mask moves more than this in one gradient step (0: no limit): a stem's masks in a MobileNetV3 get gradients
-    # ~25x a ResNet-20's, and one unlimited step at mask_lr would take them from 1 to 0
+    # a trust region: no mask moves more than mask_max_step in one gradient step (0: no limit) in a group whose RMS
+    # move is over mask_outlier_ratio times the median group's (0: in every group). A MobileNetV3's stem masks get
+    # gradients 60x its median group's (RMS 0.39, max 1.0 on the first batch), and one unlimited step at mask_lr
+    # would take them from 1 to 0; a ResNet-20's groups lie within 3x of each other and move freely (clipping them
+    # all cost 0.36 test points at a 5-epoch -70% budget)
     mask_max_step: float = field(default=0.05, metadata=_range(0))
+    mask_outlier_ratio: float = field(default=10.0, metadata=_range(0))
     fista: bool = True
     fista_restart: bool = True
     mask_threshold: float = field(default=0.0, metadata=_range(0))

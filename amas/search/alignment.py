@@ -158,7 +158,7 @@ class AlignmentObjective(Objective):
             s_out, t_out = _pooled(s_map), _pooled(t_map)
             pairs = [(standardized(s_out), standardized(t_out)) if cfg.standardize else (s_out, t_out)]
         else:
-            pairs = task.aligned(s_raw, t_raw, cfg.standardize)
+            pairs = task.aligned(s_raw, t_raw, cfg)
         assert self.d_opt is not None, "setup() must run before compute()"
         d = self.discriminator
         with no_autocast(self.device):  # the discriminator's maths in float32

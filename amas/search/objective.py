@@ -126,7 +126,8 @@ class SearchObjective(AlignmentObjective):
                                                cfg.lam_min, cfg.lam_max, cfg.controller_overshoot)
             self.lam = self.controller.lam
         self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart,
-                                          max_step=cfg.mask_max_step)
+                                          max_step=cfg.mask_max_step,
+                                          outlier_ratio=cfg.mask_outlier_ratio)
         self._eval_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ------------------------------------------------------------ engine hooks

@@ -23,22 +23,27 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def standardized(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Each row z-scored over its last dimension (zero mean, unit standard deviation): the logits' shape, not scale."""
+def standardized(logits: torch.Tensor, eps: float = 1e-6, cap: float = 0.0) -> torch.Tensor:
+    """Each row centred over its last dimension and scaled to unit standard deviation (cap 0: the logits' shape, not
+    scale), or, with cap > 0, scaled down to a standard deviation of cap where it spreads wider and left otherwise."""
     x = full_precision(logits)
-    mean = x.mean(dim=-1, keepdim=True)
-    return (x - mean) / (x.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
+    x = x - x.mean(dim=-1, keepdim=True)
+    std = (x.var(dim=-1, keepdim=True, unbiased=False) + eps).sqrt()
+    if cap > 0:
+        return x * (cap / std).clamp(max=1.0)
+    return x / std
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", temperature: float = 4.0,
-            standardize: bool = False) -> torch.Tensor:
+            standardize: bool = False, cap: float = 0.0) -> torch.Tensor:
     """Distillation loss: MSE between logits (GAL), or T²-scaled KL(teacher ‖ student) at temperature T.
 
-    standardize: for MSE, both sides z-scored per sample first (as Sun et al., CVPR 2024 do for KL), so the loss and
-    its gradient do not grow with the teacher's logit scale; KL's gradient is bounded by T per logit already."""
+    standardize: for MSE, both sides standardized per sample first (`standardized` with cap), so the loss and its
+    gradient stop growing with the logit scale past cap (cap 0: z-scored, as Sun et al., CVPR 2024 do for KL); KL's
+    gradient is bounded by T per logit already."""
     s, t = full_precision(student), full_precision(teacher)
     if standardize and kind == "mse":
-        s, t = standardized(s), standardized(t)
+        s, t = standardized(s, cap=cap), standardized(t, cap=cap)
     if kind == "mse":
         return F.mse_loss(s, t)
     if kind == "kl":
@@ -142,8 +147,8 @@ class Task:
         they always did, which keeps classification bit-for-bit as before tasks existed)."""
         raise NotImplementedError
 
-    def aligned(self, student_out: Any, teacher_out: Any, standardize: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(student, teacher) tensor pairs the discriminator judges."""
+    def aligned(self, student_out: Any, teacher_out: Any, cfg: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student, teacher) tensor pairs the discriminator judges (cfg: the alignment config: standardize...)."""
         raise NotImplementedError
 
     def kd(self, student_out: Any, teacher_out: Any, cfg: Any) -> torch.Tensor:

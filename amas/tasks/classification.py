@@ -79,15 +79,17 @@ class ClassificationTask(Task):
         """Cross-entropy on the logits."""
         return F.cross_entropy(full_precision(student_out), targets, label_smoothing=label_smoothing)
 
-    def aligned(self, student_out: Any, teacher_out: Any, standardize: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The logits, z-scored per sample with standardize."""
-        if standardize:
-            return [(standardized(student_out), standardized(teacher_out))]
+    def aligned(self, student_out: Any, teacher_out: Any, cfg: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The logits, standardized per sample with cfg.standardize (to at most cfg.standardize_cap)."""
+        if cfg.standardize:
+            cap = cfg.standardize_cap
+            return [(standardized(student_out, cap=cap), standardized(teacher_out, cap=cap))]
         return [(student_out, teacher_out)]
 
     def kd(self, student_out: Any, teacher_out: Any, cfg: Any) -> torch.Tensor:
         """MSE or KL between logits (amas.tasks.base.kd_loss)."""
-        return kd_loss(full_precision(student_out), teacher_out, cfg.kd, cfg.temperature, cfg.standardize)
+        return kd_loss(full_precision(student_out), teacher_out, cfg.kd, cfg.temperature, cfg.standardize,
+                       cfg.standardize_cap)
 
     def discriminator(self, teacher: nn.Module, input_shape: tuple[int, int, int], num_classes: int | None,
                       hidden: int) -> nn.Module:

@@ -258,8 +258,8 @@ class DetectionTask(Task):
         out = student_out.outputs
         return sum(out.values()) if self.loss_fn is None else self.loss_fn(out, targets)
 
-    def aligned(self, student_out: Any, teacher_out: Any, standardize: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(student map, teacher map) per aligned tensor, each z-scored per sample over (C, H, W) with standardize;
+    def aligned(self, student_out: Any, teacher_out: Any, cfg: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student map, teacher map) per aligned tensor, each z-scored per sample over (C, H, W) with cfg.standardize;
         where the student's map is narrower (a cut student), both maps' spatial attention maps."""
         pairs = []
         for s, t in zip(student_out.maps, teacher_out, strict=True):
@@ -269,12 +269,12 @@ class DetectionTask(Task):
                 raise SearchError(f"an aligned map is {tuple(s.shape)} in the student but {tuple(t.shape)} in the "
                                   "teacher; both must resize images alike (the same transform min_size/max_size)")
             s, t = full_precision(s), full_precision(t)
-            pairs.append((_per_sample(s), _per_sample(t)) if standardize else (s, t))
+            pairs.append((_per_sample(s), _per_sample(t)) if cfg.standardize else (s, t))
         return pairs
 
     def kd(self, student_out: Any, teacher_out: Any, cfg: Any) -> torch.Tensor:
         """The mean over aligned maps of their MSE (feature maps have no classes: search.kd=kl reads MSE too)."""
-        pairs = self.aligned(student_out, teacher_out, cfg.standardize)
+        pairs = self.aligned(student_out, teacher_out, cfg)
         return torch.stack([F.mse_loss(s, t) for s, t in pairs]).mean()
 
     def discriminator(self, teacher: nn.Module, input_shape: tuple[int, int, int], num_classes: int | None,

@@ -110,10 +110,11 @@ class SegmentationTask(Task):
         """The teacher's per-pixel logits."""
         return pixel_logits(frozen(images))
 
-    def aligned(self, student_out: Any, teacher_out: Any, standardize: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The per-pixel logits, z-scored over the classes at each location with standardize."""
+    def aligned(self, student_out: Any, teacher_out: Any, cfg: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The per-pixel logits, z-scored over the classes at each location with cfg.standardize (no cap: dense maps
+        are z-scored whole)."""
         s, t = full_precision(pixel_logits(student_out)), full_precision(teacher_out)
-        return [(_per_location(s), _per_location(t))] if standardize else [(s, t)]
+        return [(_per_location(s), _per_location(t))] if cfg.standardize else [(s, t)]
 
     def kd(self, student_out: Any, teacher_out: Any, cfg: Any) -> torch.Tensor:
         """MSE per location (of the standardized logits with search.standardize), or KL(teacher ‖ student) at

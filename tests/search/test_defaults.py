@@ -46,10 +46,28 @@ def test_standardized_mse_does_not_grow_with_the_logit_scale():
     torch.manual_seed(0)
     s, t = torch.randn(8, 10), torch.randn(8, 10)
     assert torch.allclose(kd_loss(10 * s, 10 * t, "mse", standardize=True), kd_loss(s, t, "mse", standardize=True))
+    big = kd_loss(100 * s, 100 * t, "mse", standardize=True, cap=6.0)
+    assert torch.allclose(kd_loss(1000 * s, 1000 * t, "mse", standardize=True, cap=6.0), big)
     assert torch.allclose(kd_loss(10 * s, 10 * t, "mse"), 100 * kd_loss(s, t, "mse"))
     z = standardized(10 * s + 3)
     assert torch.allclose(z.mean(1), torch.zeros(8), atol=1e-5) and torch.allclose(z.std(1, unbiased=False),
                                                                                   torch.ones(8), atol=1e-4)
+
+
+def test_the_cap_leaves_ordinary_logits_raw_and_scales_wide_ones_down_to_it():
+    """Logits whose per-sample std is under the cap are only centred (GAL's MSE is unchanged by a per-sample shift of
+    both sides); wider ones are scaled to a std of exactly the cap, keeping their shape."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 10)
+    x = x / x.std(1, unbiased=False, keepdim=True) * torch.tensor([[1.0], [3.0], [5.9], [6.1], [20.0], [300.0]]) + 7
+    z = standardized(x, cap=6.0)
+    centred = x - x.mean(1, keepdim=True)
+    assert torch.allclose(z[:3], centred[:3], atol=1e-5)
+    assert torch.allclose(z[3:].std(1, unbiased=False), torch.full((3,), 6.0), atol=1e-4)
+    assert torch.allclose(z[3:] / 6.0, standardized(x[3:]), atol=1e-5)
+    s, t = torch.randn(8, 10), torch.randn(8, 10)
+    assert torch.allclose(kd_loss(s + 2, t - 1, "mse", standardize=True, cap=6.0),
+                          kd_loss(s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True), "mse"))
 
 
 def test_a_search_on_an_efficientnet_like_model_with_large_logits_stays_bounded():

@@ -90,6 +90,21 @@ def test_trust_region_limits_each_masks_gradient_move_but_not_the_penalty():
     assert upd.clipped == 2
 
 
+def test_with_an_outlier_ratio_only_the_outlying_groups_are_limited():
+    """Groups moving alike (a ResNet's) move freely past max_step; a group 60x the median (a MobileNetV3 stem's) is
+    clamped; none is limited when every group moves alike."""
+    a, b, c = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    upd = ProximalMaskUpdate([a, b, c], fista=False, max_step=0.05, outlier_ratio=10.0)
+    a.grad, b.grad, c.grad = torch.full((3,), 0.1), torch.tensor([6.0, -6.0, 0.01]), torch.full((3,), 0.08)
+    upd.step(1.0, [0.0, 0.0, 0.0])
+    assert torch.allclose(a.detach(), torch.full((3,), 0.9)) and torch.allclose(c.detach(), torch.full((3,), 0.92))
+    assert torch.allclose(b.detach(), torch.tensor([0.95, 1.05, 0.99]))  # +-6 clamped to +-0.05
+    assert upd.clipped == 2
+    a.grad, b.grad, c.grad = torch.full((3,), 0.2), torch.full((3,), 0.3), torch.full((3,), 0.25)
+    upd.step(1.0, [0.0, 0.0, 0.0])
+    assert torch.allclose(b.detach(), torch.tensor([0.65, 0.75, 0.69])) and upd.clipped == 2
+
+
 def test_fista_extrapolates_with_the_beck_teboulle_sequence():
     p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
     upd = ProximalMaskUpdate([p], fista=True, restart=False)
