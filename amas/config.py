@@ -124,7 +124,8 @@ class AlignmentConfig:
     kd: Literal["mse", "kl"] = "mse"
     temperature: float = field(default=4.0, metadata=_range(0, lo_open=True))
     # MSE distillation and the discriminator read per-sample standardized logits: centred over the classes, and where
-    # a sample's logits spread wider than standardize_cap (their standard deviation), scaled down to it; so the loss
+    # a sample's logits spread wider than standardize_cap (their standard deviation), scaled down to it (the search
+    # z-scores them all on a mask-sensitive model, see mask_outlier_ratio; fine-tuning's default 0); so the loss
     # and its gradient stop growing with the logit scale (AdamW-trained MobileNetV3/EfficientNet teachers can reach
     # |logit| 20-50) while a teacher of ordinary scale is distilled as GAL's raw MSE (Fashion-MNIST ResNet-20: per-
     # sample std 2.7-5.8; a full z-score there weakens the distillation ~16x). standardize_cap 0: every sample z-scored
@@ -155,11 +156,14 @@ class SearchConfig(AlignmentConfig):
     # masks: proximal gradient step (soft-threshold by mask_lr·lam·cost, clamp at 0), optional FISTA
     mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
     mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
-    # a trust region: no mask moves more than mask_max_step in one gradient step (0: no limit) in a group whose RMS
-    # move is over mask_outlier_ratio times the median group's (0: in every group). A MobileNetV3's stem masks get
-    # gradients 60x its median group's (RMS 0.39, max 1.0 on the first batch), and one unlimited step at mask_lr
-    # would take them from 1 to 0; a ResNet-20's groups lie within 3x of each other and move freely (clipping them
-    # all cost 0.36 test points at a 5-epoch -70% budget)
+    # On the first mask step the search reads how far apart the groups' mask gradients lie. Where the largest group's
+    # RMS is over mask_outlier_ratio times the median group's (timm mobilenetv3_large_100 60x, efficientnet_b0 34x,
+    # regnety_002 61x: a stem or a squeeze-excite layer whose masks move the output far more than the rest), the
+    # model is mask-sensitive: distillation and the discriminator read z-scored logits (standardize_cap 0) and no
+    # mask moves more than mask_max_step per step in any group. Otherwise (ResNet-20 2x, convnext_atto 3x) logits are
+    # capped at standardize_cap and only a group over mask_outlier_ratio x the median on that step is limited (on
+    # ResNet-20 with every group limited and z-scored logits: -0.5 test points at a 5-epoch -70% budget; on the mobile
+    # families with either relaxed: the student falls 15-35 points in the search). 0: every model mask-sensitive
     mask_max_step: float = field(default=0.05, metadata=_range(0))
     mask_outlier_ratio: float = field(default=10.0, metadata=_range(0))
     fista: bool = True
@@ -249,6 +253,7 @@ class FinetuneConfig(AlignmentConfig):
 
     train: TrainConfig = field(default_factory=_finetune_train)
     kd: Literal["mse", "kl"] = "kl"
+    standardize_cap: float = field(default=0.0, metadata=_range(0))  # the discriminator reads z-scored logits
 
 
 @dataclass

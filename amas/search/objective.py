@@ -11,6 +11,8 @@ adapts lam so the effective MACs reduction settles at a target.
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -126,8 +128,10 @@ class SearchObjective(AlignmentObjective):
                                                cfg.lam_min, cfg.lam_max, cfg.controller_overshoot)
             self.lam = self.controller.lam
         self.updater = ProximalMaskUpdate(list(masks.masks), fista=cfg.fista, restart=cfg.fista_restart,
-                                          max_step=cfg.mask_max_step,
-                                          outlier_ratio=cfg.mask_outlier_ratio)
+                                          max_step=cfg.mask_max_step)
+        self.user_cfg = cfg
+        # decided on the first mask step (`_decide_sensitivity`): None until then
+        self.sensitive: bool | None = None
         self._eval_hook: torch.utils.hooks.RemovableHandle | None = None
 
     # ------------------------------------------------------------ engine hooks
@@ -178,6 +182,8 @@ class SearchObjective(AlignmentObjective):
     def after_step(self, model: nn.Module, lr: float, step: int) -> None:
         """Proximal (FISTA) step on the masks (step size on the student's schedule), then a controller update."""
         distributed.average_gradients(list(self.masks.masks))  # masks live outside DDP: keep the ranks' masks equal
+        if self.sensitive is None:
+            self._decide_sensitivity()
         mask_lr = self.cfg.mask_lr * (lr / self.cfg.train.lr if self.cfg.mask_lr_schedule else 1.0)
         before = [v.clone() for v in self.updater.values()] if self._holds() else None
         self.updater.step(mask_lr, self._thresholds())
@@ -188,6 +194,29 @@ class SearchObjective(AlignmentObjective):
             self.lam = self.controller.update(self.reduction(), self.target_at(step + 1))
             if self.controller.error < 0:  # past the set point: stop the masks' momentum too
                 self.updater.drop_momentum()
+
+    def _decide_sensitivity(self) -> None:
+        """On the first mask step: is the model's output far more sensitive to some mask groups than to the rest?"""
+        grads = [p.grad for p in self.masks.masks if p.grad is not None]
+        ratio = 0.0
+        if grads:
+            rms = torch.stack([g.float().pow(2).mean().sqrt() for g in grads])
+            ratio = float(rms.max() / rms.median().clamp(min=1e-12))
+        self._set_sensitive(ratio > self.user_cfg.mask_outlier_ratio, ratio)
+
+    def _set_sensitive(self, sensitive: bool, ratio: float | None = None) -> None:
+        """Sensitive: z-scored logits and every group's moves limited; otherwise logits capped at standardize_cap and
+        only outlying groups limited. The caller's config is never changed."""
+        self.sensitive = bool(sensitive)
+        cfg = self.user_cfg
+        self.cfg = replace(cfg, standardize_cap=0.0) if self.sensitive else cfg
+        self.updater.outlier_ratio = 0.0 if self.sensitive else float(cfg.mask_outlier_ratio)
+        if ratio is not None and distributed.context().is_main:
+            how = ("z-scored logits, every group's mask moves limited to search.mask_max_step" if self.sensitive else
+                   "logits capped at search.standardize_cap, only outlying groups' mask moves limited")
+            print(f"search: the largest mask-gradient group is {ratio:.1f}x the median one "
+                  f"({'over' if self.sensitive else 'within'} search.mask_outlier_ratio {cfg.mask_outlier_ratio:g}): "
+                  f"{how}", file=sys.stderr, flush=True)
 
     def _thresholds(self) -> list[float | torch.Tensor]:
         """The L1 weight of each group's masks: lam·cost, but 0 on each group's strongest self.floors[g] channels."""
@@ -279,6 +308,8 @@ class SearchObjective(AlignmentObjective):
             out["fista_restarts"] = float(self.updater.restarts)
         if self.updater.max_step > 0:
             out["mask_moves_clipped"] = float(self.updater.clipped)
+        if self.sensitive is not None:
+            out["mask_sensitive"] = float(self.sensitive)
         out.update({f"zero_frac/{n}": f for n, f in self.zero_fractions().items()})
         return out
 
@@ -301,6 +332,7 @@ class SearchObjective(AlignmentObjective):
             **super().state_dict(),
             "lam": self.lam,
             "controller": self.controller.state_dict() if self.controller is not None else {},
+            "sensitive": self.sensitive,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -314,6 +346,8 @@ class SearchObjective(AlignmentObjective):
         self.updater.load_state_dict(state["updater"])
         super().load_state_dict(state)
         self.lam = float(state["lam"])
+        if state.get("sensitive") is not None:
+            self._set_sensitive(state["sensitive"])
         if self.controller is not None and state["controller"]:
             self.controller.load_state_dict(state["controller"])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 from conftest import TINY_NET_SHAPE as SHAPE
@@ -102,3 +103,28 @@ def test_a_search_on_an_efficientnet_like_model_with_large_logits_stays_bounded(
     assert max(losses) < 3 * losses[0], losses
     masks = torch.cat(list(search.mask_values().values()))
     assert float(masks.max()) < 2.0  # no channel amplified past twice its size
+
+
+@pytest.mark.parametrize("spread, sensitive", [(3.0, False), (60.0, True)])
+def test_the_first_mask_step_decides_how_sensitive_the_model_is(spread: float, sensitive: bool) -> None:
+    """Mask gradients far apart (a mobile stem's 60x the median group's): z-scored logits and every group's moves
+    limited; within mask_outlier_ratio: logits capped, only outliers limited. The caller's config is untouched and a
+    resumed search keeps the decision."""
+    from amas.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet20", num_classes=4, in_channels=1).eval()
+    search = amas.MaskSearch(copy.deepcopy(teacher), teacher, (1, 16, 16), 0.5)
+    obj, cfg = search.objective, search.cfg
+    for i, p in enumerate(obj.masks.masks):
+        p.grad = torch.full_like(p, 0.01 * (spread if i == 0 else 1.0))
+    obj.after_step(search.student, cfg.train.lr, 0)
+    assert obj.sensitive is sensitive and obj.scalars()["mask_sensitive"] == float(sensitive)
+    assert obj.cfg.standardize_cap == (0.0 if sensitive else cfg.standardize_cap)
+    assert obj.updater.outlier_ratio == (0.0 if sensitive else cfg.mask_outlier_ratio)
+    assert cfg.standardize_cap == 6.0 and cfg.mask_outlier_ratio == 10.0
+    again = amas.MaskSearch(copy.deepcopy(teacher), teacher, (1, 16, 16), 0.5)
+    again.objective.load_state_dict(obj.state_dict())
+    assert again.objective.sensitive is sensitive and again.objective.cfg.standardize_cap == obj.cfg.standardize_cap
+    search.close()
+    again.close()
