@@ -157,13 +157,14 @@ class SearchConfig(AlignmentConfig):
     mask_lr: float = field(default=1.0, metadata=_range(0, lo_open=True))
     mask_lr_schedule: bool = True  # mask step size follows the student's learning-rate schedule (as GAL's FISTA)
     # On the first mask step the search reads how far apart the groups' mask gradients lie. Where the largest group's
-    # RMS is over mask_outlier_ratio times the median group's (timm mobilenetv3_large_100 60x, efficientnet_b0 34x,
-    # regnety_002 61x: a stem or a squeeze-excite layer whose masks move the output far more than the rest), the
+    # RMS is over mask_outlier_ratio times the median group's (timm mobilenetv3_large_100 45-63x, efficientnet_b0
+    # 16-34x, regnety_002 90-390x: a stem or one layer whose masks move the output far more than the rest), the
     # model is mask-sensitive: distillation and the discriminator read z-scored logits (standardize_cap 0) and no
-    # mask moves more than mask_max_step per step in any group. Otherwise (ResNet-20 2x, convnext_atto 3x) logits are
+    # mask moves more than mask_max_step per step in any group. Otherwise (ResNet-20 2x, convnext_atto 2x) logits are
     # capped at standardize_cap and only a group over mask_outlier_ratio x the median on that step is limited (on
     # ResNet-20 with every group limited and z-scored logits: -0.5 test points at a 5-epoch -70% budget; on the mobile
-    # families with either relaxed: the student falls 15-35 points in the search). 0: every model mask-sensitive
+    # families with both relaxed: the student falls 30-50 points in the search and ends 13-20 lower). 0: every
+    # model mask-sensitive
     mask_max_step: float = field(default=0.05, metadata=_range(0))
     mask_outlier_ratio: float = field(default=10.0, metadata=_range(0))
     fista: bool = True
