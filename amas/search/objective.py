@@ -23,7 +23,7 @@ from amas.config import SearchConfig
 from amas.engine.loop import StepOutput
 from amas.errors import SearchError, TrainingError
 from amas.search.alignment import AlignmentObjective
-from amas.search.proximal import ProximalMaskUpdate
+from amas.search.proximal import ProximalMaskUpdate, group_rms
 
 __all__ = ["BudgetController", "ProximalMaskUpdate", "SearchObjective"]
 
@@ -200,7 +200,7 @@ class SearchObjective(AlignmentObjective):
         grads = [p.grad for p in self.masks.masks if p.grad is not None]
         ratio = 0.0
         if grads:
-            rms = torch.stack([g.float().pow(2).mean().sqrt() for g in grads])
+            rms = group_rms(grads)
             ratio = float(rms.max() / rms.median().clamp(min=1e-12))
         self._set_sensitive(ratio > self.user_cfg.mask_outlier_ratio, ratio)
 

@@ -9,7 +9,12 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["ProximalMaskUpdate"]
+__all__ = ["ProximalMaskUpdate", "group_rms"]
+
+
+def group_rms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The root-mean-square of each tensor, stacked (float32, on the tensors' device: no host sync)."""
+    return torch.stack([t.float().pow(2).mean().sqrt() for t in tensors])
 
 
 def _prox(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -91,7 +96,7 @@ class ProximalMaskUpdate:
             return moves
         flags: list[torch.Tensor | bool] = [True] * len(present)
         if self.outlier_ratio > 0:
-            rms = torch.stack([m.float().pow(2).mean().sqrt() for m in present])
+            rms = group_rms(present)
             bound = self.outlier_ratio * rms.median()  # no host sync: the flags stay tensors
             flags = list(rms > bound)
         it = iter(zip(present, flags, strict=True))
